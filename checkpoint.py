@@ -1,0 +1,57 @@
+"""The one checkpoint save/load pair: atomic writes, and loads that cannot run code.
+
+A checkpoint is a dict of tensors and plain Python values (no classes), so that it loads
+with torch.load(weights_only=True): a file from the internet can hold data, never a program.
+"""
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, unsafe or incompatible."""
+
+
+def save_checkpoint(state, path):
+    """Write state to path so that a crash at any moment leaves the old file intact.
+
+    The new file is written beside the old one, flushed to disk, then renamed over it:
+    os.replace is atomic on one filesystem, so readers see the old file or the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    # Make the rename itself durable (the directory entry), where the OS allows it.
+    if hasattr(os, "O_DIRECTORY"):
+        dir_fd = os.open(folder, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint with weights_only=True; every failure is a CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain "
+            f"data, which could run code ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({e})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' entry)")
+    return state

@@ -1,0 +1,159 @@
+"""Typed settings: one dataclass of defaults, overridden by TOML files and --key=value flags.
+
+    python train.py config/train_shakespeare_char.toml --batch_size=32 --compile=false
+
+Files apply in order, then flags. An unknown key, or a value that does not convert to the
+setting's type, is a ConfigError naming the key (and the closest valid one). Nothing is exec'd.
+"""
+import difflib
+import inspect
+import re
+import tomllib
+import types
+from dataclasses import dataclass, fields
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or flag; scripts print it in one line and exit."""
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"  # checkpoints, metrics.jsonl and the resolved config go here
+    eval_interval: int = 2000  # evaluate and checkpoint every this many iterations
+    log_interval: int = 1  # print and record a metrics line every this many iterations
+    eval_iters: int = 200  # batches per split for each loss estimate
+    eval_only: bool = False  # evaluate once, then exit without training
+    always_save_checkpoint: bool = True  # checkpoint at every eval, not only on a new best
+    init_from: str = "scratch"  # scratch, resume, auto (resume if a checkpoint exists), or gpt2*
+    overwrite: bool = False  # allow a fresh run to replace a checkpoint already in out_dir
+    # logging
+    wandb_log: bool = False  # also log to Weights & Biases (needs the wandb package)
+    wandb_project: str = "nanogpt"  # W&B project name
+    wandb_run_name: str = "run"  # W&B run name
+    # data
+    dataset: str = "shakespeare_char"  # a folder under data/ made by its prepare.py
+    data_dir: str = ""  # the dataset's folder, if not data/<dataset>
+    gradient_accumulation_steps: int = 1  # micro-steps per iteration, across all ranks
+    batch_size: int = 12  # sequences per micro-step on each rank
+    block_size: int = 1024  # tokens per sequence
+    # model (GPTConfig's fields)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # width of the residual stream
+    dropout: float = 0.0  # 0 for pretraining; 0.1+ to regularise small datasets
+    bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 has them)
+    # AdamW
+    learning_rate: float = 6e-4  # peak learning rate
+    max_iters: int = 600000  # total optimizer steps
+    weight_decay: float = 0.1  # decoupled weight decay on 2-D weights
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables clipping
+    # learning-rate schedule
+    decay_lr: bool = True  # warm up then cosine-decay; false keeps learning_rate constant
+    warmup_iters: int = 2000  # linear warmup length
+    lr_decay_iters: int = 600000  # iteration at which the cosine reaches min_lr
+    min_lr: float = 6e-5  # floor of the decay, about learning_rate / 10
+    # system
+    device: str = "auto"  # auto picks cuda, then mps, then cpu; or cuda:1 and so on
+    dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast precision)
+    compile: bool = False  # torch.compile the model (slow start, faster steps)
+    seed: int = 1337  # seeds initialisation, batches and dropout
+    backend: str = "auto"  # DDP backend: auto is nccl on CUDA and gloo otherwise
+
+    def validate(self):
+        """Reject values no run can use; the message names the setting."""
+        positive = ["eval_interval", "log_interval", "eval_iters", "batch_size", "block_size",
+                    "gradient_accumulation_steps", "n_layer", "n_head", "n_embd"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ["learning_rate", "min_lr", "weight_decay", "grad_clip", "max_iters",
+                     "warmup_iters", "lr_decay_iters"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, "
+                              f"{self.beta2}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head "
+                              f"({self.n_head})")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, "
+                              f"got {self.dtype!r}")
+        return self
+
+
+def help_text(cls):
+    """One line per setting: name, type, default and the comment beside it in the source."""
+    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
+    return "\n".join(f"  {'--' + f.name + '=' + str(f.default):<32} "
+                     f"{comments.get(f.name, '')}" for f in fields(cls))
+
+
+def _field_type(cls, key, source):
+    """The type of setting key; an unknown key is an error suggesting the closest one."""
+    known = {f.name: f.type for f in fields(cls)}
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
+    return known[key]
+
+
+def _convert(cls, key, value, source):
+    """value (a TOML value, or a flag's string) as the type of setting key of cls.
+
+    A setting typed `int | None` also takes the word none."""
+    want = _field_type(cls, key, source)
+    if isinstance(want, types.UnionType):  # X | None
+        if isinstance(value, str) and value.strip().lower() == "none":
+            return None
+        want = next(t for t in want.__args__ if t is not type(None))
+    if isinstance(value, str) and want is not str:
+        text = value.strip().lower()
+        if want is bool:
+            if text not in ("true", "false"):
+                raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+            return text == "true"
+        try:
+            return want(text)
+        except ValueError:
+            raise ConfigError(f"{source}: {key} must be {want.__name__}, "
+                              f"got {value!r}") from None
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {want.__name__}, got {value!r}")
+    return value
+
+
+def parse_config(cls, argv):
+    """Build cls from its defaults, then TOML files, then --key=value flags, in argv order.
+
+    A bare --flag sets a boolean setting to true."""
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            try:
+                with open(arg, "rb") as f:
+                    table = tomllib.load(f)
+            except OSError as e:
+                raise ConfigError(f"cannot read config file {arg}: {e.strerror}") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{arg}: not valid TOML: {e}") from None
+            for key, value in table.items():
+                overrides[key] = _convert(cls, key, value, arg)
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if _field_type(cls, key, arg) is not bool:
+                raise ConfigError(f"{arg}: give a value, as in --{key}=VALUE")
+            value = "true"
+        overrides[key] = _convert(cls, key, value, arg)
+    return cls(**overrides)

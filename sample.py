@@ -1,0 +1,141 @@
+"""Sample text from a trained checkpoint or from OpenAI's GPT-2.
+
+    python sample.py --out_dir=out-shakespeare-char
+    python sample.py --init_from=gpt2 --start="FILE:prompt.txt" --num_samples=1 --top_p=0.9
+
+Several samples are drawn together as one batch; a single sample streams as it is drawn.
+"""
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import runtime
+from checkpoint import CheckpointError, load_checkpoint
+from config import ConfigError, help_text, parse_config
+from model import GPT, config_from_dict
+from tokenizer import GPT2Tokenizer, tokenizer_from_meta
+
+
+@dataclass
+class SampleConfig:
+    init_from: str = "resume"  # resume (the checkpoint in out_dir), gpt2*, or a weights folder
+    out_dir: str = "out"  # where the checkpoint is, with init_from=resume
+    start: str = "\n"  # the prompt, or FILE:path to read it from a file
+    num_samples: int = 3  # samples drawn together as one batch
+    max_new_tokens: int = 500  # tokens generated per sample
+    temperature: float = 0.8  # 1.0 samples the model as is; lower is more conservative; 0 greedy
+    top_k: int | None = 200  # keep only the k most likely tokens; none keeps all
+    top_p: float = 1.0  # keep the most likely tokens whose probabilities sum to top_p
+    seed: int = 1337  # the same seed gives the same samples
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
+    dtype: str = "auto"  # auto, float32, bfloat16 or float16
+    compile: bool = False  # torch.compile the model (pays off only for long samples)
+
+    def validate(self):
+        if self.num_samples < 1 or self.max_new_tokens < 0:
+            raise ConfigError("num_samples must be at least 1 and max_new_tokens at least 0")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be at least 1 (or none), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, "
+                              f"got {self.dtype!r}")
+        return self
+
+
+def load_model(cfg):
+    """The model and its tokenizer, from out_dir's checkpoint or from OpenAI's weights."""
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+        model = GPT(config_from_dict(ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        return model, tokenizer_from_meta(ckpt["meta"])
+    return GPT.from_pretrained(cfg.init_from), GPT2Tokenizer()
+
+
+def read_prompt(start):
+    if not start.startswith("FILE:"):
+        return start
+    path = start.removeprefix("FILE:")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read the prompt file {path}: {e.strerror}") from None
+
+
+def stream(tokenizer, token_iter, out=sys.stdout):
+    """Print a sample as its tokens arrive. A token may end partway through a multi-byte
+    character, so text is printed only up to the last complete character."""
+    ids, shown = [], 0
+    for token in token_iter:
+        ids.append(token.item())
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):
+            out.write(text[shown:])
+            out.flush()
+            shown = len(text)
+    out.write(tokenizer.decode(ids)[shown:] + "\n")
+
+
+def sample(cfg, out=sys.stdout):
+    """Draw cfg.num_samples samples; print them to out and return them as strings."""
+    device = runtime.pick_device(cfg.device)
+    dtype = runtime.pick_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg)
+    model.eval().to(device)
+    if cfg.compile:
+        model = torch.compile(model)
+    prompt = read_prompt(cfg.start)
+    try:
+        ids = tokenizer.encode(prompt)
+    except ValueError as e:  # a character the character-level vocabulary does not have
+        raise ConfigError(f"prompt: {e}") from None
+    if not ids:
+        if tokenizer.eot_token is None:
+            raise ConfigError("the prompt is empty; give one with --start")
+        ids = [tokenizer.eot_token]  # GPT-2 starts documents after <|endoftext|>
+    if len(ids) > model.config.block_size:
+        print(f"note: the prompt's {len(ids)} tokens are cut to the model's last "
+              f"{model.config.block_size}", file=sys.stderr)
+    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    options = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                   generator=gen)
+    with runtime.autocast(device, dtype):
+        if cfg.num_samples == 1:
+            out.write(prompt)
+            tokens = []
+            stream(tokenizer, (t[0] for t in model.generate_tokens(
+                idx, cfg.max_new_tokens, **options) if tokens.append(t) is None), out)
+            new = torch.cat(tokens, dim=1) if tokens else idx[:, :0]
+        else:
+            new = model.generate(idx, cfg.max_new_tokens, **options)[:, len(ids):]
+    texts = [prompt + tokenizer.decode(row.tolist()) for row in new]
+    if cfg.num_samples > 1:
+        for text in texts:
+            out.write(text + "\n---------------\n")
+    return texts
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in (["-h"], ["--help"]):
+        print(__doc__ + "\nSettings (defaults shown):\n" + help_text(SampleConfig))
+        return 0
+    try:
+        sample(parse_config(SampleConfig, argv).validate())
+    except (ConfigError, CheckpointError, runtime.DeviceError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Preparing datasets (the real scripts, run as a user would) and the one batch sampler."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataset import DataError, TokenData, download, load_meta, prepare_text
+from tokenizer import get_tokenizer, tokenizer_from_meta
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 3
+
+
+def run_script(script: str, *args, cwd) -> subprocess.CompletedProcess:
+    """Run one of the data scripts in a fresh interpreter, from cwd, as a user would."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def load_script(script: str):
+    """Import a data script as a module; importing it must do nothing but define main."""
+    spec = importlib.util.spec_from_file_location("prepare_script", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_bin(path) -> np.ndarray:
+    return np.fromfile(path, dtype=np.uint16)
+
+
+def write_bin(path, tokens) -> None:
+    np.asarray(tokens, dtype=np.uint16).tofile(path)
+
+
+# ----------------------------------------------------------------------------- preparing
+
+def test_prepare_text_char(tmp_path):
+    meta = prepare_text(TEXT, tmp_path, "char")
+    cut = int(len(TEXT) * 0.9)
+    train, val = read_bin(tmp_path / "train.bin"), read_bin(tmp_path / "val.bin")
+    assert (meta["train_tokens"], meta["val_tokens"]) == (cut, len(TEXT) - cut) == (len(train),
+                                                                                      len(val))
+    assert meta["chars"] == sorted(set(TEXT)) and meta["vocab_size"] == len(set(TEXT))
+    assert json.loads((tmp_path / "meta.json").read_text()) == meta == load_meta(tmp_path)
+    tok = tokenizer_from_meta(meta)
+    assert tok.decode(train.tolist()) == TEXT[:cut]  # the first 90% trains, the rest validates
+    assert tok.decode(train.tolist() + val.tolist()) == TEXT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_prepare_text_gpt2(tmp_path, gpt2_vocab_path):
+    meta = prepare_text(TEXT, tmp_path, "gpt2")
+    cut = int(len(TEXT) * 0.9)
+    tok = get_tokenizer("gpt2")
+    train, val = read_bin(tmp_path / "train.bin"), read_bin(tmp_path / "val.bin")
+    assert train.tolist() == tok.encode(TEXT[:cut]) and val.tolist() == tok.encode(TEXT[cut:])
+    assert meta == {"tokenizer": "gpt2", "vocab_size": 50257,
+                    "train_tokens": len(train), "val_tokens": len(val)}
+    assert len(train) < cut / 2  # BPE really merged: English runs about 4 characters a token
+    assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == TEXT
+
+
+def test_shakespeare_char_script(tmp_path, shakespeare_path):
+    # Run from tmp_path, not the repo root: the script must find dataset.py by itself.
+    out = tmp_path / "out"
+    r = run_script("data/shakespeare_char/prepare.py", "--input", shakespeare_path,
+                   "--out_dir", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "1,003,854" in r.stdout and "111,540" in r.stdout
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer"] == "char" and meta["vocab_size"] == len(meta["chars"]) == 65
+    assert (meta["train_tokens"], meta["val_tokens"]) == (1_003_854, 111_540)
+    assert (out / "train.bin").stat().st_size == 2 * 1_003_854
+    assert (out / "val.bin").stat().st_size == 2 * 111_540
+    TokenData(out, "train").check_vocab(65)
+    with pytest.raises(DataError, match="train.bin holds token id 64, outside the vocab of 64"):
+        TokenData(out, "train").check_vocab(64)
+
+
+def test_shakespeare_gpt2_uses_input_already_there(tmp_path, shakespeare_path, gpt2_vocab_path):
+    # input.txt already in the output folder is used as is: no download is attempted.
+    (tmp_path / "input.txt").write_bytes(shakespeare_path.read_bytes())
+    meta = load_script("data/shakespeare/prepare.py").main(["--out_dir", str(tmp_path)])
+    assert meta == {"tokenizer": "gpt2", "vocab_size": 50257,
+                    "train_tokens": 301_966, "val_tokens": 36_059}
+    TokenData(tmp_path, "val").check_vocab(50257)
+
+
+def test_prepare_script_on_a_user_file(tmp_path, gpt2_vocab_path):
+    (tmp_path / "book.txt").write_text(TEXT, encoding="utf-8")
+    r = run_script("data/prepare.py", "--input", "book.txt", "--tokenizer", "gpt2",
+                   "--out_dir", "my_book", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    meta = load_meta(tmp_path / "my_book")
+    tok = get_tokenizer("gpt2")
+    assert meta["tokenizer"] == "gpt2"
+    assert meta["train_tokens"] == len(tok.encode(TEXT[:int(len(TEXT) * 0.9)]))
+    x, y = TokenData(tmp_path / "my_book", "train").get_batch((0,), 2, 8, "cpu")
+    assert tok.decode(x[0].tolist()) in TEXT
+
+    # A user mistake is a message and a non-zero exit (SystemExit with text), not a traceback.
+    with pytest.raises(SystemExit, match=r"error: cannot read .*missing\.txt"):
+        load_script("data/prepare.py").main(["--input", str(tmp_path / "missing.txt"),
+                                             "--out_dir", str(tmp_path / "x")])
+
+
+def test_download_writes_whole_file_or_nothing(tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_text(TEXT)
+    download(src.as_uri(), tmp_path / "got" / "input.txt")
+    assert (tmp_path / "got" / "input.txt").read_text() == TEXT
+    with pytest.raises(DataError, match="nothing.txt"):
+        download((tmp_path / "nothing.txt").as_uri(), tmp_path / "got" / "bad.txt")
+    assert sorted(os.listdir(tmp_path / "got")) == ["input.txt"]  # no partial file, no .tmp
+
+
+def test_load_meta_missing_names_the_file_and_the_fix(tmp_path):
+    with pytest.raises(DataError, match=r"meta\.json not found.*data/prepare\.py"):
+        load_meta(tmp_path)
+    with pytest.raises(DataError, match=str(tmp_path / "meta.json")):
+        load_meta(tmp_path)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@pytest.fixture
+def counting_data(tmp_path) -> Path:
+    """A train split whose token at position i is i: a row's first token says where it starts."""
+    write_bin(tmp_path / "train.bin", np.arange(1000))
+    return tmp_path
+
+
+def test_batch_is_a_pure_function_of_the_key(counting_data):
+    a, b = TokenData(counting_data, "train"), TokenData(counting_data, "train")
+    x1, y1 = a.get_batch((1337, 0, 5, 0), 8, 16, "cpu")
+    a.get_batch((1337, 0, 6, 0), 8, 16, "cpu")  # a draw in between changes nothing: no state
+    x2, y2 = b.get_batch((1337, 0, 5, 0), 8, 16, "cpu")
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.shape == y1.shape == (8, 16) and x1.dtype == y1.dtype == torch.int64
+    # Keys differing in any one position give different batches.
+    for key in [(1338, 0, 5, 0), (1337, 1, 5, 0), (1337, 0, 6, 0), (1337, 0, 5, 1)]:
+        assert not torch.equal(a.get_batch(key, 8, 16, "cpu")[0], x1), key
+
+
+def test_rows_are_real_windows_and_y_is_x_shifted(counting_data):
+    data = read_bin(counting_data / "train.bin").astype(np.int64)
+    x, y = TokenData(counting_data, "train").get_batch((0,), 64, 32, "cpu")
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        i = row_x[0]
+        assert np.array_equal(row_x, data[i:i + 32]) and np.array_equal(row_y, data[i + 1:i + 33])
+
+
+def test_every_valid_start_is_drawn_and_no_other(tmp_path):
+    # Shards of block_size + 1 and block_size + 3 tokens: starts (0, 0), (1, 0), (1, 1), (1, 2).
+    # Shard k holds 1000 * k + position, so a row's first token names its shard and start.
+    T = 8
+    write_bin(tmp_path / "train_000000.bin", np.arange(T + 1))
+    write_bin(tmp_path / "train_000001.bin", 1000 + np.arange(T + 3))
+    data = TokenData(tmp_path, "train")
+    firsts = np.concatenate([data.get_batch((s,), 64, T, "cpu")[0][:, 0].numpy()
+                             for s in range(4)])
+    # 256 uniform draws over 4 windows miss one with probability < 4 * 0.75**256 ~ 1e-31.
+    assert set(firsts.tolist()) == {0, 1000, 1001, 1002}
+
+    # A split of exactly block_size + 1 tokens has one window, and every row is it.
+    write_bin(tmp_path / "val.bin", np.arange(T + 1))
+    x, y = TokenData(tmp_path, "val").get_batch((7,), 16, T, "cpu")
+    assert (x == torch.arange(T)).all() and (y == torch.arange(1, T + 1)).all()
+
+
+def test_shards_are_drawn_in_proportion_to_their_windows(tmp_path):
+    # With block_size 10, the shards have 10, 90 and 300 starts: shares 2.5%, 22.5% and 75%.
+    for k, n in enumerate([20, 100, 310]):
+        write_bin(tmp_path / f"train_{k:06d}.bin", 1000 * k + np.arange(n))
+    x, y = TokenData(tmp_path, "train").get_batch((3,), 8000, 10, "cpu")
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    shard = x[:, 0].numpy() // 1000
+    share = np.bincount(shard, minlength=3) / len(shard)
+    # One standard deviation of a share is at most sqrt(0.25 / 8000) = 0.0056; 0.03 is 5 sigma.
+    assert np.allclose(share, [0.025, 0.225, 0.75], atol=0.03), share
+    assert (x[:, 0] % 1000 + 10 < torch.tensor([20, 100, 310])[shard]).all()  # starts in range
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_odd_sized_file_is_rejected(tmp_path):
+    (tmp_path / "train.bin").write_bytes(b"\x01\x00\x02")
+    with pytest.raises(DataError, match=r"train\.bin is 3 bytes, not a whole number"):
+        TokenData(tmp_path, "train")
+
+
+def test_missing_split_names_the_path_and_the_fix(counting_data):
+    with pytest.raises(DataError, match=r"split 'val' not found: no .*val\.bin.*data/prepare"):
+        TokenData(counting_data, "val")
+
+
+def test_too_short_shard_names_the_file_and_sizes(tmp_path):
+    write_bin(tmp_path / "train_000000.bin", np.arange(100))
+    write_bin(tmp_path / "train_000001.bin", np.arange(16))
+    data = TokenData(tmp_path, "train")
+    data.get_batch((0,), 2, 15, "cpu")  # 16 tokens are exactly one window of 15
+    with pytest.raises(DataError, match=r"train_000001\.bin holds 16 tokens, fewer than "
+                                        r"block_size \+ 1 = 17"):
+        data.get_batch((0,), 2, 16, "cpu")
+
+
+def test_single_file_and_shards_together_are_ambiguous(counting_data):
+    write_bin(counting_data / "train_000000.bin", np.arange(100))
+    with pytest.raises(DataError, match=r"both train\.bin and shards train_000000\.bin"):
+        TokenData(counting_data, "train")

@@ -1,0 +1,215 @@
+"""Contract and equivalence tests for model.py: shapes, causality, attention, KV cache,
+sampling filters, and the golden test against transformers' GPT-2 on the same weights."""
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import model as model_module
+from model import GPT, GPTConfig, sample_next
+
+TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY.__dict__, **overrides})).eval()
+
+
+def test_shapes_and_loss_contract():
+    m = tiny_model()
+    idx = torch.randint(0, 50, (3, 10))
+    logits, loss = m(idx)
+    assert logits.shape == (3, 10, 50) and loss is None
+    targets = idx.clone()
+    targets[:, :5] = -1  # ignored positions must not count
+    _, loss = m(idx, targets)
+    manual = F.cross_entropy(logits[:, 5:].reshape(-1, 50), idx[:, 5:].reshape(-1))
+    assert loss.shape == () and torch.allclose(loss, manual, atol=1e-6)
+
+
+def test_initial_loss_is_near_uniform():
+    m = tiny_model()
+    idx = torch.randint(0, 50, (8, 16))
+    _, loss = m(idx, torch.randint(0, 50, (8, 16)))
+    assert abs(loss.item() - math.log(50)) < 0.15
+
+
+def test_causality():
+    m = tiny_model()
+    idx = torch.randint(0, 50, (1, 16))
+    changed = idx.clone()
+    changed[0, 9] = (idx[0, 9] + 1) % 50
+    a, _ = m(idx)
+    b, _ = m(changed)
+    assert torch.equal(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def explicit_attention(q, k, v, dropout_p=0.0, is_causal=False):
+    """softmax(q k^T / sqrt(hs) + causal mask) v, written out."""
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    if is_causal:
+        T, S = q.size(-2), k.size(-2)
+        mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+        att = att.masked_fill(~mask, float("-inf"))
+    return F.softmax(att, dim=-1) @ v
+
+
+def test_sdpa_equals_explicit_attention(monkeypatch):
+    m = tiny_model()
+    idx = torch.randint(0, 50, (2, 16))
+    fast, _ = m(idx)
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", explicit_attention)
+    slow, _ = m(idx)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("new_tokens", [5, 40])  # 40 runs well past block_size 16
+def test_cached_greedy_equals_uncached(new_tokens):
+    m = tiny_model()
+    prompt = torch.randint(0, 50, (2, 6))
+    cached = m.generate(prompt, new_tokens, temperature=0)
+    uncached = m.generate_uncached(prompt, new_tokens, temperature=0)
+    assert cached.shape == (2, 6 + new_tokens)
+    assert torch.equal(cached[:, :6], prompt)
+    assert torch.equal(cached, uncached)
+
+
+def test_cached_logits_match_full_recompute():
+    m = tiny_model()
+    idx = torch.randint(0, 50, (1, 16))
+    full, _ = m(idx)
+    caches = [model_module.KVCache(16) for _ in range(2)]
+    steps = [m.lm_head(m.hidden_states(idx[:, :4], caches))]
+    steps += [m.lm_head(m.hidden_states(idx[:, t:t + 1], caches)) for t in range(4, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_seeded_sampling_is_reproducible_and_cache_independent():
+    m = tiny_model()
+    prompt = torch.zeros((3, 1), dtype=torch.long)
+
+    def draw(seed, cached=True):
+        g = torch.Generator().manual_seed(seed)
+        sampler = m.generate if cached else m.generate_uncached
+        return sampler(prompt, 30, temperature=0.9, top_k=20, top_p=0.95, generator=g)
+
+    assert torch.equal(draw(1), draw(1))
+    assert torch.equal(draw(1), draw(1, cached=False))
+    assert not torch.equal(draw(1), draw(2))
+
+
+PROBS = torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04])
+
+
+def kept_tokens(**filters):
+    """Token ids drawn from 4,000 samples of PROBS under the given filters.
+
+    A kept token of probability >= 0.04 is missed with odds below (1 - 0.04)^4000 ~ 1e-71."""
+    logits = PROBS.log().expand(4000, -1)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, temperature=1.0, generator=g, **filters).flatten()
+    return set(draws.tolist()), draws
+
+
+def test_top_k_keeps_exactly_the_k_most_likely():
+    assert kept_tokens(top_k=3)[0] == {0, 1, 2}
+    assert kept_tokens(top_k=1)[0] == {0}
+    assert kept_tokens(top_k=5)[0] == {0, 1, 2, 3, 4}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    assert kept_tokens(top_p=0.65)[0] == {0, 1}  # 0.4 + 0.3 reaches 0.65
+    assert kept_tokens(top_p=0.75)[0] == {0, 1, 2}
+    assert kept_tokens(top_p=0.3)[0] == {0}
+    assert kept_tokens(top_p=1.0)[0] == {0, 1, 2, 3, 4}
+    # The survivors are renormalised: 0.4 / 0.7 of draws are token 0 (std ~0.008).
+    _, draws = kept_tokens(top_p=0.65)
+    assert abs((draws == 0).float().mean().item() - 0.4 / 0.7) < 0.04
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, temperature=0).flatten(), logits.argmax(-1))
+
+
+def test_optimizer_decays_only_2d_weights():
+    m = tiny_model()
+    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_residual_projections_are_scaled():
+    m = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, vocab_size=100, block_size=32))
+    std = m.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(m.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.001
+
+
+# The golden test: our GPT-2 and transformers' GPT2LMHeadModel on the same weights.
+
+def reference_gpt2():
+    import transformers  # test-only dependency; missing, this test fails rather than skips
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32,
+                                  vocab_size=100, bos_token_id=99, eos_token_id=99)
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # random biases and norms too, so every parameter is checked
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return ref
+
+
+def write_hub_layout(ref, folder, fmt):
+    """The files as OpenAI's GPT-2 lies on the hub: no "transformer." prefix, no lm_head."""
+    import json
+    from safetensors.torch import save_file
+    folder.mkdir()
+    cfg = ref.config
+    (folder / "config.json").write_text(json.dumps(dict(
+        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions,
+        vocab_size=cfg.vocab_size, model_type="gpt2")))
+    state = {k.removeprefix("transformer."): v.contiguous()
+             for k, v in ref.state_dict().items() if not k.startswith("lm_head")}
+    for i in range(cfg.n_layer):  # the old files also carry the causal-mask buffer
+        state[f"h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32).tril()
+    if fmt == "safetensors":
+        save_file(state, str(folder / "model.safetensors"))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "hub_safetensors", "hub_bin"])
+def test_golden_logits_match_transformers(tmp_path, layout):
+    ref = reference_gpt2()
+    folder = tmp_path / layout
+    if layout == "save_pretrained":
+        ref.save_pretrained(folder)
+    else:
+        write_hub_layout(ref, folder, layout.removeprefix("hub_"))
+    ours = GPT.from_pretrained(str(folder)).eval()
+    idx = torch.randint(0, 100, (2, 32))
+    with torch.no_grad():
+        expected = ref(idx).logits
+        logits, _ = ours(idx)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    greedy = ours.generate(idx[:, :4], 10, temperature=0)
+    ref_greedy = ref.generate(idx[:, :4], max_new_tokens=10, do_sample=False,
+                              pad_token_id=99)
+    assert torch.equal(greedy, ref_greedy)
+
+
+def test_from_pretrained_rejects_unknown_names_and_mismatched_weights(tmp_path):
+    with pytest.raises(ValueError, match="unknown model"):
+        GPT.from_pretrained("gpt3")
+    ref = reference_gpt2()
+    ref.save_pretrained(tmp_path)
+    cfg = (tmp_path / "config.json").read_text().replace('"n_embd": 32', '"n_embd": 64')
+    (tmp_path / "config.json").write_text(cfg)
+    with pytest.raises(ValueError, match="shape"):
+        GPT.from_pretrained(str(tmp_path))

@@ -1,0 +1,151 @@
+"""The two tokenizers a dataset can use: characters, or GPT-2's byte-level BPE.
+
+CharTokenizer gives each distinct character of the training text one id. Its vocabulary is tiny
+(65 for Tiny Shakespeare), so a small model trains fast, but it can only spell what it has seen.
+
+GPT2Tokenizer is OpenAI's byte-pair encoding (50257 tokens) run by tiktoken. Any text encodes,
+because every byte has a token, and the ids match OpenAI's GPT-2 weights. Offline, point the
+GPT2_VOCAB environment variable at GPT-2's encoder.json and no download is needed.
+
+Both share one interface: encode(text) -> list[int], decode(ids) -> str, vocab_size, eot_token
+and meta(), a JSON-serialisable dict that a dataset stores in meta.json and that
+tokenizer_from_meta() turns back into the same tokenizer.
+"""
+import functools
+import json
+import os
+
+import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str
+
+EOT = "<|endoftext|>"
+
+
+class CharTokenizer:
+    """Maps each character of a fixed vocabulary to its index in that vocabulary."""
+
+    eot_token = None  # character-level data has no document separator
+
+    def __init__(self, chars: list[str]):
+        if any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
+            raise ValueError("a character vocabulary must be distinct single characters")
+        self.chars = list(chars)
+        self.vocab_size = len(self.chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        """The vocabulary is every character of text, sorted, so the ids do not depend on order."""
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of the characters of text; ValueError names the first unknown character."""
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError:
+            pos, char = next((i, c) for i, c in enumerate(text) if c not in self.stoi)
+            raise ValueError(f"character {char!r} at position {pos} is not in the vocabulary "
+                             "of this character-level model") from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def meta(self) -> dict:
+        return {"tokenizer": "char", "vocab_size": self.vocab_size, "chars": self.chars}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table from each byte to a printable character that stands for it.
+
+    encoder.json stores tokens as text, so GPT-2 spells every byte with a visible character:
+    printable Latin-1 bytes stand for themselves, and the 68 others (control codes, space,
+    0x7f-0xa0, 0xad) are moved up to chr(256), chr(257), ... in byte order. So b" " is "Ġ".
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table, moved = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + moved)
+            moved += 1
+    return table
+
+
+@functools.lru_cache(maxsize=None)  # building 50k ranks takes a moment; do it once per file
+def load_gpt2_encoding(vocab_path: str | None) -> tiktoken.Encoding:
+    """GPT-2's tiktoken Encoding, from a local encoder.json if given, else tiktoken's download."""
+    if vocab_path is None:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except (OSError, ValueError) as e:  # requests' errors are OSErrors; bad hash ValueError
+            raise RuntimeError(
+                "could not download the GPT-2 vocabulary through tiktoken; set GPT2_VOCAB to a "
+                "local copy of GPT-2's encoder.json (or vocab.json) to work offline") from e
+    if not os.path.isfile(vocab_path):
+        raise FileNotFoundError(f"GPT-2 vocabulary {vocab_path} (from GPT2_VOCAB) is not a file")
+    with open(vocab_path, encoding="utf-8") as f:
+        encoder = json.load(f)
+    if len(encoder) != 50257 or encoder.get(EOT) != 50256:
+        raise ValueError(f"{vocab_path} is not GPT-2's encoder.json: expected 50257 tokens "
+                         f"with {EOT} = 50256")
+    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+    # GPT-2 numbers its tokens in the order their merges were learned, so a token's id is its
+    # merge rank and tiktoken needs no merges.txt: it merges the pair whose result ranks lowest.
+    ranks = {bytes(byte_of[ch] for ch in token): i for token, i in encoder.items() if token != EOT}
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,  # splits text into words before BPE, as in tiktoken's gpt2
+        mergeable_ranks=ranks,
+        special_tokens={EOT: 50256},
+        explicit_n_vocab=50257,
+    )
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE, with the vocabulary from vocab_path or GPT2_VOCAB if set."""
+
+    vocab_size = 50257
+    eot_token = 50256  # "<|endoftext|>", which GPT-2 placed between documents
+
+    def __init__(self, vocab_path: str | None = None):
+        self.encoding = load_gpt2_encoding(vocab_path or os.environ.get("GPT2_VOCAB") or None)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of text. NOTE the literal "<|endoftext|>" becomes the single token 50256, so a
+        corpus whose documents are joined by it keeps its separators; it is never spelled out."""
+        return self.encoding.encode(text, allowed_special="all")
+
+    def decode(self, ids) -> str:
+        # A cut through a multi-byte character decodes to U+FFFD rather than raising.
+        return self.encoding.decode(list(ids))
+
+    def meta(self) -> dict:
+        return {"tokenizer": "gpt2", "vocab_size": self.vocab_size}
+
+
+def tokenizer_from_meta(meta: dict) -> CharTokenizer | GPT2Tokenizer:
+    """The tokenizer described by a dataset's meta.json, as written by its tokenizer's meta()."""
+    kind = meta.get("tokenizer")
+    if kind == "char":
+        tok = CharTokenizer(meta["chars"])
+    elif kind == "gpt2":
+        tok = GPT2Tokenizer()
+    else:
+        raise ValueError(f"unknown tokenizer {kind!r} in meta.json; expected 'char' or 'gpt2'")
+    if meta.get("vocab_size", tok.vocab_size) != tok.vocab_size:
+        raise ValueError(f"meta.json says vocab_size {meta['vocab_size']} but its {kind} "
+                         f"tokenizer has {tok.vocab_size} tokens")
+    return tok
+
+
+def get_tokenizer(kind: str, text: str | None = None) -> CharTokenizer | GPT2Tokenizer:
+    """A new tokenizer by name: "char" learns its vocabulary from text, "gpt2" needs none."""
+    if kind == "char":
+        if text is None:
+            raise ValueError("a char tokenizer is built from the training text; pass text=")
+        return CharTokenizer.from_text(text)
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    raise ValueError(f"unknown tokenizer {kind!r}; expected 'char' or 'gpt2'")

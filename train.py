@@ -1,0 +1,319 @@
+"""Train a GPT on one CPU, one GPU, or many GPUs and machines with DDP.
+
+    python train.py                                       # the Shakespeare character model
+    python train.py config/train_gpt2.toml --batch_size=8   # any config, flags override it
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.toml
+
+The batch each (iteration, micro-step) sees is a pure function of the seed, so a resumed run
+repeats exactly what the uninterrupted run would have done, and the global batch does not
+depend on the number of processes.
+"""
+import json
+import math
+import os
+import runpy
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import runtime
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from config import ConfigError, TrainConfig, help_text, parse_config
+from dataset import DataError, TokenData, load_meta
+from model import GPT, GPTConfig, GPT2_SIZES, config_from_dict
+
+ROOT = Path(__file__).resolve().parent
+TRAIN, VAL = 0, 1  # split codes, part of each batch's random key
+
+
+def default_args():
+    """`python train.py` alone: the Shakespeare character model sized for this machine."""
+    name = "train_shakespeare_char" if torch.cuda.is_available() else \
+        "train_shakespeare_char_cpu"
+    if not (ROOT / "data" / "shakespeare_char" / "meta.json").exists():
+        # Run data/shakespeare_char/prepare.py, which downloads Tiny Shakespeare.
+        script = runpy.run_path(str(ROOT / "data" / "shakespeare_char" / "prepare.py"))
+        script["main"]([])
+    return [str(ROOT / "config" / f"{name}.toml")]
+
+
+def get_lr(it, cfg):
+    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate -
+                                                                     cfg.min_lr)
+
+
+def step_seed(*numbers):
+    """A 63-bit seed that is a pure function of the given integers."""
+    return int(np.random.SeedSequence(numbers).generate_state(2, np.uint64)[0] >> 1)
+
+
+def all_reduce_mean(values, world_size, device):
+    """Average a list of floats over all ranks (every rank must call this)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        torch.distributed.all_reduce(t)
+    return (t / world_size).tolist()
+
+
+@torch.no_grad()
+def estimate_loss(model, data, cfg, ctx, rank, world_size, device):
+    """Mean loss over the same eval_iters batches of each split at every evaluation.
+
+    Fixed batches make successive evaluations comparable; the ranks share the batches out
+    and average, so the estimate does not depend on the number of processes."""
+    model.eval()
+    out = {}
+    for split, code in (("train", TRAIN), ("val", VAL)):
+        total, count = 0.0, 0
+        for k in range(rank, cfg.eval_iters, world_size):
+            x, y = data[split].get_batch((cfg.seed, code + 2, k), cfg.batch_size,
+                                         cfg.block_size, device)
+            with ctx:
+                _, loss = model(x, y)
+            total, count = total + loss.item(), count + 1
+        total, count = all_reduce_mean([total, count], world_size, device)
+        out[split] = total / count
+    model.train()
+    return out
+
+
+def check_vocab(meta, data, vocab_size, data_dir):
+    """The dataset's token ids must fit the model's vocabulary."""
+    if meta["vocab_size"] > vocab_size:
+        raise DataError(f"{data_dir} uses a vocabulary of {meta['vocab_size']} tokens, more "
+                        f"than the model's {vocab_size}")
+    # Scanning every token costs a second per 500M tokens: do it where that is cheap.
+    if sum(int(split.lengths.sum()) for split in data.values()) < 500_000_000:
+        for split in data.values():
+            split.check_vocab(vocab_size)
+
+
+def model_fields(cfg):
+    return {f.name: getattr(cfg, f.name) for f in fields(GPTConfig) if hasattr(cfg, f.name)}
+
+
+def init_model(cfg, meta, ckpt):
+    """Build the model: from the checkpoint's shape on resume, OpenAI weights, or scratch."""
+    if ckpt is not None:
+        saved = ckpt["model_args"]
+        for name, value in model_fields(cfg).items():
+            if name not in ("dropout", "vocab_size") and saved[name] != value:
+                raise CheckpointError(
+                    f"checkpoint in {cfg.out_dir} has {name}={saved[name]} but the config "
+                    f"says {value}: pass --{name}={saved[name]} or use another out_dir")
+        model = GPT(config_from_dict({**saved, "dropout": cfg.dropout}))
+        model.load_state_dict(ckpt["model"])
+        return model
+    if cfg.init_from in GPT2_SIZES or os.path.isdir(cfg.init_from):
+        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+        for name in ("n_layer", "n_head", "n_embd", "bias"):
+            setattr(cfg, name, getattr(model.config, name))  # the checkpoint's shape wins
+        if cfg.block_size > model.config.block_size:
+            raise ConfigError(f"block_size {cfg.block_size} exceeds the pretrained model's "
+                              f"{model.config.block_size}")
+        return model
+    if cfg.init_from != "scratch":
+        raise ConfigError(f"init_from={cfg.init_from!r}: expected scratch, resume, auto, "
+                          f"one of {', '.join(GPT2_SIZES)}, or a directory of GPT-2 weights")
+    # Pad a large vocabulary to a multiple of 64 (GPT-2's 50257 to 50304) for faster matmuls;
+    # the padding ids are never targets. A character vocabulary is small enough as it is.
+    vocab = meta["vocab_size"]
+    vocab = -(-vocab // 64) * 64 if vocab > 256 else vocab
+    return GPT(config_from_dict({**model_fields(cfg), "vocab_size": vocab}))
+
+
+def resolve_init(cfg, ckpt_path):
+    """Turn init_from=auto into resume or scratch; refuse to overwrite a checkpoint."""
+    exists = os.path.exists(ckpt_path)
+    if cfg.init_from == "auto":
+        cfg.init_from = "resume" if exists else "scratch"
+    if cfg.init_from == "resume" and not exists:
+        raise CheckpointError(f"init_from=resume but there is no checkpoint at {ckpt_path}")
+    if cfg.init_from != "resume" and exists and not (cfg.overwrite or cfg.eval_only):
+        raise CheckpointError(f"{ckpt_path} already exists: pass --init_from=resume to "
+                              "continue it, or --overwrite=true to start afresh over it")
+
+
+def train(cfg):
+    """Run the training loop that cfg describes; returns the final validation loss."""
+    rank, local_rank, world_size = runtime.setup_distributed(cfg.backend)
+    master = rank == 0
+    device = runtime.pick_device(cfg.device)
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{local_rank}"
+    dtype = runtime.pick_dtype(cfg.dtype, device)
+    ctx = runtime.autocast(device, dtype)
+    if cfg.gradient_accumulation_steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) "
+                          f"must be divisible by the number of processes ({world_size})")
+    micro_steps = cfg.gradient_accumulation_steps // world_size
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere+
+    torch.backends.cudnn.allow_tf32 = True
+
+    data_dir = cfg.data_dir or str(ROOT / "data" / cfg.dataset)
+    meta = load_meta(data_dir)
+    data = {split: TokenData(data_dir, split) for split in ("train", "val")}
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    resolve_init(cfg, ckpt_path)
+    ckpt = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
+    torch.manual_seed(cfg.seed)
+    model = init_model(cfg, meta, ckpt).to(device)
+    check_vocab(meta, data, model.config.vocab_size, data_dir)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                           (cfg.beta1, cfg.beta2), device.split(":")[0])
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        del ckpt  # free the CPU copy of the weights and optimizer state
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    ddp_model = model
+    if world_size > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.startswith("cuda") else None)
+
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter
+    peak = runtime.peak_flops(device, dtype)
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print(json.dumps(asdict(cfg), indent=1))
+        print(f"{world_size} process(es) on {device} in {str(dtype).removeprefix('torch.')}; "
+              f"{raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens "
+              f"per iteration; starting at iteration {iter_num}")
+    log = MetricsLog(cfg, master, resumed=iter_num > 0)
+
+    start_iter, t_start = iter_num, time.time()
+    t_last, val_loss = time.time(), None
+    while True:
+        evaluate = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
+        if evaluate and not (iter_num == start_iter and start_iter > 0):
+            losses = estimate_loss(model, data, cfg, ctx, rank, world_size, device)
+            val_loss = losses["val"]
+            log.write(iter=iter_num, train_loss=losses["train"], val_loss=val_loss)
+            if master:
+                print(f"eval {iter_num}: train loss {losses['train']:.4f}, "
+                      f"val loss {val_loss:.4f}")
+            improved = val_loss < best_val_loss
+            best_val_loss = min(best_val_loss, val_loss)
+            if master and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
+                save_checkpoint({
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "config": asdict(cfg),
+                    "model_args": asdict(raw_model.config), "meta": meta,
+                    "iter_num": iter_num, "best_val_loss": best_val_loss}, ckpt_path)
+        if iter_num >= cfg.max_iters or cfg.eval_only:
+            break
+
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Dropout draws from the global generator: seed it per step and rank, so a resumed
+        # run draws the same masks as the uninterrupted one without saving generator state.
+        torch.manual_seed(step_seed(cfg.seed, iter_num, rank))
+        loss_sum = 0.0
+        for micro in range(micro_steps):
+            # Global micro-step index: ranks take consecutive slices of the global batch.
+            key = (cfg.seed, TRAIN, iter_num, rank * micro_steps + micro)
+            x, y = data["train"].get_batch(key, cfg.batch_size, cfg.block_size, device)
+            # Only the last micro-step's backward all-reduces the gradients across ranks.
+            sync = micro == micro_steps - 1 or world_size == 1
+            with (nullcontext() if sync else ddp_model.no_sync()), ctx:
+                _, loss = ddp_model(x, y)
+                loss = loss / micro_steps
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+
+        if iter_num % cfg.log_interval == 0:
+            loss_value = all_reduce_mean([float(loss_sum)], world_size, device)[0]
+            now = time.time()
+            dt = (now - t_last) / cfg.log_interval
+            t_last = now
+            tokens_per_sec = tokens_per_iter / dt
+            mfu = flops_per_iter / dt / (peak * world_size) if peak else None
+            eta = (now - t_start) / (iter_num - start_iter) * (cfg.max_iters - iter_num)
+            log.write(iter=iter_num, loss=loss_value, lr=lr, ms=dt * 1000,
+                      tokens_per_sec=tokens_per_sec, mfu=mfu)
+            if master:
+                mfu_text = f"{mfu * 100:.1f}%" if mfu is not None else "n/a"
+                print(f"iter {iter_num}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} "
+                      f"| {dt * 1000:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {mfu_text} "
+                      f"| eta {format_duration(eta)}", flush=True)
+    log.close()
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return val_loss
+
+
+def format_duration(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl (one JSON object per line), and optionally Weights & Biases."""
+
+    def __init__(self, cfg, master, resumed):
+        self.file = self.wandb = None
+        if not master:
+            return
+        self.file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if resumed else "w")
+        if cfg.wandb_log:
+            import wandb  # optional: only needed when asked for
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
+                                    config=asdict(cfg))
+
+    def write(self, **row):
+        if self.file is None:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["iter"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in (["-h"], ["--help"]):
+        print(__doc__ + "\nSettings (defaults shown):\n" + help_text(TrainConfig))
+        return 0
+    try:
+        cfg = parse_config(TrainConfig, argv or default_args()).validate()
+        train(cfg)
+    except (ConfigError, DataError, CheckpointError, runtime.DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
