@@ -3,8 +3,10 @@
 A checkpoint is a dict of tensors and plain Python values (no classes), so that it loads
 with torch.load(weights_only=True): a file from the internet can hold data, never a program.
 """
+import glob
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 
@@ -21,6 +23,8 @@ def save_checkpoint(state, path):
     The new file is written beside the old one, flushed to disk, then renamed over it:
     os.replace is atomic on one filesystem, so readers see the old file or the new one."""
     folder = os.path.dirname(os.path.abspath(path))
+    for stale in glob.glob(os.path.join(folder, ".ckpt-*.tmp")):
+        os.unlink(stale)  # left by a save that was killed midway; only rank 0 writes here
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -47,9 +51,15 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused to load: it holds Python objects other than tensors and plain "
-            f"data, which could run code ({str(e).splitlines()[0]})") from None
+        # weights_only names the first class or function the file asks for; anything else
+        # it cannot parse is damage, not danger.
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if code:
+            raise CheckpointError(
+                f"{path}: refused to load: it asks to import {code.group(1)}, so it could run "
+                "code; a checkpoint holds only tensors and plain data") from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint (not a torch file)") \
+            from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({e})") from None
     if not isinstance(state, dict) or "model" not in state:

@@ -62,11 +62,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (slow start, faster steps)
     seed: int = 1337  # seeds initialisation, batches and dropout
     backend: str = "auto"  # DDP backend: auto is nccl on CUDA and gloo otherwise
+    ddp_timeout: int = 600  # seconds a rank waits for its peers before failing with an error
 
     def validate(self):
         """Reject values no run can use; the message names the setting."""
         positive = ["eval_interval", "log_interval", "eval_iters", "batch_size", "block_size",
-                    "gradient_accumulation_steps", "n_layer", "n_head", "n_embd"]
+                    "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "ddp_timeout"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -7,6 +7,7 @@ This file depends on torch alone.
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass, fields
 
 import torch
@@ -298,7 +299,11 @@ def _read_weights(folder):
         return read_safetensors(path)
     path = os.path.join(folder, "pytorch_model.bin")
     if os.path.exists(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # it asks for a class or function, or is damaged
+            raise ValueError(f"{path}: refused to load: it is not a file of plain tensors "
+                             "(it may be damaged, or carry code)") from None
     raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
 
 

@@ -70,8 +70,19 @@ def setup_distributed(backend="auto", timeout_s=600):
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    torch.distributed.init_process_group(backend=backend,
-                                         timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one key-value store across elastic restarts, and (in torch
+        # 2.13 at least) a restarted group reads its dead predecessors' addresses from it and
+        # hangs. Each attempt gets keys of its own.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        agent_store = torch.distributed.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+            is_master=False, timeout=timeout)
+        store = torch.distributed.PrefixStore(f"nanogpt/attempt_{attempt}", agent_store)
+    torch.distributed.init_process_group(backend=backend, store=store, rank=rank,
+                                         world_size=world_size, timeout=timeout)
     return rank, local_rank, world_size
 
 
@@ -90,6 +101,14 @@ PEAK_FLOPS = {
     "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
     "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
 }
+
+# Rated board power in watts (the maximum TDP of the form factor whose FLOP/s are quoted
+# above), for energy estimates. Sources: the same datasheets. A100 and H100/H200 are the SXM
+# boards (A100 PCIe: 250-300 W; H100 PCIe: 350 W; H200 NVL: 600 W); V100 is SXM2 (PCIe:
+# 250 W); RTX 4090 is its total graphics power. A10G, an AWS-only part with no public
+# datasheet: the 300 W power limit nvidia-smi shows on EC2 G5 instances.
+BOARD_WATTS = {"A100": 400, "H100": 700, "H200": 700, "L4": 72, "RTX 4090": 450,
+               "A10G": 300, "V100": 300, "T4": 70}
 
 
 def peak_flops(device, dtype):

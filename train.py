@@ -12,7 +12,9 @@ import json
 import math
 import os
 import runpy
+import signal
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
@@ -101,6 +103,15 @@ def check_vocab(meta, data, vocab_size, data_dir):
             split.check_vocab(vocab_size)
 
 
+def check_writable(out_dir):
+    """Create out_dir and prove a file can be written there, before any work is done."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise ConfigError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
+
+
 def model_fields(cfg):
     return {f.name: getattr(cfg, f.name) for f in fields(GPTConfig) if hasattr(cfg, f.name)}
 
@@ -149,7 +160,7 @@ def resolve_init(cfg, ckpt_path):
 
 def train(cfg):
     """Run the training loop that cfg describes; returns the final validation loss."""
-    rank, local_rank, world_size = runtime.setup_distributed(cfg.backend)
+    rank, local_rank, world_size = runtime.setup_distributed(cfg.backend, cfg.ddp_timeout)
     master = rank == 0
     device = runtime.pick_device(cfg.device)
     if device == "cuda" and world_size > 1:
@@ -163,6 +174,8 @@ def train(cfg):
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere+
     torch.backends.cudnn.allow_tf32 = True
 
+    if master:
+        check_writable(cfg.out_dir)
     data_dir = cfg.data_dir or str(ROOT / "data" / cfg.dataset)
     meta = load_meta(data_dir)
     data = {split: TokenData(data_dir, split) for split in ("train", "val")}
@@ -193,80 +206,132 @@ def train(cfg):
     flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter
     peak = runtime.peak_flops(device, dtype)
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         print(json.dumps(asdict(cfg), indent=1))
         print(f"{world_size} process(es) on {device} in {str(dtype).removeprefix('torch.')}; "
               f"{raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens "
               f"per iteration; starting at iteration {iter_num}")
     log = MetricsLog(cfg, master, resumed=iter_num > 0)
 
+    def save(iter_num):
+        if master:
+            save_checkpoint({
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "config": asdict(cfg),
+                "model_args": asdict(raw_model.config), "meta": meta,
+                "iter_num": iter_num, "best_val_loss": best_val_loss}, ckpt_path)
+
     start_iter, t_start = iter_num, time.time()
-    t_last, val_loss = time.time(), None
-    while True:
-        evaluate = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
-        if evaluate and not (iter_num == start_iter and start_iter > 0):
-            losses = estimate_loss(model, data, cfg, ctx, rank, world_size, device)
-            val_loss = losses["val"]
-            log.write(iter=iter_num, train_loss=losses["train"], val_loss=val_loss)
-            if master:
-                print(f"eval {iter_num}: train loss {losses['train']:.4f}, "
-                      f"val loss {val_loss:.4f}")
-            improved = val_loss < best_val_loss
-            best_val_loss = min(best_val_loss, val_loss)
-            if master and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
-                save_checkpoint({
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "config": asdict(cfg),
-                    "model_args": asdict(raw_model.config), "meta": meta,
-                    "iter_num": iter_num, "best_val_loss": best_val_loss}, ckpt_path)
-        if iter_num >= cfg.max_iters or cfg.eval_only:
-            break
+    t_last, val_loss, stopping = time.time(), None, False
+    signals = StopSignals()
+    try:
+        while True:
+            evaluate = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
+            if evaluate and not (iter_num == start_iter and start_iter > 0):
+                losses = estimate_loss(model, data, cfg, ctx, rank, world_size, device)
+                val_loss = losses["val"]
+                log.write(iter=iter_num, train_loss=losses["train"], val_loss=val_loss)
+                if master:
+                    print(f"eval {iter_num}: train loss {losses['train']:.4f}, "
+                          f"val loss {val_loss:.4f}")
+                improved = val_loss < best_val_loss
+                best_val_loss = min(best_val_loss, val_loss)
+                if (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
+                    save(iter_num)
+            if stopping:
+                save(iter_num)
+                if master:
+                    print(f"stopped by a signal after iteration {iter_num}; checkpoint saved "
+                          f"to {ckpt_path}: resume with --init_from=resume", flush=True)
+                break
+            if iter_num >= cfg.max_iters or cfg.eval_only:
+                break
 
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Dropout draws from the global generator: seed it per step and rank, so a resumed
-        # run draws the same masks as the uninterrupted one without saving generator state.
-        torch.manual_seed(step_seed(cfg.seed, iter_num, rank))
-        loss_sum = 0.0
-        for micro in range(micro_steps):
-            # Global micro-step index: ranks take consecutive slices of the global batch.
-            key = (cfg.seed, TRAIN, iter_num, rank * micro_steps + micro)
-            x, y = data["train"].get_batch(key, cfg.batch_size, cfg.block_size, device)
-            # Only the last micro-step's backward all-reduces the gradients across ranks.
-            sync = micro == micro_steps - 1 or world_size == 1
-            with (nullcontext() if sync else ddp_model.no_sync()), ctx:
-                _, loss = ddp_model(x, y)
-                loss = loss / micro_steps
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Dropout draws from the global generator: seed it per step and rank, so a resumed
+            # run draws the same masks as the uninterrupted one without saving generator state.
+            torch.manual_seed(step_seed(cfg.seed, iter_num, rank))
+            loss_sum = 0.0
+            for micro in range(micro_steps):
+                # Global micro-step index: ranks take consecutive slices of the global batch.
+                key = (cfg.seed, TRAIN, iter_num, rank * micro_steps + micro)
+                x, y = data["train"].get_batch(key, cfg.batch_size, cfg.block_size, device)
+                # Only the last micro-step's backward all-reduces the gradients across ranks.
+                sync = micro == micro_steps - 1 or world_size == 1
+                with (nullcontext() if sync else ddp_model.no_sync()), ctx:
+                    _, loss = ddp_model(x, y)
+                    loss = loss / micro_steps
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                  cfg.grad_clip or float("inf"))
+            # float16's scaler skips steps with infinite gradients by design; elsewhere a
+            # non-finite norm means the weights would be ruined. Ranks must agree on stopping,
+            # so both flags travel in one all-reduce (a max): one small collective per step.
+            diverged = ~torch.isfinite(loss_sum if scaler.is_enabled() else norm)
+            flags = torch.stack([torch.tensor(signals.received, device=device), diverged])
+            if world_size > 1:
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            if flags[1]:
+                raise TrainingError(
+                    f"iteration {iter_num}: the loss or gradient norm is not finite (loss "
+                    f"{float(loss_sum):.4g}, gradient norm {float(norm):.4g}); stopped before "
+                    f"the update, the last checkpoint in {cfg.out_dir} is untouched. Try a "
+                    "lower learning_rate or a longer warmup_iters")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            stopping = bool(flags[0])
 
-        if iter_num % cfg.log_interval == 0:
-            loss_value = all_reduce_mean([float(loss_sum)], world_size, device)[0]
-            now = time.time()
-            dt = (now - t_last) / cfg.log_interval
-            t_last = now
-            tokens_per_sec = tokens_per_iter / dt
-            mfu = flops_per_iter / dt / (peak * world_size) if peak else None
-            eta = (now - t_start) / (iter_num - start_iter) * (cfg.max_iters - iter_num)
-            log.write(iter=iter_num, loss=loss_value, lr=lr, ms=dt * 1000,
-                      tokens_per_sec=tokens_per_sec, mfu=mfu)
-            if master:
-                mfu_text = f"{mfu * 100:.1f}%" if mfu is not None else "n/a"
-                print(f"iter {iter_num}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} "
-                      f"| {dt * 1000:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu {mfu_text} "
-                      f"| eta {format_duration(eta)}", flush=True)
-    log.close()
+            if iter_num % cfg.log_interval == 0:
+                loss_value = all_reduce_mean([float(loss_sum)], world_size, device)[0]
+                now = time.time()
+                dt = (now - t_last) / cfg.log_interval
+                t_last = now
+                tokens_per_sec = tokens_per_iter / dt
+                mfu = flops_per_iter / dt / (peak * world_size) if peak else None
+                eta = (now - t_start) / (iter_num - start_iter) * (cfg.max_iters - iter_num)
+                log.write(iter=iter_num, loss=loss_value, lr=lr, ms=dt * 1000,
+                          tokens_per_sec=tokens_per_sec, mfu=mfu)
+                if master:
+                    mfu_text = f"{mfu * 100:.1f}%" if mfu is not None else "n/a"
+                    print(f"iter {iter_num}/{cfg.max_iters} | loss {loss_value:.4f} | lr "
+                          f"{lr:.2e} | {dt * 1000:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu "
+                          f"{mfu_text} | eta {format_duration(eta)}", flush=True)
+    finally:
+        signals.restore()
+        log.close()
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return val_loss
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a diverged loss); the message says what to change."""
+
+
+class StopSignals:
+    """Turn SIGINT and SIGTERM (Ctrl-C, a preempted machine) into a request to stop after
+    the current step, with a checkpoint. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.received = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT,
+                                                                     signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = True
+        print(f"{signal.Signals(signum).name} received: stopping after this step",
+              file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def format_duration(seconds):
@@ -309,7 +374,8 @@ def main(argv=None):
     try:
         cfg = parse_config(TrainConfig, argv or default_args()).validate()
         train(cfg)
-    except (ConfigError, DataError, CheckpointError, runtime.DeviceError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError,
+            runtime.DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/helpers.py
 
 SHARED = Path(os.environ.get("NANOGPT_SHARED", ROOT.parent / "shared"))
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
@@ -36,3 +37,12 @@ def shakespeare_path() -> Path:
 @pytest.fixture(scope="session")
 def gpt2_vocab_path() -> Path:
     return _require(GPT2_ENCODER)
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory, shakespeare_path):
+    """A character dataset of the first 100,000 characters of Tiny Shakespeare."""
+    from dataset import prepare_text
+    folder = tmp_path_factory.mktemp("shakespeare_char")
+    prepare_text(shakespeare_path.read_text()[:100_000], folder, "char")
+    return folder

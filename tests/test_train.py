@@ -1,7 +1,5 @@
 """train.py end to end, as a user runs it: loss falls, sampling works, resume is exact,
 two DDP ranks equal one process, and checkpoints are safe to load."""
-import json
-import os
 import subprocess
 import sys
 
@@ -9,38 +7,8 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from dataset import prepare_text
-from tests.conftest import ROOT
-
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
-        "--gradient_accumulation_steps=2", "--learning_rate=3e-3", "--warmup_iters=2",
-        "--lr_decay_iters=20", "--min_lr=3e-4", "--eval_iters=4", "--log_interval=1",
-        "--device=cpu", "--dtype=float32", "--bias=true"]
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory, shakespeare_path):
-    """A character dataset of the first 100,000 characters of Tiny Shakespeare."""
-    folder = tmp_path_factory.mktemp("shakespeare_char")
-    prepare_text(shakespeare_path.read_text()[:100_000], folder, "char")
-    return folder
-
-
-def run(args, data_dir, out_dir, launcher=(sys.executable,), expect_ok=True):
-    """Run train.py with args; return the metrics.jsonl rows (or the process on failure)."""
-    cmd = [*launcher, str(ROOT / "train.py"), *TINY, f"--data_dir={data_dir}",
-           f"--out_dir={out_dir}", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out_dir.parent)
-    if not expect_ok:
-        return proc
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    with open(out_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-def train_losses(rows):
-    return {r["iter"]: r["loss"] for r in rows if "loss" in r}
+from helpers import ROOT, TORCHRUN, train_losses
+from helpers import run_train as run
 
 
 def test_loss_falls_then_sample_from_the_checkpoint(char_data, tmp_path):
@@ -75,9 +43,7 @@ def test_resume_is_bit_identical(char_data, tmp_path):
 def test_two_ddp_ranks_equal_one_process(char_data, tmp_path):
     args = ["--max_iters=5", "--eval_interval=5", "--gradient_accumulation_steps=4"]
     single = run(args, char_data, tmp_path / "one")
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2")
-    double = run(args, char_data, tmp_path / "two", launcher=torchrun)
+    double = run(args, char_data, tmp_path / "two", launcher=TORCHRUN)
     a, b = train_losses(single), train_losses(double)
     assert list(a) == list(b) == [1, 2, 3, 4, 5]
     for it in a:
@@ -86,7 +52,7 @@ def test_two_ddp_ranks_equal_one_process(char_data, tmp_path):
     val2 = [r["val_loss"] for r in double if "val_loss" in r]
     assert val == pytest.approx(val2, abs=1e-5)
     proc = run(args + ["--gradient_accumulation_steps=3"], char_data, tmp_path / "three",
-               launcher=torchrun, expect_ok=False)
+               launcher=TORCHRUN, expect_ok=False)
     assert proc.returncode != 0
     assert "must be divisible by the number of processes (2)" in proc.stderr
 

@@ -1,0 +1,173 @@
+"""What a training run costs: parameters, FLOPs, tokens, memory, and time and energy on GPUs.
+
+    print(accounting.report(cfg, world_size, raw_model.config))  # at the start of training
+    print(accounting.estimate(cfg, world_size, model_config))    # train.py --estimate
+
+cfg holds the run's settings (a TrainConfig); model_config the model's shape (a GPTConfig, or
+anything with its fields), which the config alone does not fix: the vocabulary comes from the
+dataset, padded, and a pretrained model brings its own. All of it is arithmetic on these
+numbers, no tensor is made; only estimate() reads runtime's tables of GPUs.
+"""
+import torch
+
+import runtime
+
+GIB = 2 ** 30
+
+
+def padded_vocab_size(vocab_size):
+    """A large vocabulary padded up to a multiple of 64 (GPT-2's 50257 to 50304) for faster
+    matmuls, as train.py's init_model pads it; a character vocabulary is kept as it is."""
+    return -(-vocab_size // 64) * 64 if vocab_size > 256 else vocab_size
+
+
+def num_params(m, non_embedding=True):
+    """GPT(m).num_params(non_embedding), counted from the shape m alone.
+
+    The token table wte is counted once: it is also the output head lm_head. As in
+    GPT.num_params, non_embedding leaves out only the position table wpe."""
+    C = m.n_embd
+    # Per block: c_attn (C, 3C), attn.c_proj (C, C), mlp.c_fc (C, 4C), mlp.c_proj (4C, C),
+    # and the weights of ln_1 and ln_2.
+    block = 12 * C * C + 2 * C
+    if m.bias:  # ln_1, ln_2 (C each), c_attn (3C), attn.c_proj (C), c_fc (4C), mlp.c_proj (C)
+        block += 11 * C
+    ln_f = 2 * C if m.bias else C
+    n = m.vocab_size * C + m.block_size * C + m.n_layer * block + ln_f
+    return n - m.block_size * C if non_embedding else n
+
+
+def flops_per_token(m, seq_len):
+    """Training FLOPs per token, forward and backward, as GPT.flops_per_token counts them:
+    6N + 12 * n_layer * n_embd * seq_len (the PaLM paper's appendix B).
+
+    6N: each weight does a multiply-add (2 FLOPs) forward and two backward; the second term is
+    attention's q k^T and (scores) v, which no parameter accounts for."""
+    return 6 * num_params(m) + 12 * m.n_layer * m.n_embd * seq_len
+
+
+def tokens_per_iter(cfg):
+    """Tokens in one optimizer step, summed over every process: gradient_accumulation_steps
+    already counts the micro-steps of all ranks together."""
+    return cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+
+
+def total_flops(cfg, m):
+    """Training FLOPs of the whole run: max_iters steps of tokens_per_iter tokens each."""
+    return flops_per_token(m, cfg.block_size) * tokens_per_iter(cfg) * cfg.max_iters
+
+
+def memory_per_rank(cfg, m, world_size=1):
+    """Bytes one process needs at its peak, by part. An estimate, not a measurement.
+
+    The weights stay in fp32 under autocast, with fp32 gradients and AdamW's two fp32 moments:
+    16 bytes per parameter; DDP adds its gradient buckets, another 4. Activations for one
+    micro-batch (batch_size x block_size tokens) follow Korthikanti et al. 2022, "Reducing
+    Activation Recomputation in Large Transformer Models", section 4.1: 34 * n_embd bytes per
+    token per layer with 16-bit activations (doubled here in float32), leaving out the
+    5 * n_head * block_size bytes of attention scores, which SDPA's fused kernels never store.
+    The logits are counted apart: the loss holds them in 16 bits, in fp32, and as fp32
+    log-probabilities (10 bytes each; 8 in float32).
+    Not counted: the CUDA context, allocator fragmentation, autocast's cached weight copies."""
+    n = num_params(m, non_embedding=False)
+    act_bytes = _activation_bytes(cfg)
+    tokens = cfg.batch_size * cfg.block_size
+    parts = {"weights": 4 * n, "gradients": 4 * n, "AdamW moments": 8 * n}
+    if world_size > 1:
+        parts["DDP buckets"] = 4 * n
+    parts["activations"] = m.n_layer * tokens * 34 * m.n_embd * act_bytes // 2
+    logit_bytes = 2 + 4 + 4 if act_bytes == 2 else 4 + 4  # float() is a no-op in float32
+    parts["logits"] = tokens * m.vocab_size * logit_bytes
+    return parts
+
+
+def report(cfg, world_size=1, model_config=None):
+    """A few lines on what the run costs, for train.py to print at the start.
+
+    model_config is the model's GPTConfig; without it, cfg must carry the model's fields,
+    vocab_size (padded) included."""
+    m = _model_shape(cfg, model_config)
+    n, n_body = num_params(m, non_embedding=False), num_params(m)
+    tpi = tokens_per_iter(cfg)
+    memory = memory_per_rank(cfg, m, world_size)
+    act_bytes = _activation_bytes(cfg)
+    scores = m.n_layer * cfg.batch_size * cfg.block_size * 5 * m.n_head * cfg.block_size \
+        * act_bytes // 2
+    state = [name for name in memory if name not in ("activations", "logits")]
+    return "\n".join([
+        f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
+        f"vocab {m.vocab_size}, biases {'on' if m.bias else 'off'}",
+        f"parameters: {n:,} in all; {n_body:,} without wpe (wte is lm_head too, counted once)",
+        f"FLOPs per token: 6N + 12 * n_layer * n_embd * T = "
+        f"{flops_per_token(m, cfg.block_size):,} (N = {n_body:,}, T = {cfg.block_size})",
+        f"tokens per iteration: {tpi:,} = {cfg.batch_size} sequences x {cfg.block_size} tokens "
+        f"x {cfg.gradient_accumulation_steps} micro-steps, over {world_size} process(es)",
+        f"whole run: {cfg.max_iters:,} iterations, {tpi * cfg.max_iters:.3g} tokens, "
+        f"{total_flops(cfg, m):.3g} FLOPs",
+        f"memory per process, an estimate (see accounting.memory_per_rank): "
+        f"{_size(sum(memory.values()))}",
+        "  " + " + ".join(f"{name} {_size(memory[name])}" for name in state),
+        f"  activations {_size(memory['activations'])}, one micro-batch: {34 * act_bytes // 2} "
+        "* n_embd bytes per token per layer (Korthikanti 2022)",
+        f"  logits {_size(memory['logits'])}; unfused attention would add "
+        f"{_size(scores)} of scores, which SDPA does not store",
+    ])
+
+
+def estimate(cfg, world_size=1, model_config=None, mfu=0.4):
+    """A table of the run's wall-clock time, GPU-hours and energy on each GPU in
+    runtime.PEAK_FLOPS, at bfloat16 where the board has it, else float16.
+
+    time = total FLOPs / (world_size * peak FLOP/s * mfu). Energy is the GPUs' rated board
+    power times GPU-hours: no CPUs, memory, network or cooling."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+    m = _model_shape(cfg, model_config)
+    total = total_flops(cfg, m)
+    lines = [
+        f"{total:.3g} FLOPs ({cfg.max_iters:,} iterations of {tokens_per_iter(cfg):,} tokens) "
+        f"on {world_size} GPU(s) at {mfu:.0%} MFU",
+        "energy: the GPUs' rated board power x GPU-hours; no CPUs, memory, network or cooling",
+        f"{'GPU':<10}{'dtype':<10}{'peak TFLOP/s':>13}{'board W':>9}{'wall clock':>12}"
+        f"{'GPU-hours':>11}{'kWh':>10}",
+    ]
+    for board, peaks in runtime.PEAK_FLOPS.items():
+        dtype = torch.bfloat16 if torch.bfloat16 in peaks else torch.float16
+        seconds = total / (world_size * peaks[dtype] * mfu)
+        gpu_hours = world_size * seconds / 3600
+        watts = runtime.BOARD_WATTS[board]
+        lines.append(f"{board:<10}{str(dtype).removeprefix('torch.'):<10}"
+                     f"{peaks[dtype] / 1e12:>13.0f}{watts:>9}{_duration(seconds):>12}"
+                     f"{_amount(gpu_hours):>11}{_amount(gpu_hours * watts / 1000):>10}")
+    return "\n".join(lines)
+
+
+def _model_shape(cfg, model_config):
+    m = cfg if model_config is None else model_config
+    if not hasattr(m, "vocab_size"):
+        raise ValueError("the vocabulary size is not in the run's settings: pass the model's "
+                         "GPTConfig as model_config")
+    return m
+
+
+def _activation_bytes(cfg):
+    """2 under 16-bit autocast, 4 in float32; dtype auto is 16-bit unless the device is
+    set to the CPU or MPS (runtime.pick_dtype's rule, taking device auto as a GPU)."""
+    if cfg.dtype == "auto":
+        return 4 if cfg.device.startswith(("cpu", "mps")) else 2
+    return 4 if cfg.dtype == "float32" else 2
+
+
+def _duration(seconds):
+    for unit, size, limit in (("s", 1, 60), ("min", 60, 3600), ("h", 3600, 48 * 3600)):
+        if seconds < limit:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _amount(x):
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _size(n_bytes):
+    return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB else f"{n_bytes / 2 ** 20:.1f} MiB"

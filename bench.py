@@ -1,0 +1,315 @@
+"""Measure training and sampling speed on random tokens: no dataset needed.
+
+    python bench.py config/train_shakespeare_char_cpu.toml --dtypes=float32,bfloat16 \\
+        --compiles=false,true --sample=false
+    python bench.py config/train_shakespeare_char.toml --device=cpu --dtype=float32 \\
+        --train=false --prompt_tokens=1 --max_new_tokens=500
+
+Training: each variant (every dtype in dtypes with every choice in compiles) runs warmup_steps
+untimed iterations (torch.compile compiles there), then timed_steps timed ones, each a whole
+iteration as train.py runs it on one process. The variants take turns, one iteration each per
+round, so a machine shared with other work slows them alike.
+
+Sampling: the KV-cached sampler against the uncached one, greedy, from the same prompt, taking
+turns sample_repeats times; first for the new tokens that fit in one block, then for
+max_new_tokens. Past block_size the cached sampler rebuilds its cache for every token (learned
+positions shift under it): a full forward, as uncached, so the speed-up shrinks. Both are shown.
+Tables go to the terminal, the results to json_out.
+"""
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+import accounting
+import runtime
+from config import ConfigError, TrainConfig, help_text, parse_config
+from dataset import DataError, load_meta
+from model import GPT, config_from_dict
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    vocab_size: int = 0  # of the random tokens; 0: the dataset's if prepared, else 50304
+    warmup_steps: int = 3  # untimed iterations per variant first (compilation happens here)
+    timed_steps: int = 10  # timed iterations per variant; the median is reported
+    dtypes: str = ""  # comma-separated dtypes to time training in; empty: just dtype
+    compiles: str = ""  # false,true times training both ways; empty: just compile
+    train: bool = True  # run the training benchmark
+    sample: bool = True  # run the sampling benchmark (in dtype, never compiled)
+    prompt_tokens: int = 1  # length of the random sampling prompt
+    max_new_tokens: int = 500  # tokens sampled in the second sampling measurement
+    sample_repeats: int = 1  # sample this many times each way; the fastest run counts
+    json_out: str = "bench.json"  # where the results are written
+
+    def validate(self):
+        super().validate()
+        for name in ("timed_steps", "prompt_tokens", "max_new_tokens", "sample_repeats"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.vocab_size < 0:
+            raise ConfigError("warmup_steps and vocab_size must not be negative")
+        if self.prompt_tokens >= self.block_size:
+            raise ConfigError(f"prompt_tokens ({self.prompt_tokens}) must be less than "
+                              f"block_size ({self.block_size})")
+        for dtype in variant_dtypes(self):
+            TrainConfig.validate(replace(self, dtype=dtype))
+        variant_compiles(self)
+        return self
+
+
+def variant_dtypes(cfg):
+    return [d.strip() for d in cfg.dtypes.split(",")] if cfg.dtypes else [cfg.dtype]
+
+
+def variant_compiles(cfg):
+    if not cfg.compiles:
+        return [cfg.compile]
+    words = [c.strip().lower() for c in cfg.compiles.split(",")]
+    if not set(words) <= {"true", "false"}:
+        raise ConfigError(f"compiles must list true and/or false, got {cfg.compiles!r}")
+    return [w == "true" for w in words]
+
+
+def vocab_size(cfg):
+    """(vocabulary, where it came from): the flag, the dataset padded as train.py pads it,
+    or GPT-2's padded 50304 when the dataset is not prepared."""
+    if cfg.vocab_size:
+        return cfg.vocab_size, "vocab_size setting"
+    data_dir = cfg.data_dir or str(ROOT / "data" / cfg.dataset)
+    try:
+        meta = load_meta(data_dir)
+    except DataError:
+        return 50304, "GPT-2's, padded (no prepared dataset)"
+    return accounting.padded_vocab_size(meta["vocab_size"]), os.path.relpath(data_dir)
+
+
+def sync(device):
+    """Wait for queued GPU work, so that a clock reading covers it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """(seconds fn took, including the GPU work it queued; its result)."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def peak_memory(device):
+    """(bytes, what they measure): the CUDA allocator's peak since its last reset, or on
+    other devices the largest resident set of the whole process so far."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    import resource  # Unix only, so imported where it is needed
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "max RSS of the whole process"
+
+
+def train_step(model, optimizer, scaler, ctx, batches, grad_clip):
+    """One iteration as train.py's loop runs it on one process: accumulate the gradients of
+    every micro-batch, clip, step AdamW. Keep it in step with train.py."""
+    for x, y in batches:
+        with ctx:
+            _, loss = model(x, y)
+        scaler.scale(loss / len(batches)).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def warm_up(cfg, model_config, device, dtype_name, compiled, batches):
+    """Build a model and its optimizer for one variant and run its warm-up iterations.
+
+    Returns (the arguments of train_step, the variant's result so far)."""
+    dtype = runtime.pick_dtype(dtype_name, device)
+    print(f"building and warming up: {dtype_name}, compile={compiled}", flush=True)
+    cuda = device.startswith("cuda")
+    base = torch.cuda.memory_allocated(device) if cuda else 0  # the variants built before
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                           (cfg.beta1, cfg.beta2), device.split(":")[0])
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    step_args = (torch.compile(model) if compiled else model, optimizer, scaler,
+                 runtime.autocast(device, dtype), batches, cfg.grad_clip)
+    t0 = time.perf_counter()
+    for _ in range(cfg.warmup_steps):
+        train_step(*step_args)
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    memory, measured = peak_memory(device)
+    return step_args, dict(dtype=str(dtype).removeprefix("torch."), compile=compiled,
+                           warmup_s=warmup_s, peak_memory_bytes=memory - base,
+                           peak_memory_what=measured, peak_flops=runtime.peak_flops(device, dtype))
+
+
+def bench_training(cfg, model_config, device):
+    """Median time per iteration of each (dtype, compile) variant, with throughput and MFU.
+
+    Every variant stays in memory until the end, so that they can take turns."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.batch_size, cfg.block_size)
+    batches = [(torch.randint(model_config.vocab_size, shape, generator=g).to(device),
+                torch.randint(model_config.vocab_size, shape, generator=g).to(device))
+               for _ in range(cfg.gradient_accumulation_steps)]
+    variants = [warm_up(cfg, model_config, device, dtype_name, compiled, batches)
+                for dtype_name in variant_dtypes(cfg) for compiled in variant_compiles(cfg)]
+    times = [[] for _ in variants]
+    for _ in range(cfg.timed_steps):  # round-robin: every variant sees the same load
+        for (step_args, _), ms in zip(variants, times):
+            seconds, _ = timed(lambda: train_step(*step_args), device)
+            ms.append(seconds * 1000)
+    tokens_per_iter = accounting.tokens_per_iter(cfg)
+    flops_per_iter = accounting.flops_per_token(model_config, cfg.block_size) * tokens_per_iter
+    results = []
+    for (_, result), ms in zip(variants, times):
+        median_s = statistics.median(ms) / 1000
+        results.append(dict(result, ms_per_iter=median_s * 1000, ms_per_iter_all=ms,
+                            tokens_per_iter=tokens_per_iter,
+                            tokens_per_s=tokens_per_iter / median_s,
+                            mfu=flops_per_iter / median_s / result["peak_flops"]
+                            if result["peak_flops"] else None))
+    return results
+
+
+def bench_sampling(model, prompt, new_tokens, device, ctx, repeats=1):
+    """Greedy sampling of new_tokens after prompt, with and without the KV cache: the best
+    time of each over repeats runs, taken in turn so that both see the same load."""
+    t_cached = t_uncached = float("inf")
+    with ctx:
+        for _ in range(repeats):
+            t, cached = timed(lambda: model.generate(prompt, new_tokens, temperature=0),
+                              device)
+            t_cached = min(t_cached, t)
+            t, uncached = timed(
+                lambda: model.generate_uncached(prompt, new_tokens, temperature=0), device)
+            t_uncached = min(t_uncached, t)
+    return dict(new_tokens=new_tokens, cached_tokens_per_s=new_tokens / t_cached,
+                uncached_tokens_per_s=new_tokens / t_uncached, speedup=t_uncached / t_cached,
+                identical=torch.equal(cached, uncached))
+
+
+def bench(cfg):
+    """Run the benchmarks cfg asks for; return the results as a JSON-ready dict."""
+    device = runtime.pick_device(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # as train.py does
+    torch.backends.cudnn.allow_tf32 = True
+    vocab, vocab_source = vocab_size(cfg)
+    model_config = config_from_dict({**asdict(cfg), "vocab_size": vocab})
+    results = dict(
+        machine=dict(device=device, device_name=device_name(device), torch=torch.__version__,
+                     threads=torch.get_num_threads()),
+        settings=asdict(cfg), vocab_size=vocab, vocab_source=vocab_source,
+        params=accounting.num_params(model_config, non_embedding=False),
+        flops_per_token=accounting.flops_per_token(model_config, cfg.block_size),
+        train=None, sample=None)
+    if cfg.train:
+        results["train"] = bench_training(cfg, model_config, device)
+    if cfg.sample:
+        dtype = runtime.pick_dtype(cfg.dtype, device)
+        ctx = runtime.autocast(device, dtype)
+        torch.manual_seed(cfg.seed)
+        model = GPT(model_config).to(device).eval()
+        g = torch.Generator().manual_seed(cfg.seed)
+        prompt = torch.randint(vocab, (1, cfg.prompt_tokens), generator=g).to(device)
+        bench_sampling(model, prompt, 4, device, ctx)  # warm-up: first calls pay set-up costs
+        within = cfg.block_size - cfg.prompt_tokens  # the whole sequence fills one block
+        print(f"sampling {within}, then {cfg.max_new_tokens} new tokens, with and without "
+              "the KV cache", flush=True)
+        results["sample"] = dict(
+            dtype=str(dtype).removeprefix("torch."), batch=1, prompt_tokens=cfg.prompt_tokens,
+            repeats=cfg.sample_repeats,
+            within_block=bench_sampling(model, prompt, within, device, ctx, cfg.sample_repeats),
+            requested=bench_sampling(model, prompt, cfg.max_new_tokens, device, ctx,
+                                     cfg.sample_repeats))
+    return results
+
+
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            return names[0]
+    return platform.processor() or platform.machine()
+
+
+def tables(results):
+    """The results as text tables for the terminal."""
+    s, m = results["settings"], results["machine"]
+    lines = [f"{m['device']} ({m['device_name']}), {m['threads']} threads, torch {m['torch']}",
+             f"model: {s['n_layer']} layers, {s['n_head']} heads, {s['n_embd']} wide, block "
+             f"{s['block_size']}, vocab {results['vocab_size']} ({results['vocab_source']}), "
+             f"{results['params']:,} parameters"]
+    if results["train"]:
+        first = results["train"][0]
+        lines += ["", f"training: {s['batch_size']} x {s['block_size']} tokens x "
+                  f"{s['gradient_accumulation_steps']} micro-steps = {first['tokens_per_iter']:,} "
+                  f"tokens per iteration; median of {s['timed_steps']} after "
+                  f"{s['warmup_steps']} warm-up",
+                  f"{'dtype':<10}{'compile':<9}{'warm-up s':>10}{'ms/iter':>9}{'min':>8}"
+                  f"{'max':>8}{'tokens/s':>10}{'MFU':>9}  peak memory"]
+        for r in results["train"]:
+            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "unknown"
+            lines.append(f"{r['dtype']:<10}{str(r['compile']).lower():<9}{r['warmup_s']:>10.1f}"
+                         f"{r['ms_per_iter']:>9.1f}{min(r['ms_per_iter_all']):>8.1f}"
+                         f"{max(r['ms_per_iter_all']):>8.1f}{r['tokens_per_s']:>10,.0f}"
+                         f"{mfu:>9}  {r['peak_memory_bytes'] / 2 ** 20:,.0f} MiB "
+                         f"({r['peak_memory_what']})")
+    if results["sample"]:
+        r = results["sample"]
+        lines += ["", f"sampling: greedy, batch 1, prompt {r['prompt_tokens']} token(s), "
+                  f"{r['dtype']}, not compiled; best of {r['repeats']} run(s) each way",
+                  f"{'':<14}{'new tokens':>11}{'cached tok/s':>14}{'uncached tok/s':>16}"
+                  f"{'speed-up':>10}  same tokens"]
+        for name, label in (("within_block", "within block"), ("requested", "requested")):
+            row = r[name]
+            lines.append(f"{label:<14}{row['new_tokens']:>11}{row['cached_tokens_per_s']:>14.1f}"
+                         f"{row['uncached_tokens_per_s']:>16.1f}{row['speedup']:>9.1f}x  "
+                         f"{'yes' if row['identical'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in (["-h"], ["--help"]):
+        own = {f.name for f in fields(BenchConfig)} - {f.name for f in fields(TrainConfig)}
+        lines = [line for line in help_text(BenchConfig).splitlines()
+                 if line.split("=")[0].strip().removeprefix("--") in own]
+        print(__doc__ + "\nBenchmark settings (defaults shown); train.py's settings apply too "
+              "(python train.py --help):\n" + "\n".join(lines))
+        return 0
+    try:
+        cfg = parse_config(BenchConfig, argv).validate()
+        results = bench(cfg)
+    except (ConfigError, runtime.DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(tables(results))
+    with open(cfg.json_out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {cfg.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

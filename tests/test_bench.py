@@ -1,0 +1,54 @@
+"""bench.py end to end on a tiny model: the JSON it writes, and its errors. No timing limits:
+speeds on a shared machine prove nothing, so only their sanity is checked."""
+import json
+
+import pytest
+
+import bench
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2",
+        "--vocab_size=50", "--device=cpu", "--dtype=float32", "--warmup_steps=1",
+        "--timed_steps=2", "--max_new_tokens=24"]
+
+
+def test_bench_writes_sane_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(TINY + ["--dtypes=float32,bfloat16", "--gradient_accumulation_steps=2",
+                              f"--json_out={out}"]) == 0
+    results = json.loads(out.read_text())
+    assert results["params"] > 0 and results["vocab_size"] == 50
+    train = results["train"]
+    assert [(r["dtype"], r["compile"]) for r in train] == [("float32", False),
+                                                           ("bfloat16", False)]
+    for r in train:
+        assert r["tokens_per_iter"] == 2 * 16 * 2
+        assert len(r["ms_per_iter_all"]) == 2 and r["ms_per_iter"] > 0
+        assert r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0
+        assert r["mfu"] is None and r["peak_flops"] is None  # unknown for a CPU: not invented
+    sample = results["sample"]
+    # 1 prompt token + 15 new fill the block of 16; 24 new tokens run past it
+    assert sample["within_block"]["new_tokens"] == 15
+    assert sample["requested"]["new_tokens"] == 24
+    for row in (sample["within_block"], sample["requested"]):
+        assert row["identical"] is True
+        assert row["cached_tokens_per_s"] > 0 and row["uncached_tokens_per_s"] > 0
+    assert "unknown" in capsys.readouterr().out  # the MFU column
+
+
+def test_bench_can_skip_parts(tmp_path):
+    out = tmp_path / "b.json"
+    assert bench.main(TINY + ["--train=false", "--sample_repeats=2", f"--json_out={out}"]) == 0
+    results = json.loads(out.read_text())
+    assert results["train"] is None and results["sample"]["repeats"] == 2
+    assert results["sample"]["requested"]["identical"] is True
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--dtypes=float32,fp8", "dtype"),
+    ("--compiles=maybe", "compiles"),
+    ("--prompt_tokens=16", "prompt_tokens"),
+    ("--timed_step=3", "did you mean 'timed_steps'"),
+])
+def test_bench_rejects_bad_settings(flag, message, capsys):
+    assert bench.main(TINY + [flag]) == 2
+    assert message in capsys.readouterr().err

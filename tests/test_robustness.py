@@ -1,0 +1,204 @@
+"""No lost work: signals, kills in the middle of a save, elastic restarts, dead ranks,
+diverging losses, and checkpoints that are corrupt or carry code."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from helpers import (ROOT, TORCHRUN, quiet_env, read_metrics, run_train, train_cmd,
+                     train_losses)
+
+
+def wait_for(predicate, timeout=60, what="condition"):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def logged_iters(out_dir):
+    try:
+        return [r["iter"] for r in read_metrics(out_dir) if "loss" in r]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def children(pid):
+    """Process ids whose parent is pid (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def rank_of(pid):
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next(int(v[5:]) for v in env if v.startswith(b"RANK="))
+
+
+SLOW = ["--max_iters=400", "--eval_interval=1000", "--lr_decay_iters=20"]
+
+
+def test_sigterm_checkpoints_and_resume_continues_exactly(char_data, tmp_path):
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(train_cmd(SLOW, char_data, out), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=quiet_env())
+    wait_for(lambda: len(logged_iters(out)) >= 3, what="three iterations")
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "stopped by a signal" in stdout
+    stop = load_checkpoint(out / "ckpt.pt")["iter_num"]
+    assert stop == logged_iters(out)[-1] >= 3  # the step in flight was finished and saved
+    run_train(["--max_iters=400", "--eval_interval=1000", "--lr_decay_iters=20",
+               f"--max_iters={stop + 3}", "--init_from=resume"], char_data, out)
+    straight = run_train([f"--max_iters={stop + 3}", "--eval_interval=1000",
+                          "--lr_decay_iters=20"], char_data, tmp_path / "straight")
+    assert train_losses(read_metrics(out)) == train_losses(straight)
+
+
+def test_under_ddp_a_signal_to_one_rank_stops_all_at_the_same_step(char_data, tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.Popen(train_cmd(SLOW, char_data, out, launcher=TORCHRUN),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=quiet_env())
+    wait_for(lambda: len(logged_iters(out)) >= 3, what="three iterations")
+    workers = {rank_of(pid): pid for pid in children(proc.pid)}
+    os.kill(workers[1], signal.SIGTERM)  # only rank 1 is told
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped by a signal" in stdout
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == logged_iters(out)[-1] < 400
+
+
+def test_a_kill_during_a_save_leaves_the_old_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "iter_num": 1}, path)
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from checkpoint import save_checkpoint
+big = {{"model": {{"w": torch.zeros(150_000_000)}}, "iter_num": 2}}  # 600 MB: a slow write
+while True:
+    save_checkpoint(big, {str(path)!r})
+"""])
+    wait_for(lambda: list(tmp_path.glob(".ckpt-*.tmp")), what="a save in progress")
+    writer.kill()  # SIGKILL: the process cannot tidy up
+    writer.wait()
+    ckpt = load_checkpoint(path)
+    assert ckpt["iter_num"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
+    assert list(tmp_path.glob(".ckpt-*.tmp"))  # the half-written file is left behind...
+    save_checkpoint({"model": {}, "iter_num": 3}, path)
+    assert not list(tmp_path.glob(".ckpt-*.tmp"))  # ...and cleared by the next save
+
+
+def test_elastic_restart_resumes_and_ends_with_the_same_loss(char_data, tmp_path):
+    args = ["--max_iters=8", "--eval_interval=2", "--init_from=auto"]
+    elastic = (sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "--max_restarts=1")
+    crashed = run_train(args, char_data, tmp_path / "crashed", launcher=elastic,
+                        script="tests/crash_once.py", FAIL_AT="5")
+    steady = run_train(args, char_data, tmp_path / "steady", launcher=TORCHRUN)
+    # The first attempt logged iterations 1-5 and died drawing the batch of step 5 (which
+    # would log as iteration 6); the restart resumed from the checkpoint at 4 and logged 5-8,
+    # redoing step 4 exactly.
+    rows = [r for r in crashed if "loss" in r]
+    assert [r["iter"] for r in rows] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    assert rows[4]["loss"] == rows[5]["loss"]
+    assert train_losses(crashed)[8] == train_losses(steady)[8]
+
+
+def test_a_dead_rank_does_not_leave_the_other_hanging(char_data, tmp_path):
+    """Without torchrun to clean up, the survivor must still fail within a bounded time."""
+    port = 29000 + os.getpid() % 1000
+    procs = []
+    start = time.time()
+    for rank in (0, 1):
+        env = quiet_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FAIL_AT="3")
+        cmd = train_cmd(["--max_iters=50", "--eval_interval=1000", "--ddp_timeout=30"],
+                        char_data, tmp_path / "out", script="tests/crash_once.py")
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      env=env))
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes[1] == 13 and codes[0] != 0
+    assert time.time() - start < 90
+
+
+def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(char_data, tmp_path):
+    out = tmp_path / "out"
+    proc = run_train(["--max_iters=10", "--eval_interval=5", "--learning_rate=1e30",
+                      "--warmup_iters=0"], char_data, out, expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "iteration 1: the loss or gradient norm is not finite" in proc.stderr
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == 0
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+class Payload:
+    """Unpickling this would create a file: the proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "extra": Payload(str(marker))}, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_checkpoint(tmp_path / "ckpt.pt")
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={tmp_path}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "refused to load" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_weights_carrying_code_are_refused_and_run_nothing(tmp_path):
+    from model import GPT
+    marker = tmp_path / "pwned"
+    (tmp_path / "config.json").write_text(
+        '{"n_layer": 1, "n_head": 1, "n_embd": 8, "n_positions": 8, "vocab_size": 10}')
+    torch.save({"wte.weight": Payload(str(marker))}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="refused to load"):
+        GPT.from_pretrained(str(tmp_path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_checkpoint_is_a_clear_error(char_data, tmp_path, damage):
+    out = tmp_path / "out"
+    run_train(["--max_iters=1", "--eval_interval=1"], char_data, out)
+    data = (out / "ckpt.pt").read_bytes()
+    damaged = {"truncated": data[:len(data) // 2], "garbage": os.urandom(4096),
+               "empty": b""}[damage]
+    (out / "ckpt.pt").write_bytes(damaged)
+    proc = run_train(["--max_iters=2", "--init_from=resume"], char_data, out, expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "corrupt or truncated checkpoint" in proc.stderr and "ckpt.pt" in proc.stderr
+
+
+def test_a_checkpoint_of_another_shape_is_a_clear_error(char_data, tmp_path):
+    out = tmp_path / "out"
+    run_train(["--max_iters=1", "--eval_interval=1"], char_data, out)
+    proc = run_train(["--max_iters=2", "--init_from=resume", "--n_layer=3"], char_data, out,
+                     expect_ok=False)
+    assert proc.returncode == 2
+    assert "has n_layer=2 but the config says 3" in proc.stderr
