@@ -44,15 +44,25 @@ class TrainConfig:
     n_embd: int = 768  # width of the residual stream
     dropout: float = 0.0  # 0 for pretraining; 0.1+ to regularise small datasets
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 has them)
-    # AdamW
-    learning_rate: float = 6e-4  # peak learning rate
+    rope: bool = False  # rotary position embeddings instead of a learned position table
+    rmsnorm: bool = False  # RMSNorm instead of LayerNorm
+    qk_norm: bool = False  # RMS-normalise queries and keys per head
+    relu2: bool = False  # ReLU squared instead of GELU in the MLP
+    tie_weights: bool = True  # the output head shares the token embedding matrix
+    logit_softcap: float = 0.0  # when > 0, cap logits smoothly at +-logit_softcap
+    # optimizer
+    optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW the rest)
+    muon_lr: float = 0.02  # Muon's peak learning rate, scheduled like learning_rate
+    learning_rate: float = 6e-4  # AdamW's peak learning rate
     max_iters: int = 600000  # total optimizer steps
     weight_decay: float = 0.1  # decoupled weight decay on 2-D weights
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables clipping
     # learning-rate schedule
-    decay_lr: bool = True  # warm up then cosine-decay; false keeps learning_rate constant
+    decay_lr: bool = True  # warm up then decay as `schedule` says; false keeps it constant
+    schedule: str = "cosine"  # cosine, or wsd: warmup, stable, then a linear cooldown
+    cooldown_frac: float = 0.2  # wsd: the share of lr_decay_iters spent cooling down
     warmup_iters: int = 2000  # linear warmup length
     lr_decay_iters: int = 600000  # iteration at which the cosine reaches min_lr
     min_lr: float = 6e-5  # floor of the decay, about learning_rate / 10
@@ -71,7 +81,9 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ["learning_rate", "min_lr", "weight_decay", "grad_clip", "max_iters",
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        for name in ["muon_lr", "min_lr", "logit_softcap", "weight_decay", "grad_clip", "max_iters",
                      "warmup_iters", "lr_decay_iters"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -83,6 +95,14 @@ class TrainConfig:
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head "
                               f"({self.n_head})")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"schedule must be cosine or wsd, got {self.schedule!r}")
+        if not 0 <= self.cooldown_frac <= 1:
+            raise ConfigError(f"cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
+        if self.rope and self.init_from.startswith("gpt2"):
+            raise ConfigError("rope=true cannot load OpenAI's GPT-2, which learned positions")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, "
                               f"got {self.dtype!r}")

@@ -24,6 +24,14 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0  # 0 for pretraining, 0.1+ for finetuning small data
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2 has
+    # Later practice, each off by default so that the model stays GPT-2 (docs/benchmarks.md
+    # has what each one measured on the CPU recipe).
+    rope: bool = False  # rotary position embeddings in attention, instead of a learned table
+    rmsnorm: bool = False  # RMSNorm instead of LayerNorm
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    relu2: bool = False  # ReLU squared instead of GELU in the MLP
+    tie_weights: bool = True  # the output head shares the token embedding matrix
+    logit_softcap: float = 0.0  # when > 0, logits = softcap * tanh(logits / softcap)
 
 
 class KVCache:
@@ -47,6 +55,20 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def make_norm(config):
+    if config.rmsnorm:
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs of channels of x (B, nh, T, hs) by position-dependent angles (T, hs/2):
+    a query and a key then score by their relative position alone (Su et al., 2021)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -56,12 +78,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, rotary=None, kv_cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in (q, k, v)]  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         # Without a cache, or when filling an empty one, token t sees tokens <= t. A cached
         # step feeds one new token, which sees every token stored before it: no mask needed.
         is_causal = kv_cache is None or kv_cache.length == 0
@@ -78,7 +105,8 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU is the tanh approximation
+        # GPT-2's GELU is the tanh approximation; ReLU squared is the cheaper later choice.
+        self.gelu = ReLUSquared() if config.relu2 else nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -86,16 +114,21 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+class ReLUSquared(nn.Module):
+    def forward(self, x):
+        return F.relu(x).square()
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, rotary=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rotary, kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -106,14 +139,21 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying: the output head reads logits with the input embedding matrix.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.rope:  # angles (block_size, hs/2), derived, so not saved in checkpoints
+            hs = config.n_embd // config.n_head
+            freqs = 10000.0 ** (-torch.arange(0, hs, 2).float() / hs)
+            angles = torch.outer(torch.arange(config.block_size).float(), freqs)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        else:
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.tie_weights:  # the output head reads logits with the input embedding
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2 scales the projections into the residual stream by 1/sqrt(2 * n_layer):
         # each block adds two of them, and the sum should not grow with depth.
@@ -128,11 +168,14 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True):
-        """Parameter count; the position table is left out by default, as in GPT-2's paper.
-
-        The token table is counted because it doubles as the output head."""
+        """Parameter count. non_embedding leaves out the lookup tables that do no matmul: the
+        position table, and the token table unless it doubles as the output head."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            tables = [] if self.config.rope else [self.transformer.wpe]
+            tables += [] if self.config.tie_weights else [self.transformer.wte]
+            n -= sum(t.weight.numel() for t in tables)
+        return n
 
     def hidden_states(self, idx, kv_caches=None):
         """Final-LayerNorm activations (B, T, n_embd) for token ids idx (B, T).
@@ -143,14 +186,25 @@ class GPT(nn.Module):
         assert start + T <= self.config.block_size, (
             f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x, rotary = self.transformer.wte(idx), None
+        if self.config.rope:
+            rotary = (self.rope_cos[pos], self.rope_sin[pos])
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_caches is None else kv_caches[i])
+            x = block(x, rotary, None if kv_caches is None else kv_caches[i])
         return self.transformer.ln_f(x)
+
+    def head(self, h):
+        """Logits from final hidden states, soft-capped if the config asks for it."""
+        logits = self.lm_head(h)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def forward(self, idx, targets=None):
         """Return (logits (B, T, vocab_size), mean cross-entropy or None); targets -1 ignored."""
-        logits = self.lm_head(self.hidden_states(idx))
+        logits = self.head(self.hidden_states(idx))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
@@ -193,7 +247,7 @@ class GPT(nn.Module):
                 caches = [KVCache(cfg.block_size) for _ in range(cfg.n_layer)]
             else:
                 context = idx[:, -1:]
-            logits = self.lm_head(self.hidden_states(context, caches)[:, -1, :])
+            logits = self.head(self.hidden_states(context, caches)[:, -1, :])
             idx_next = sample_next(logits, temperature, top_k, top_p, generator)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next

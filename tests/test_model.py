@@ -213,3 +213,48 @@ def test_from_pretrained_rejects_unknown_names_and_mismatched_weights(tmp_path):
     (tmp_path / "config.json").write_text(cfg)
     with pytest.raises(ValueError, match="shape"):
         GPT.from_pretrained(str(tmp_path))
+
+
+# The modern options keep every contract: causality, cache equivalence, SDPA equivalence.
+OPTIONS = {"rope": dict(rope=True), "rmsnorm_qknorm": dict(rmsnorm=True, qk_norm=True),
+           "relu2": dict(relu2=True), "untied_softcap": dict(tie_weights=False, logit_softcap=5.0),
+           "all": dict(rope=True, rmsnorm=True, qk_norm=True, relu2=True, tie_weights=False,
+                       logit_softcap=5.0)}
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_options_keep_the_contracts(name, monkeypatch):
+    m = tiny_model(**OPTIONS[name])
+    idx = torch.randint(0, 50, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (idx[:, 9] + 1) % 50
+    a, _ = m(idx)
+    assert torch.equal(a[:, :9], m(changed)[0][:, :9])
+    prompt = idx[:, :5]
+    assert torch.equal(m.generate(prompt, 30, temperature=0),
+                       m.generate_uncached(prompt, 30, temperature=0))
+    if OPTIONS[name].get("logit_softcap"):
+        assert a.abs().max() <= 5.0
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", explicit_attention)
+    torch.testing.assert_close(m(idx)[0], a, atol=1e-5, rtol=0)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    m = tiny_model(rope=True)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(i, j):
+        rq = model_module.apply_rotary(q, m.rope_cos[i:i + 1], m.rope_sin[i:i + 1])
+        rk = model_module.apply_rotary(k, m.rope_cos[j:j + 1], m.rope_sin[j:j + 1])
+        return (rq * rk).sum().item()
+
+    assert score(7, 3) == pytest.approx(score(12, 8), abs=1e-5)
+    assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-3)
+
+
+def test_option_parameter_layout():
+    assert "transformer.wpe.weight" not in tiny_model(rope=True).state_dict()
+    untied = tiny_model(tie_weights=False)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.num_params() == sum(p.numel() for p in untied.parameters()) \
+        - untied.transformer.wte.weight.numel() - untied.transformer.wpe.weight.numel()
