@@ -6,11 +6,13 @@
 cfg holds the run's settings (a TrainConfig); model_config the model's shape (a GPTConfig, or
 anything with its fields), which the config alone does not fix: the vocabulary comes from the
 dataset, padded, and a pretrained model brings its own. All of it is arithmetic on these
-numbers, no tensor is made; only estimate() reads runtime's tables of GPUs.
+numbers and on a model of that shape that holds no data; estimate() reads runtime's tables
+of GPUs.
 """
 import torch
 
 import runtime
+from model import GPT, config_from_dict
 
 GIB = 2 ** 30
 
@@ -21,29 +23,26 @@ def padded_vocab_size(vocab_size):
     return -(-vocab_size // 64) * 64 if vocab_size > 256 else vocab_size
 
 
-def num_params(m, non_embedding=True):
-    """GPT(m).num_params(non_embedding), counted from the shape m alone.
+def shape_model(m):
+    """GPT with the shape m (a GPTConfig, or a TrainConfig with vocab_size set) on PyTorch's
+    meta device: every parameter has its shape but no storage, so even gpt2-xl costs nothing.
+    Counting on the model itself keeps one definition of the parameters and FLOPs."""
+    with torch.device("meta"):
+        return GPT(config_from_dict(vars(m)))
 
-    The token table wte is counted once: it is also the output head lm_head. As in
-    GPT.num_params, non_embedding leaves out only the position table wpe."""
-    C = m.n_embd
-    # Per block: c_attn (C, 3C), attn.c_proj (C, C), mlp.c_fc (C, 4C), mlp.c_proj (4C, C),
-    # and the weights of ln_1 and ln_2.
-    block = 12 * C * C + 2 * C
-    if m.bias:  # ln_1, ln_2 (C each), c_attn (3C), attn.c_proj (C), c_fc (4C), mlp.c_proj (C)
-        block += 11 * C
-    ln_f = 2 * C if m.bias else C
-    n = m.vocab_size * C + m.block_size * C + m.n_layer * block + ln_f
-    return n - m.block_size * C if non_embedding else n
+
+def num_params(m, non_embedding=True):
+    """GPT(m).num_params(non_embedding): the lookup tables that do no matmul (wpe, and wte
+    unless tied to the output head) are left out when non_embedding."""
+    return shape_model(m).num_params(non_embedding)
 
 
 def flops_per_token(m, seq_len):
-    """Training FLOPs per token, forward and backward, as GPT.flops_per_token counts them:
-    6N + 12 * n_layer * n_embd * seq_len (the PaLM paper's appendix B).
-
-    6N: each weight does a multiply-add (2 FLOPs) forward and two backward; the second term is
-    attention's q k^T and (scores) v, which no parameter accounts for."""
-    return 6 * num_params(m) + 12 * m.n_layer * m.n_embd * seq_len
+    """Training FLOPs per token, forward and backward: 6N + 12 * n_layer * n_embd * seq_len
+    (the PaLM paper's appendix B). 6N: each weight does a multiply-add (2 FLOPs) forward and
+    two backward; the second term is attention's q k^T and (scores) v, which no parameter
+    accounts for."""
+    return shape_model(m).flops_per_token(seq_len)
 
 
 def tokens_per_iter(cfg):
@@ -61,7 +60,8 @@ def memory_per_rank(cfg, m, world_size=1):
     """Bytes one process needs at its peak, by part. An estimate, not a measurement.
 
     The weights stay in fp32 under autocast, with fp32 gradients and AdamW's two fp32 moments:
-    16 bytes per parameter; DDP adds its gradient buckets, another 4. Activations for one
+    16 bytes per parameter (Muon keeps one momentum for the blocks' matrices: 12 there); DDP
+    adds its gradient buckets, another 4. Activations for one
     micro-batch (batch_size x block_size tokens) follow Korthikanti et al. 2022, "Reducing
     Activation Recomputation in Large Transformer Models", section 4.1: 34 * n_embd bytes per
     token per layer with 16-bit activations (doubled here in float32), leaving out the
@@ -70,9 +70,12 @@ def memory_per_rank(cfg, m, world_size=1):
     log-probabilities (10 bytes each; 8 in float32).
     Not counted: the CUDA context, allocator fragmentation, autocast's cached weight copies."""
     n = num_params(m, non_embedding=False)
+    state = 8 * n  # AdamW: exp_avg and exp_avg_sq
+    if getattr(cfg, "optimizer", "adamw") == "muon":
+        state -= 4 * 12 * m.n_embd ** 2 * m.n_layer  # the blocks' matrices: one momentum
     act_bytes = _activation_bytes(cfg)
     tokens = cfg.batch_size * cfg.block_size
-    parts = {"weights": 4 * n, "gradients": 4 * n, "AdamW moments": 8 * n}
+    parts = {"weights": 4 * n, "gradients": 4 * n, "optimizer state": state}
     if world_size > 1:
         parts["DDP buckets"] = 4 * n
     parts["activations"] = m.n_layer * tokens * 34 * m.n_embd * act_bytes // 2
@@ -97,7 +100,7 @@ def report(cfg, world_size=1, model_config=None):
     return "\n".join([
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
         f"vocab {m.vocab_size}, biases {'on' if m.bias else 'off'}",
-        f"parameters: {n:,} in all; {n_body:,} without wpe (wte is lm_head too, counted once)",
+        f"parameters: {n:,}; {n_body:,} without lookup-only tables (wpe; wte if untied)",
         f"FLOPs per token: 6N + 12 * n_layer * n_embd * T = "
         f"{flops_per_token(m, cfg.block_size):,} (N = {n_body:,}, T = {cfg.block_size})",
         f"tokens per iteration: {tpi:,} = {cfg.batch_size} sequences x {cfg.block_size} tokens "

@@ -23,9 +23,12 @@ class TrainConfig:
     out_dir: str = "out"  # checkpoints, metrics.jsonl and the resolved config go here
     eval_interval: int = 2000  # evaluate and checkpoint every this many iterations
     log_interval: int = 1  # print and record a metrics line every this many iterations
-    eval_iters: int = 200  # batches per split for each loss estimate
+    eval_iters: int = 200  # batches per split for each loss estimate; 0: the whole split
     eval_only: bool = False  # evaluate once, then exit without training
     always_save_checkpoint: bool = True  # checkpoint at every eval, not only on a new best
+    estimate: bool = False  # print what the run would cost on the GPUs we know, then exit
+    estimate_gpus: int = 8  # with --estimate: how many GPUs share the run
+    estimate_mfu: float = 0.4  # with --estimate: the model FLOPs utilisation to assume
     init_from: str = "scratch"  # scratch, resume, auto (resume if a checkpoint exists), or gpt2*
     overwrite: bool = False  # allow a fresh run to replace a checkpoint already in out_dir
     # logging
@@ -76,17 +79,20 @@ class TrainConfig:
 
     def validate(self):
         """Reject values no run can use; the message names the setting."""
-        positive = ["eval_interval", "log_interval", "eval_iters", "batch_size", "block_size",
-                    "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "ddp_timeout"]
+        positive = ["eval_interval", "log_interval", "batch_size", "block_size",
+                    "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "ddp_timeout",
+                    "estimate_gpus"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
-        for name in ["muon_lr", "min_lr", "logit_softcap", "weight_decay", "grad_clip", "max_iters",
-                     "warmup_iters", "lr_decay_iters"]:
+        for name in ["eval_iters", "muon_lr", "min_lr", "logit_softcap", "weight_decay",
+                     "grad_clip", "max_iters", "warmup_iters", "lr_decay_iters"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.estimate_mfu <= 1:
+            raise ConfigError(f"estimate_mfu must be in (0, 1], got {self.estimate_mfu}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import accounting
 import runtime
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import ConfigError, TrainConfig, help_text, parse_config
@@ -102,20 +103,26 @@ def all_reduce_mean(values, world_size, device):
 
 @torch.no_grad()
 def estimate_loss(model, data, cfg, ctx, rank, world_size, device):
-    """Mean loss over the same eval_iters batches of each split at every evaluation.
+    """Mean loss per split: over the same eval_iters random batches at every evaluation, or,
+    with eval_iters=0, over every block of the split, each token predicted once.
 
     Fixed batches make successive evaluations comparable; the ranks share the batches out
     and average, so the estimate does not depend on the number of processes."""
     model.eval()
     out = {}
     for split, code in (("train", TRAIN), ("val", VAL)):
+        if cfg.eval_iters:
+            batches = (data[split].get_batch((cfg.seed, code + 2, k), cfg.batch_size,
+                                             cfg.block_size, device)
+                       for k in range(cfg.eval_iters))
+        else:
+            batches = data[split].windows(cfg.block_size, cfg.batch_size, device)
         total, count = 0.0, 0
-        for k in range(rank, cfg.eval_iters, world_size):
-            x, y = data[split].get_batch((cfg.seed, code + 2, k), cfg.batch_size,
-                                         cfg.block_size, device)
-            with ctx:
-                _, loss = model(x, y)
-            total, count = total + loss.item(), count + 1
+        for k, (x, y) in enumerate(batches):
+            if k % world_size == rank:
+                with ctx:
+                    _, loss = model(x, y)
+                total, count = total + loss.item() * y.numel(), count + y.numel()
         total, count = all_reduce_mean([total, count], world_size, device)
         out[split] = total / count
     model.train()
@@ -169,11 +176,14 @@ def init_model(cfg, meta, ckpt):
     if cfg.init_from != "scratch":
         raise ConfigError(f"init_from={cfg.init_from!r}: expected scratch, resume, auto, "
                           f"one of {', '.join(GPT2_SIZES)}, or a directory of GPT-2 weights")
-    # Pad a large vocabulary to a multiple of 64 (GPT-2's 50257 to 50304) for faster matmuls;
-    # the padding ids are never targets. A character vocabulary is small enough as it is.
-    vocab = meta["vocab_size"]
-    vocab = -(-vocab // 64) * 64 if vocab > 256 else vocab
-    return GPT(config_from_dict({**model_fields(cfg), "vocab_size": vocab}))
+    return GPT(scratch_config(cfg, meta))
+
+
+def scratch_config(cfg, meta):
+    """The shape of a model trained from scratch on the dataset that meta describes; the
+    padding ids of its vocabulary (see accounting.padded_vocab_size) are never targets."""
+    vocab = accounting.padded_vocab_size(meta["vocab_size"])
+    return config_from_dict({**model_fields(cfg), "vocab_size": vocab})
 
 
 def resolve_init(cfg, ckpt_path):
@@ -236,6 +246,7 @@ def train(cfg):
     peak = runtime.peak_flops(device, dtype)
     if master:
         print(json.dumps(asdict(cfg), indent=1))
+        print(accounting.report(cfg, world_size, raw_model.config))
         print(f"{world_size} process(es) on {device} in {str(dtype).removeprefix('torch.')}; "
               f"{raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens "
               f"per iteration; starting at iteration {iter_num}")
@@ -255,7 +266,9 @@ def train(cfg):
     try:
         while True:
             evaluate = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
-            if evaluate and not (iter_num == start_iter and start_iter > 0):
+            # A resumed run already evaluated its first iteration before it was saved.
+            resumed_here = iter_num == start_iter > 0 and not cfg.eval_only
+            if (evaluate or cfg.eval_only) and not resumed_here:
                 losses = estimate_loss(model, data, cfg, ctx, rank, world_size, device)
                 val_loss = losses["val"]
                 log.write(iter=iter_num, train_loss=losses["train"], val_loss=val_loss)
@@ -395,6 +408,18 @@ class MetricsLog:
             self.file.close()
 
 
+def print_estimate(cfg):
+    """--estimate: the run's cost, from the config and the dataset's vocabulary, no training."""
+    world_size = cfg.estimate_gpus
+    try:
+        meta = load_meta(cfg.data_dir or str(ROOT / "data" / cfg.dataset))
+    except DataError:
+        meta = {"vocab_size": 50257}
+        print(f"(dataset {cfg.dataset} not prepared: assuming GPT-2's vocabulary)")
+    print(accounting.report(cfg, world_size, scratch_config(cfg, meta)))
+    print(accounting.estimate(cfg, world_size, scratch_config(cfg, meta), cfg.estimate_mfu))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv in (["-h"], ["--help"]):
@@ -402,7 +427,10 @@ def main(argv=None):
         return 0
     try:
         cfg = parse_config(TrainConfig, argv or default_args()).validate()
-        train(cfg)
+        if cfg.estimate:
+            print_estimate(cfg)
+        else:
+            train(cfg)
     except (ConfigError, DataError, CheckpointError, TrainingError,
             runtime.DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)

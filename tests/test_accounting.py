@@ -1,4 +1,7 @@
 """accounting.py against figures worked out by hand for GPT-2 124M, and against the model."""
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -6,6 +9,8 @@ import accounting
 import runtime
 from config import TrainConfig, parse_config
 from model import GPT, GPTConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "config"
 
 # GPT-2 124M as OpenAI shipped it: vocabulary 50257 (unpadded), biases on.
 GPT2 = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257,
@@ -61,22 +66,33 @@ def test_estimate_lists_every_board_with_its_power():
 
 
 def test_gpt2_memory_by_hand():
-    # weights, gradients, AdamW moments: 4 + 4 + 8 bytes * 124,439,808 parameters
+    # weights, gradients, AdamW's two moments: 4 + 4 + 8 bytes * 124,439,808 parameters
     # activations, bfloat16: 12 layers * (12 * 1024 tokens) * 34 * 768 bytes = 3,850,371,072
     # logits: 12 * 1024 tokens * 50257 * 10 bytes = 6,175,580,160
     parts = accounting.memory_per_rank(RUN, GPT2, world_size=1)
     assert parts == {"weights": 497_759_232, "gradients": 497_759_232,
-                     "AdamW moments": 995_518_464, "activations": 3_850_371_072,
+                     "optimizer state": 995_518_464, "activations": 3_850_371_072,
                      "logits": 6_175_580_160}
     assert accounting.memory_per_rank(RUN, GPT2, world_size=8)["DDP buckets"] == 497_759_232
+    # Muon keeps one momentum (4 bytes) for the blocks' matrices, 12 * 768^2 * 12 layers =
+    # 84,934,656 of them: 995,518,464 - 4 * 84,934,656 = 655,779,840
+    muon = replace(RUN, optimizer="muon")
+    assert accounting.memory_per_rank(muon, GPT2)["optimizer state"] == 655_779_840
 
 
 @pytest.mark.parametrize("shape", [
     dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=True),
     dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=False),
     dict(n_layer=3, n_head=4, n_embd=64, block_size=40, vocab_size=320, bias=False),
+    # later practice: no position table with rope, RMSNorm's weight alone, an untied head
+    dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=True, rope=True,
+         rmsnorm=True, qk_norm=True, relu2=True),
+    dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=False,
+         tie_weights=False, rmsnorm=True),
+    dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=True, rope=True,
+         tie_weights=False, logit_softcap=30.0),
 ])
-def test_counts_match_the_model(shape):
+def test_counts_on_the_meta_device_match_a_real_model(shape):
     config = GPTConfig(**shape)
     model = GPT(config)
     assert accounting.num_params(config, non_embedding=False) == \
@@ -92,7 +108,7 @@ def test_padded_vocab_size():
 
 
 def test_report_for_the_gpt2_run():
-    cfg = parse_config(TrainConfig, ["config/train_gpt2.toml"]).validate()
+    cfg = parse_config(TrainConfig, [str(CONFIGS / "train_gpt2.toml")]).validate()
     model_config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024,
                              vocab_size=accounting.padded_vocab_size(50257), bias=cfg.bias)
     text = accounting.report(cfg, 8, model_config)
@@ -104,7 +120,7 @@ def test_report_for_the_gpt2_run():
 
 
 def test_memory_is_float32_on_the_cpu_config():
-    cfg = parse_config(TrainConfig, ["config/train_shakespeare_char_cpu.toml"])
+    cfg = parse_config(TrainConfig, [str(CONFIGS / "train_shakespeare_char_cpu.toml")])
     small = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65)
     # dtype auto on device cpu is float32: 68 bytes per n_embd, twice the 16-bit 34
     acts = accounting.memory_per_rank(cfg, small)["activations"]
