@@ -12,6 +12,8 @@ import zipfile
 
 import torch
 
+from model import GPT
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, unsafe or incompatible."""
@@ -65,3 +67,13 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' entry)")
     return state
+
+
+def load_pretrained(name_or_path, dropout=0.0):
+    """GPT.from_pretrained, with every failure (an unknown name, a folder without the files,
+    no network, damaged weights) a one-line CheckpointError naming the source."""
+    try:
+        return GPT.from_pretrained(name_or_path, dropout=dropout)
+    except (ValueError, OSError, ImportError, RuntimeError, KeyError) as e:
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"cannot load the model from {name_or_path}: {reason}") from None

@@ -85,11 +85,12 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
+        # Written as `not x > 0` so that nan fails too.
+        if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
-        for name in ["eval_iters", "muon_lr", "min_lr", "logit_softcap", "weight_decay",
+        for name in ["seed", "eval_iters", "muon_lr", "min_lr", "logit_softcap", "weight_decay",
                      "grad_clip", "max_iters", "warmup_iters", "lr_decay_iters"]:
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 < self.estimate_mfu <= 1:
             raise ConfigError(f"estimate_mfu must be in (0, 1], got {self.estimate_mfu}")
@@ -172,7 +173,7 @@ def parse_config(cls, argv):
                     table = tomllib.load(f)
             except OSError as e:
                 raise ConfigError(f"cannot read config file {arg}: {e.strerror}") from None
-            except tomllib.TOMLDecodeError as e:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{arg}: not valid TOML: {e}") from None
             for key, value in table.items():
                 overrides[key] = _convert(cls, key, value, arg)

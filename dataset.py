@@ -29,6 +29,14 @@ class DataError(Exception):
     """A problem with a dataset that the user can fix (missing, malformed or too short)."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The data scripts' parser: a mistake in the flags is one line, `error: ...` (exit 2),
+    like every other error of this project, rather than argparse's usage text and error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def _prepare_hint(data_dir: Path) -> str:
     script = data_dir / "prepare.py"
     if script.is_file():
@@ -38,6 +46,13 @@ def _prepare_hint(data_dir: Path) -> str:
 
 # ----------------------------------------------------------------------------- preparing
 
+def _make_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        raise DataError(f"cannot create the folder {folder}: {e.strerror}") from None
+
+
 def _replace_atomically(path: Path, write) -> None:
     """Call write(tmp) then rename tmp to path, so a crash never leaves half a file at path."""
     tmp = path.with_name(path.name + ".tmp")
@@ -46,6 +61,42 @@ def _replace_atomically(path: Path, write) -> None:
         os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one filesystem
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _dataset_files(folder: Path) -> list[Path]:
+    """meta.json and the token files of both splits, whichever of them are in folder."""
+    names = ["meta.json", "train.bin", "val.bin"]
+    shards = [p for split in ("train", "val") for p in folder.glob(f"{split}_[0-9]*.bin")]
+    return [p for p in [*(folder / n for n in names), *shards] if p.is_file()]
+
+
+@contextlib.contextmanager
+def _replacing_dataset(out_dir: Path):
+    """Let the body write a new dataset into out_dir, the old one kept in out_dir/.old.
+
+    The body's success deletes the old files (stale shards would silently join the new
+    dataset); its failure, a bad document halfway through a corpus or Ctrl-C, deletes the new
+    files and puts the old ones back, so a failed run loses nothing prepared before. The body
+    writes meta.json last: it exists only beside complete .bin files."""
+    _make_dir(out_dir)
+    aside = out_dir / ".old"
+    if aside.exists():
+        raise DataError(f"{aside} holds the dataset an interrupted run set aside: move its "
+                        f"files back into {out_dir}, or delete it, then run again")
+    old = _dataset_files(out_dir)
+    aside.mkdir()
+    for path in old:
+        path.rename(aside / path.name)
+    try:
+        yield
+    except BaseException:
+        for path in _dataset_files(out_dir):
+            path.unlink()
+        for path in old:
+            (aside / path.name).rename(path)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside)
 
 
 def write_tokens(path, ids, vocab_size: int) -> None:
@@ -73,16 +124,14 @@ def prepare_text(text: str, out_dir, tokenizer_kind: str, val_fraction: float = 
         raise DataError(f"cannot build the {tokenizer_kind} tokenizer: {e}") from e
     cut = int(len(text) * (1 - val_fraction))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # meta.json is removed first and written last, so it exists only beside complete .bin files.
-    (out_dir / "meta.json").unlink(missing_ok=True)
     meta = tok.meta()
-    for split, part in (("train", text[:cut]), ("val", text[cut:])):
-        ids = tok.encode(part)
-        write_tokens(out_dir / f"{split}.bin", ids, tok.vocab_size)
-        meta[f"{split}_tokens"] = len(ids)
-    _replace_atomically(out_dir / "meta.json",
-                        lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
+    with _replacing_dataset(out_dir):
+        for split, part in (("train", text[:cut]), ("val", text[cut:])):
+            ids = tok.encode(part)
+            write_tokens(out_dir / f"{split}.bin", ids, tok.vocab_size)
+            meta[f"{split}_tokens"] = len(ids)
+        _replace_atomically(out_dir / "meta.json",
+                            lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
     print(f"{tokenizer_kind}: vocab {meta['vocab_size']:,}, train {meta['train_tokens']:,} "
           f"tokens, val {meta['val_tokens']:,} tokens -> {out_dir}")
     return meta
@@ -100,7 +149,7 @@ def prepare_file(input_path, out_dir, tokenizer_kind: str, val_fraction: float =
 def download(url: str, path) -> None:
     """Fetch url into path (standard library only); a progress bar when stderr is a terminal."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(path.parent)
 
     def fetch(tmp: Path) -> None:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
@@ -135,7 +184,7 @@ def prepare_shakespeare(out_dir, tokenizer_kind: str, input_path=None) -> dict:
 
 def shakespeare_main(argv, tokenizer_kind: str, script_dir) -> dict:
     """The command line shared by data/shakespeare*/prepare.py."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=f"Prepare Tiny Shakespeare with the {tokenizer_kind} tokenizer.")
     p.add_argument("--input", type=Path, default=None,
                    help="a local copy of input.txt (default: download into OUT_DIR)")
@@ -154,9 +203,13 @@ def load_meta(data_dir) -> dict:
     if not path.is_file():
         raise DataError(f"{path} not found; {_prepare_hint(Path(data_dir))}")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read {path}: {e}") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int) \
+            or meta["vocab_size"] < 1:
+        raise DataError(f"{path} has no vocab_size; {_prepare_hint(Path(data_dir))}")
+    return meta
 
 
 # ----------------------------------------------------------------------------- large corpora
@@ -327,7 +380,7 @@ def prepare_corpus(documents: Iterable[str], out_dir, shard_size: int = 100_000_
     train), the rest train_000000.bin, ... of shard_size tokens (see ShardWriter.close for the
     last one). num_proc worker processes tokenize; the order does not depend on their number.
     Documents are streamed and shards written as they fill: memory is one shard however large
-    the corpus. Any dataset already in out_dir is replaced; meta.json is written last.
+    the corpus. A dataset already in out_dir is replaced once the new one is complete.
     """
     from tokenizer import GPT2Tokenizer
     if shard_size < 1 or not 1 <= val_tokens <= shard_size or num_proc < 1:
@@ -338,39 +391,36 @@ def prepare_corpus(documents: Iterable[str], out_dir, shard_size: int = 100_000_
     except (OSError, RuntimeError, ValueError) as e:
         raise DataError(f"cannot build the gpt2 tokenizer: {e}") from e
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):  # stale shards would silently join the new dataset
-        for old in [out_dir / f"{split}.bin", *out_dir.glob(f"{split}_[0-9]*.bin")]:
-            old.unlink(missing_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    writer = ShardWriter(out_dir, shard_size, val_tokens)
-    bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(unit="tok", unit_scale=True, desc=out_dir.name)
-    n_docs = 0
-    with multiprocessing.Pool(num_proc) if num_proc > 1 else contextlib.nullcontext() as pool:
-        # imap keeps the documents' order, and reads ahead only as far as its pipe to the
-        # workers holds; chunks of 16 documents keep the traffic between processes low.
-        encoded = pool.imap(encode_document, documents, chunksize=16) if pool \
-            else map(encode_document, documents)
-        for tokens in encoded:
-            writer.write(tokens)
-            n_docs += 1
-            if bar is not None:
-                bar.update(len(tokens))
-    if bar is not None:
-        bar.close()
-    writer.close()
-    if not writer.sizes["train"]:
-        raise DataError(f"the corpus has {sum(writer.sizes['val']):,} tokens, no more than "
-                        f"val_tokens={val_tokens:,}: nothing is left to train on")
-    meta = tok.meta()
-    for split in ("train", "val"):
-        meta[f"{split}_tokens"] = sum(writer.sizes[split])
-    meta["shards"] = {split: len(writer.sizes[split]) for split in ("train", "val")}
-    _replace_atomically(out_dir / "meta.json",
-                        lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
+    with _replacing_dataset(out_dir):
+        writer = ShardWriter(out_dir, shard_size, val_tokens)
+        bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            bar = tqdm(unit="tok", unit_scale=True, desc=out_dir.name)
+        n_docs = 0
+        pool = multiprocessing.Pool(num_proc) if num_proc > 1 else contextlib.nullcontext()
+        with pool:  # stops the workers however the loop ends
+            # imap keeps the documents' order, and reads ahead only as far as its pipe to the
+            # workers holds; chunks of 16 documents keep the traffic between processes low.
+            encoded = pool.imap(encode_document, documents, chunksize=16) if num_proc > 1 \
+                else map(encode_document, documents)
+            for tokens in encoded:
+                writer.write(tokens)
+                n_docs += 1
+                if bar is not None:
+                    bar.update(len(tokens))
+        if bar is not None:
+            bar.close()
+        writer.close()
+        if not writer.sizes["train"]:
+            raise DataError(f"the corpus has {sum(writer.sizes['val']):,} tokens, no more "
+                            f"than val_tokens={val_tokens:,}: nothing is left to train on")
+        meta = tok.meta()
+        for split in ("train", "val"):
+            meta[f"{split}_tokens"] = sum(writer.sizes[split])
+        meta["shards"] = {split: len(writer.sizes[split]) for split in ("train", "val")}
+        _replace_atomically(out_dir / "meta.json",
+                            lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
     print(f"gpt2: {n_docs:,} documents; train {meta['train_tokens']:,} tokens in "
           f"{meta['shards']['train']} shards, val {meta['val_tokens']:,} tokens -> {out_dir}")
     return meta
@@ -380,7 +430,7 @@ def corpus_main(argv, doc: str, script_dir, hub: tuple[str, str | None],
                 val_tokens: int) -> dict:
     """The command line shared by data/openwebtext/prepare.py and data/fineweb/prepare.py;
     hub is the (path, name) of the Hugging Face dataset downloaded when no --input is given."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input", nargs="+", default=None,
                    help="local .txt (one document each), .jsonl (\"text\" field) or .parquet "
                         "(\"text\" column) files,\nfolders or glob patterns (default: download "
@@ -403,6 +453,17 @@ def corpus_main(argv, doc: str, script_dir, hub: tuple[str, str | None],
 
 
 # ----------------------------------------------------------------------------- sampling
+
+def _split_rows(rows: np.ndarray, device):
+    """Rows of block_size + 1 tokens -> inputs x and targets y (y is x shifted by one)."""
+    rows = torch.from_numpy(rows)
+    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    device = torch.device(device)
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.to(device), y.to(device)
+
 
 class TokenData:
     """One split of a dataset folder; get_batch draws uniformly over all its windows.
@@ -461,13 +522,19 @@ class TokenData:
             for r in np.flatnonzero(shard == s):
                 rows[r] = tokens[offset[r]:offset[r] + block_size + 1]
             del tokens
-        rows = torch.from_numpy(rows)
-        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-        device = torch.device(device)
-        if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-            return (x.pin_memory().to(device, non_blocking=True),
-                    y.pin_memory().to(device, non_blocking=True))
-        return x.to(device), y.to(device)
+        return _split_rows(rows, device)
+
+    def windows(self, block_size: int, batch_size: int, device):
+        """Yield (x, y) batches of every non-overlapping block of the split, in order: the
+        whole-split evaluation, where each token is predicted once (a shard's last partial
+        block is left out)."""
+        for path, n in zip(self.paths, self.lengths):
+            tokens = np.memmap(path, dtype=np.uint16, mode="r")
+            starts = range(0, n - block_size, block_size)
+            for i in range(0, len(starts), batch_size):
+                rows = np.stack([tokens[s:s + block_size + 1] for s in starts[i:i + batch_size]])
+                yield _split_rows(rows.astype(np.int64), device)
+            del tokens
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise DataError if any token id is >= vocab_size.

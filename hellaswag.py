@@ -149,12 +149,7 @@ def run(cfg):
         if device == "cuda" and world_size > 1:
             device = f"cuda:{local_rank}"
         autocast = runtime.autocast(device, runtime.pick_dtype(cfg.dtype, device))
-        try:
-            model, tokenizer = load_model(cfg)
-        except CheckpointError:
-            raise  # says what is wrong already
-        except (ValueError, OSError, ImportError, RuntimeError) as e:  # bad name, folder, files
-            raise CheckpointError(f"cannot load the model from {cfg.init_from}: {e}") from None
+        model, tokenizer = load_model(cfg)
         if not isinstance(tokenizer, GPT2Tokenizer):
             raise CheckpointError(f"the checkpoint in {cfg.out_dir} uses the "
                                   f"{tokenizer.meta()['tokenizer']} tokenizer; HellaSwag needs "

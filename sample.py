@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import runtime
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, load_pretrained
 from config import ConfigError, help_text, parse_config
 from model import GPT, config_from_dict
 from tokenizer import GPT2Tokenizer, tokenizer_from_meta
@@ -34,9 +34,12 @@ class SampleConfig:
     compile: bool = False  # torch.compile the model (pays off only for long samples)
 
     def validate(self):
-        if self.num_samples < 1 or self.max_new_tokens < 0:
-            raise ConfigError("num_samples must be at least 1 and max_new_tokens at least 0")
-        if self.temperature < 0:
+        """Reject values no sampling can use; the message names the setting."""
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples must be at least 1, got {self.num_samples}")
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # written so that nan fails too
             raise ConfigError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be at least 1 (or none), got {self.top_k}")
@@ -49,13 +52,20 @@ class SampleConfig:
 
 
 def load_model(cfg):
-    """The model and its tokenizer, from out_dir's checkpoint or from OpenAI's weights."""
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    """The model and its tokenizer, from out_dir's checkpoint or from OpenAI's weights.
+
+    Any failure is a CheckpointError that names where the model was to come from."""
+    if cfg.init_from != "resume":
+        return load_pretrained(cfg.init_from), GPT2Tokenizer()
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    try:
         model = GPT(config_from_dict(ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
         return model, tokenizer_from_meta(ckpt["meta"])
-    return GPT.from_pretrained(cfg.init_from), GPT2Tokenizer()
+    except (ValueError, RuntimeError, KeyError) as e:  # a checkpoint of another project
+        reason = " ".join(str(e).split())  # one line, even for load_state_dict's list
+        raise CheckpointError(f"{path}: cannot load this checkpoint: {reason}") from None
 
 
 def read_prompt(start):
@@ -67,6 +77,9 @@ def read_prompt(start):
             return f.read()
     except OSError as e:
         raise ConfigError(f"cannot read the prompt file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"the prompt file {path} is not UTF-8 text: {e.reason} at byte "
+                          f"{e.start}") from None
 
 
 def stream(tokenizer, token_iter, out=sys.stdout):
@@ -131,7 +144,7 @@ def main(argv=None):
         return 0
     try:
         sample(parse_config(SampleConfig, argv).validate())
-    except (ConfigError, CheckpointError, runtime.DeviceError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, runtime.DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -8,6 +8,7 @@ The batch each (iteration, micro-step) sees is a pure function of the seed, so a
 repeats exactly what the uninterrupted run would have done, and the global batch does not
 depend on the number of processes.
 """
+import importlib.util
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import torch
 
 import accounting
 import runtime
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint
 from config import ConfigError, TrainConfig, help_text, parse_config
 from dataset import DataError, TokenData, load_meta
 from model import GPT, GPTConfig, GPT2_SIZES, config_from_dict
@@ -156,6 +157,10 @@ def model_fields(cfg):
 def init_model(cfg, meta, ckpt):
     """Build the model: from the checkpoint's shape on resume, OpenAI weights, or scratch."""
     if ckpt is not None:
+        tokenizer_keys = ("tokenizer", "vocab_size", "chars")
+        if any(ckpt["meta"].get(k) != meta.get(k) for k in tokenizer_keys):
+            raise CheckpointError(f"the checkpoint in {cfg.out_dir} was trained with another "
+                                  "tokenizer or vocabulary than this dataset's meta.json")
         saved = ckpt["model_args"]
         for name, value in model_fields(cfg).items():
             if name not in ("dropout", "vocab_size") and saved[name] != value:
@@ -166,7 +171,7 @@ def init_model(cfg, meta, ckpt):
         model.load_state_dict(ckpt["model"])
         return model
     if cfg.init_from in GPT2_SIZES or os.path.isdir(cfg.init_from):
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+        model = load_pretrained(cfg.init_from, dropout=cfg.dropout)
         for name in ("n_layer", "n_head", "n_embd", "bias"):
             setattr(cfg, name, getattr(model.config, name))  # the checkpoint's shape wins
         if cfg.block_size > model.config.block_size:
@@ -216,6 +221,8 @@ def train(cfg):
 
     if master:
         check_writable(cfg.out_dir)
+    if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("wandb_log=true needs the wandb package: pip install wandb")
     data_dir = cfg.data_dir or str(ROOT / "data" / cfg.dataset)
     meta = load_meta(data_dir)
     data = {split: TokenData(data_dir, split) for split in ("train", "val")}

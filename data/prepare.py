@@ -2,17 +2,16 @@
 
 python data/prepare.py --input my_book.txt --tokenizer char --out_dir data/my_book
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 
-from dataset import DataError, prepare_file  # noqa: E402
+from dataset import ArgumentParser, DataError, prepare_file  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", type=Path, required=True, help="the UTF-8 text file to tokenize")
     p.add_argument("--tokenizer", choices=["char", "gpt2"], default="char",
                    help="char: one token per distinct character; gpt2: GPT-2's BPE "

@@ -50,7 +50,7 @@ def test_file_errors_name_the_file_and_key(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--learning_rate=-1", "learning_rate must not be negative"),
+    ("--learning_rate=-1", "learning_rate must be positive"),
     ("--batch_size=0", "batch_size must be at least 1"),
     ("--n_embd=100", "n_embd (100) must be divisible by n_head (12)"),
     ("--dropout=1.5", "dropout must be in [0, 1)"),

@@ -202,3 +202,18 @@ def test_a_checkpoint_of_another_shape_is_a_clear_error(char_data, tmp_path):
                      expect_ok=False)
     assert proc.returncode == 2
     assert "has n_layer=2 but the config says 3" in proc.stderr
+
+
+def test_resuming_on_a_dataset_with_another_vocabulary_is_refused(char_data, shakespeare_path,
+                                                                 tmp_path):
+    from dataset import prepare_text
+    out = tmp_path / "out"
+    run_train(["--max_iters=1", "--eval_interval=1"], char_data, out)
+    other = tmp_path / "other"
+    # Same number of characters, one of them different: the ids would silently mean other
+    # letters if training went on.
+    source = shakespeare_path.read_text()[:100_000]
+    assert "~" not in source
+    prepare_text(source.replace("z", "~"), other, "char")
+    proc = run_train(["--max_iters=2", "--init_from=resume"], other, out, expect_ok=False)
+    assert proc.returncode == 2 and "another tokenizer or vocabulary" in proc.stderr

@@ -1,0 +1,247 @@
+"""Bad input: every user mistake is one line on stderr, a non-zero exit and no traceback, and
+nothing already on disk changes.
+
+Each row of the tables below is a real command line. They run in-process (the script's
+main(argv), as `python script ...` would call it) to keep the suite fast; a few run as real
+processes to prove the exit code and the stderr end to end. Every command runs in a folder
+holding a trained checkpoint, a good dataset, a sharded corpus and damaged datasets, and the
+test checks that the folder is byte for byte the same afterwards.
+"""
+import functools
+import hashlib
+import json
+import runpy
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, TINY, quiet_env
+
+STEPS = ["--max_iters=1", "--eval_interval=1", "--eval_iters=1"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, char_data, gpt2_vocab_path):
+    """The files the commands run against, as a dict of names for the tables' {placeholders}."""
+    from dataset import prepare_corpus
+    root = tmp_path_factory.mktemp("world")
+    data = root / "data"
+    shutil.copytree(char_data, data)
+    trained = root / "trained"
+    assert main_of("train.py")([*TINY, *STEPS, f"--data_dir={data}", f"--out_dir={trained}"]) == 0
+
+    def dataset(name, meta=None, train=None, val=None):
+        """A copy of data with its meta.json text, train and val tokens replaced (or removed
+        where given as "")."""
+        folder = root / name
+        shutil.copytree(data, folder)
+        for file, content in (("meta.json", meta), ("train.bin", train), ("val.bin", val)):
+            if content == "":
+                (folder / file).unlink()
+            elif isinstance(content, str):
+                (folder / file).write_text(content)
+            elif content is not None:
+                (folder / file).write_bytes(content)
+
+    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+    dataset("nometa", meta="")
+    dataset("badjson", meta='{"tokenizer": "char", ')
+    dataset("novocab", meta='{"tokenizer": "char"}')
+    dataset("noval", val="")
+    dataset("odd", train=(data / "train.bin").read_bytes()[:1001])
+    dataset("short", train=np.arange(10, dtype=np.uint16).tobytes())
+    dataset("bigid", train=np.full(1000, vocab + 100, dtype=np.uint16).tobytes())
+    prepare_corpus([" the" * 40] * 20, root / "corpus", shard_size=200, val_tokens=50)
+    (root / "interrupted" / ".old").mkdir(parents=True)  # left by a prepare that was killed
+    (root / "good.jsonl").write_text('{"text": "One document."}\n' * 30)
+    (root / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "a typo in the key"}\n')
+    (root / "text.txt").write_text("First Citizen:\nBefore we proceed any further, hear me.\n")
+    (root / "empty.txt").write_text("")
+    (root / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (root / "bad.toml").write_text("batch_size = \n")
+    (root / "latin1.toml").write_bytes("out_dir = 'café'\n".encode("latin-1"))
+    (root / "file").write_text("a regular file, where a folder is expected\n")
+    (root / "empty").mkdir()
+    names = {p.name.replace(".", "_"): str(p) for p in root.iterdir()}
+    return {**names, "missing": str(root / "missing.txt"), "root": root}
+
+
+def snapshot(folder):
+    """Every path under folder, with a hash of each file's bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else "folder" for p in sorted(folder.rglob("*"))}
+
+
+@functools.cache
+def main_of(script):
+    """The main function of a script, loaded from its path as `python script` would run it."""
+    return runpy.run_path(str(ROOT / script))["main"]
+
+
+def run_main(script, argv, capsys):
+    """Run script's main(argv) in-process; return its exit status and its stderr."""
+    try:
+        status = main_of(script)(argv)
+    except SystemExit as e:
+        status = e.code
+        if isinstance(status, str):  # how Python exits with a message: stderr, then status 1
+            print(status, file=sys.stderr)
+            status = 1
+    return status, capsys.readouterr().err
+
+
+def assert_one_line_error(status, stderr, message):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert isinstance(status, int) and status != 0, (status, stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert message in lines[0], stderr
+
+
+# A resumed run with a typo is where damage would hurt: each train.py command starts from
+# these flags, so it resumes the trained checkpoint unless its row says otherwise.
+TRAIN = [*TINY, "--max_iters=2", "--eval_interval=1", "--eval_iters=1", "--init_from=resume",
+         "--data_dir={data}", "--out_dir={trained}"]
+SAMPLE = ["--out_dir={trained}", "--device=cpu", "--max_new_tokens=5", "--num_samples=1"]
+
+CASES = [
+    # script, flags (after TRAIN or SAMPLE), the message expected on stderr
+    ("train.py", ["--learnig_rate=1e-3"],
+     "unknown setting 'learnig_rate' (did you mean 'learning_rate'?)"),
+    ("train.py", ["--batch_size=abc"], "batch_size must be int, got 'abc'"),
+    ("train.py", ["--batch_size"], "give a value, as in --batch_size=VALUE"),
+    ("train.py", ["--compile=yes"], "compile must be true or false"),
+    ("train.py", ["--learning_rate=-1"], "learning_rate must be positive, got -1.0"),
+    ("train.py", ["--batch_size=0"], "batch_size must be at least 1, got 0"),
+    ("train.py", ["--n_embd=30", "--n_head=4"], "n_embd (30) must be divisible by n_head (4)"),
+    ("train.py", ["--dtype=fp8"], "dtype must be auto, float32, bfloat16 or float16"),
+    ("train.py", ["--device=cuda:99"], "device 'cuda:99' requested, but"),
+    ("train.py", ["{missing}"], "cannot read config file"),
+    ("train.py", ["{bad_toml}"], "not valid TOML"),
+    ("train.py", ["--out_dir={file}/out"], "cannot write to out_dir"),
+    ("train.py", ["--out_dir={empty}"], "init_from=resume but there is no checkpoint at"),
+    ("train.py", ["--out_dir={new}", "--init_from=gpt3"],
+     "init_from='gpt3': expected scratch, resume, auto, one of gpt2"),
+    ("train.py", ["--data_dir=", "--dataset=no_such_dataset"],
+     "no_such_dataset/meta.json not found; run `python data/prepare.py"),
+    ("train.py", ["--data_dir={nometa}"], "meta.json not found"),
+    ("train.py", ["--data_dir={badjson}"], "cannot read"),
+    ("train.py", ["--data_dir={novocab}"], "meta.json has no vocab_size"),
+    ("train.py", ["--data_dir={noval}"], "split 'val' not found"),
+    ("train.py", ["--data_dir={odd}"], "1001 bytes, not a whole number of uint16 tokens"),
+    ("train.py", ["--data_dir={short}"], "holds 10 tokens, fewer than block_size + 1 = 33"),
+    ("train.py", ["--data_dir={bigid}"], "outside the vocab of"),
+    ("train.py", ["--seed=-1"], "seed must not be negative"),
+    ("train.py", ["--learning_rate=nan"], "learning_rate must be positive, got nan"),
+    ("train.py", ["{latin1_toml}"], "not valid TOML"),
+    ("train.py", ["--out_dir={new}", "--init_from={empty}"], "cannot load the model from"),
+    ("train.py", ["--wandb_log=true"], "pip install wandb"),
+
+    ("sample.py", ["--tempurature=0.5"], "did you mean 'temperature'"),
+    ("sample.py", ["--top_p=0"], "top_p must be in (0, 1], got 0.0"),
+    ("sample.py", ["--top_p=1.5"], "top_p must be in (0, 1], got 1.5"),
+    ("sample.py", ["--temperature=-1"], "temperature must be 0 (greedy) or more, got -1.0"),
+    ("sample.py", ["--temperature=nan"], "temperature must be 0 (greedy) or more, got nan"),
+    ("sample.py", ["--top_k=0"], "top_k must be at least 1 (or none), got 0"),
+    ("sample.py", ["--max_new_tokens=-1"], "max_new_tokens must be at least 0, got -1"),
+    ("sample.py", ["--num_samples=0"], "num_samples must be at least 1, got 0"),
+    ("sample.py", ["--dtype=bogus"], "dtype must be auto, float32, bfloat16 or float16"),
+    ("sample.py", ["--device=cuda:99"], "device 'cuda:99' requested, but"),
+    ("sample.py", ["--start=FILE:{missing}"], "cannot read the prompt file"),
+    ("sample.py", ["--start=FILE:{latin1_txt}"], "latin1.txt is not UTF-8 text"),
+    ("sample.py", ["--start=∑ is not Shakespeare"],
+     "character '∑' at position 0 is not in the vocabulary"),
+    ("sample.py", ["--start="], "the prompt is empty"),
+    ("sample.py", ["--out_dir={empty}"], "no checkpoint at"),
+    ("sample.py", ["--init_from=gpt3"], "cannot load the model from gpt3: unknown model"),
+    ("sample.py", ["--init_from={empty}"], "cannot load the model from"),
+
+    ("hellaswag.py", ["--out_dir={trained}", "--device=cpu"],
+     "uses the char tokenizer; HellaSwag needs a model that reads GPT-2 tokens"),
+
+    ("data/prepare.py", ["--out_dir", "{data}"],
+     "the following arguments are required: --input"),
+    ("data/prepare.py", ["--input", "{missing}", "--out_dir", "{data}"], "cannot read"),
+    ("data/prepare.py", ["--input", "{empty_txt}", "--out_dir", "{data}"], "input is empty"),
+    ("data/prepare.py", ["--input", "{latin1_txt}", "--out_dir", "{data}"],
+     "cannot read {latin1_txt} as UTF-8 text"),
+    ("data/prepare.py", ["--input", "{empty}", "--out_dir", "{data}"], "Is a directory"),
+    ("data/prepare.py", ["--input", "{text_txt}", "--out_dir", "{data}", "--tokenizer=bogus"],
+     "argument --tokenizer: invalid choice: 'bogus'"),
+    ("data/prepare.py", ["--input", "{text_txt}", "--out_dir", "{data}", "--val_fraction=1"],
+     "val_fraction must be between 0 and 1, got 1.0"),
+    ("data/prepare.py", ["--input", "{text_txt}", "--out_dir", "{data}", "--val_fraction=x"],
+     "argument --val_fraction: invalid float value: 'x'"),
+    ("data/prepare.py", ["--input", "{text_txt}", "--out_dir", "{data}", "--bogus"],
+     "unrecognized arguments: --bogus"),
+    ("data/prepare.py", ["--input", "{text_txt}", "--out_dir", "{file}/sub"],
+     "cannot create the folder"),
+    ("data/shakespeare_char/prepare.py", ["--out_dir", "{file}/sub"],
+     "cannot create the folder"),
+    ("data/shakespeare_char/prepare.py", ["--imput", "{text_txt}", "--out_dir", "{data}"],
+     "unrecognized arguments: --imput"),
+    ("data/shakespeare/prepare.py", ["--input", "{missing}", "--out_dir", "{data}"],
+     "cannot read"),
+    ("data/openwebtext/prepare.py", ["--input", "{missing}", "--out_dir", "{corpus}"],
+     "missing.txt not found"),
+    ("data/openwebtext/prepare.py", ["--input", "{good_jsonl}", "{bad_jsonl}", "--out_dir",
+                                     "{corpus}", "--num_proc=1"],
+     "bad.jsonl:2: not a JSON object with a \"text\" field"),
+    ("data/openwebtext/prepare.py", ["--input", "{text_txt}", "--shard_size=0", "--out_dir",
+                                     "{corpus}"], "need shard_size >= val_tokens >= 1"),
+    ("data/openwebtext/prepare.py", ["--num_proc=two"],
+     "argument --num_proc: invalid int value: 'two'"),
+    ("data/fineweb/prepare.py", ["--input", "{good_jsonl}", "--out_dir", "{interrupted}"],
+     ".old holds the dataset an interrupted run set aside"),
+    ("data/fineweb/prepare.py", ["--input", "{good_jsonl}", "--out_dir", "{file}/sub"],
+     "cannot create the folder"),
+]
+
+
+@pytest.mark.parametrize("script, flags, message", CASES, ids=[
+    " ".join([row[0], *row[1]]) for row in (getattr(c, "values", c) for c in CASES)])
+def test_a_bad_input_is_a_one_line_error_and_changes_nothing(script, flags, message, world,
+                                                            tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import` fails
+    names = {**world, "new": str(tmp_path / "new")}
+    base = {"train.py": TRAIN, "sample.py": SAMPLE}.get(script, [])
+    argv = [arg.format(**names) for arg in base + flags]
+    before = snapshot(world["root"])
+    status, stderr = run_main(script, argv, capsys)
+    assert_one_line_error(status, stderr, message.format(**names))
+    assert snapshot(world["root"]) == before
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def run_process(script, argv, **env):
+    return subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True,
+                          text=True, env=quiet_env(**env), timeout=120, cwd=ROOT)
+
+
+def test_processes_exit_non_zero_with_one_line_and_no_traceback(world, tmp_path):
+    before = snapshot(world["root"])
+    # An error late in a resumed run, after the model and the optimizer are built.
+    train = [arg.format(**world) for arg in TRAIN] + [f"--data_dir={world['short']}"]
+    proc = run_process("train.py", train)
+    assert proc.returncode == 2
+    assert_one_line_error(proc.returncode, proc.stderr, "fewer than block_size + 1")
+    # argparse's own error, made one line.
+    proc = run_process("data/prepare.py", ["--out_dir", world["data"]])
+    assert proc.returncode == 2
+    assert_one_line_error(proc.returncode, proc.stderr, "required: --input")
+    # Two tokenizer processes: the bad line still stops the run, and the old corpus is back.
+    proc = run_process("data/openwebtext/prepare.py", [
+        "--input", world["good_jsonl"], world["bad_jsonl"], "--out_dir", world["corpus"],
+        "--shard_size=200", "--val_tokens=50", "--num_proc=2"])
+    assert_one_line_error(proc.returncode, proc.stderr, "bad.jsonl:2: not a JSON object")
+    assert snapshot(world["root"]) == before
+
+
+def test_gpt2_weights_unavailable_offline(tmp_path):
+    proc = run_process("sample.py", ["--init_from=gpt2", "--device=cpu"],
+                       HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    assert proc.returncode == 2
+    assert_one_line_error(proc.returncode, proc.stderr, "cannot load the model from gpt2:")
