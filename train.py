@@ -162,11 +162,16 @@ def init_model(cfg, meta, ckpt):
             raise CheckpointError(f"the checkpoint in {cfg.out_dir} was trained with another "
                                   "tokenizer or vocabulary than this dataset's meta.json")
         saved = ckpt["model_args"]
+        # A run from scratch took its shape from the config, which must still say the same;
+        # a finetuning run took it from the pretrained weights, as its resumption does.
         for name, value in model_fields(cfg).items():
-            if name not in ("dropout", "vocab_size") and saved[name] != value:
+            if name in ("dropout", "vocab_size") or saved[name] == value:
+                continue
+            if ckpt["origin"] == "scratch":
                 raise CheckpointError(
                     f"checkpoint in {cfg.out_dir} has {name}={saved[name]} but the config "
                     f"says {value}: pass --{name}={saved[name]} or use another out_dir")
+            setattr(cfg, name, saved[name])
         model = GPT(config_from_dict({**saved, "dropout": cfg.dropout}))
         model.load_state_dict(ckpt["model"])
         return model
@@ -229,6 +234,7 @@ def train(cfg):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     resolve_init(cfg, ckpt_path)
     ckpt = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
+    origin = ckpt["origin"] if ckpt else cfg.init_from  # scratch, or the pretrained weights
     torch.manual_seed(cfg.seed)
     model = init_model(cfg, meta, ckpt).to(device)
     check_vocab(meta, data, model.config.vocab_size, data_dir)
@@ -264,7 +270,7 @@ def train(cfg):
             save_checkpoint({
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "config": asdict(cfg),
-                "model_args": asdict(raw_model.config), "meta": meta,
+                "model_args": asdict(raw_model.config), "meta": meta, "origin": origin,
                 "iter_num": iter_num, "best_val_loss": best_val_loss}, ckpt_path)
 
     start_iter, t_start = iter_num, time.time()

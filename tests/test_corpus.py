@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataset import DataError, TokenData, iter_documents, prepare_corpus
+from corpus import iter_documents, prepare_corpus
+from dataset import DataError, TokenData
 from tokenizer import EOT, GPT2Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,7 @@ def docs(shakespeare_path) -> list[str]:
 
 
 def expected_tokens(docs) -> np.ndarray:
-    """The stream the shards must hold, built here without dataset.py: <|endoftext|> + doc."""
+    """The stream the shards must hold, built here without corpus.py: <|endoftext|> + doc."""
     enc = GPT2Tokenizer().encoding
     return np.concatenate([[50256] + enc.encode_ordinary(d) for d in docs]).astype(np.uint16)
 
