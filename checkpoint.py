@@ -8,7 +8,7 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
+import warnings
 
 import torch
 
@@ -51,7 +51,9 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # damaged files set off torch's pickle-protocol notes
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only names the first class or function the file asks for; anything else
         # it cannot parse is damage, not danger.
@@ -62,8 +64,9 @@ def load_checkpoint(path, map_location="cpu"):
                 "code; a checkpoint holds only tensors and plain data") from None
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint (not a torch file)") \
             from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({e})") from None
+    except Exception as e:  # damaged bytes can fail anywhere in the unpickler, in any way
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' entry)")
     return state
