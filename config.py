@@ -119,7 +119,12 @@ class TrainConfig:
 def help_text(cls):
     """One line per setting: name, type, default and the comment beside it in the source."""
     comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
-    return "\n".join(f"  {'--' + f.name + '=' + str(f.default):<32} "
+    def shown(value):  # as it would be typed: true/false, and strings quoted if odd
+        if isinstance(value, bool):
+            return str(value).lower()
+        return repr(value) if isinstance(value, str) and not value.isprintable() else value
+
+    return "\n".join(f"  {'--' + f.name + '=' + str(shown(f.default)):<32} "
                      f"{comments.get(f.name, '')}" for f in fields(cls))
 
 
