@@ -60,8 +60,7 @@ def memory_per_rank(cfg, m, world_size=1):
     """Bytes one process needs at its peak, by part. An estimate, not a measurement.
 
     The weights stay in fp32 under autocast, with fp32 gradients and AdamW's two fp32 moments:
-    16 bytes per parameter (Muon keeps one momentum for the blocks' matrices: 12 there); DDP
-    adds its gradient buckets, another 4. Activations for one
+    16 bytes per parameter; DDP adds its gradient buckets, another 4. Activations for one
     micro-batch (batch_size x block_size tokens) follow Korthikanti et al. 2022, "Reducing
     Activation Recomputation in Large Transformer Models", section 4.1: 34 * n_embd bytes per
     token per layer with 16-bit activations (doubled here in float32), leaving out the
@@ -71,8 +70,6 @@ def memory_per_rank(cfg, m, world_size=1):
     Not counted: the CUDA context, allocator fragmentation, autocast's cached weight copies."""
     n = num_params(m, non_embedding=False)
     state = 8 * n  # AdamW: exp_avg and exp_avg_sq
-    if getattr(cfg, "optimizer", "adamw") == "muon":
-        state -= 4 * 12 * m.n_embd ** 2 * m.n_layer  # the blocks' matrices: one momentum
     act_bytes = _activation_bytes(cfg)
     tokens = cfg.batch_size * cfg.block_size
     parts = {"weights": 4 * n, "gradients": 4 * n, "optimizer state": state}

@@ -55,8 +55,6 @@ class BenchConfig(TrainConfig):
         for name in ("timed_steps", "prompt_tokens", "max_new_tokens", "sample_repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if getattr(self, "optimizer", "adamw") != "adamw":
-            raise ConfigError(f"bench.py times AdamW steps only, not {self.optimizer}")
         if self.warmup_steps < 0 or self.vocab_size < 0:
             raise ConfigError("warmup_steps and vocab_size must not be negative")
         if self.prompt_tokens >= self.block_size:

@@ -53,10 +53,8 @@ class TrainConfig:
     relu2: bool = False  # ReLU squared instead of GELU in the MLP
     tie_weights: bool = True  # the output head shares the token embedding matrix
     logit_softcap: float = 0.0  # when > 0, cap logits smoothly at +-logit_softcap
-    # optimizer
-    optimizer: str = "adamw"  # adamw, or muon (Muon for the blocks' matrices, AdamW the rest)
-    muon_lr: float = 0.02  # Muon's peak learning rate, scheduled like learning_rate
-    learning_rate: float = 6e-4  # AdamW's peak learning rate
+    # AdamW
+    learning_rate: float = 6e-4  # peak learning rate
     max_iters: int = 600000  # total optimizer steps
     weight_decay: float = 0.1  # decoupled weight decay on 2-D weights
     beta1: float = 0.9  # AdamW's first-moment decay
@@ -88,7 +86,7 @@ class TrainConfig:
         # Written as `not x > 0` so that nan fails too.
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
-        for name in ["seed", "eval_iters", "muon_lr", "min_lr", "logit_softcap", "weight_decay",
+        for name in ["seed", "eval_iters", "min_lr", "logit_softcap", "weight_decay",
                      "grad_clip", "max_iters", "warmup_iters", "lr_decay_iters"]:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -102,8 +100,6 @@ class TrainConfig:
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head "
                               f"({self.n_head})")
-        if self.optimizer not in ("adamw", "muon"):
-            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"schedule must be cosine or wsd, got {self.schedule!r}")
         if not 0 <= self.cooldown_frac <= 1:

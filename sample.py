@@ -31,7 +31,6 @@ class SampleConfig:
     seed: int = 1337  # the same seed gives the same samples
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
-    compile: bool = False  # torch.compile the model (pays off only for long samples)
 
     def validate(self):
         """Reject values no sampling can use; the message names the setting."""
@@ -82,11 +81,13 @@ def read_prompt(start):
                           f"{e.start}") from None
 
 
-def stream(tokenizer, token_iter, out=sys.stdout):
-    """Print a sample as its tokens arrive. A token may end partway through a multi-byte
-    character, so text is printed only up to the last complete character."""
+def stream(tokenizer, tokens, out=sys.stdout):
+    """Print one sample as its tokens (each of shape (1, 1)) arrive; return their ids.
+
+    A token may end partway through a multi-byte character, so text is printed only up to
+    the last complete character."""
     ids, shown = [], 0
-    for token in token_iter:
+    for token in tokens:
         ids.append(token.item())
         text = tokenizer.decode(ids)
         if not text.endswith("\ufffd"):
@@ -94,17 +95,15 @@ def stream(tokenizer, token_iter, out=sys.stdout):
             out.flush()
             shown = len(text)
     out.write(tokenizer.decode(ids)[shown:] + "\n")
+    return ids
 
 
 def sample(cfg, out=sys.stdout):
     """Draw cfg.num_samples samples; print them to out and return them as strings."""
     device = runtime.pick_device(cfg.device)
     dtype = runtime.pick_dtype(cfg.dtype, device)
-    torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg)
     model.eval().to(device)
-    if cfg.compile:
-        model = torch.compile(model)
     prompt = read_prompt(cfg.start)
     try:
         ids = tokenizer.encode(prompt)
@@ -124,13 +123,11 @@ def sample(cfg, out=sys.stdout):
     with runtime.autocast(device, dtype):
         if cfg.num_samples == 1:
             out.write(prompt)
-            tokens = []
-            stream(tokenizer, (t[0] for t in model.generate_tokens(
-                idx, cfg.max_new_tokens, **options) if tokens.append(t) is None), out)
-            new = torch.cat(tokens, dim=1) if tokens else idx[:, :0]
+            new = [stream(tokenizer, model.generate_tokens(idx, cfg.max_new_tokens, **options),
+                          out)]
         else:
-            new = model.generate(idx, cfg.max_new_tokens, **options)[:, len(ids):]
-    texts = [prompt + tokenizer.decode(row.tolist()) for row in new]
+            new = model.generate(idx, cfg.max_new_tokens, **options)[:, len(ids):].tolist()
+    texts = [prompt + tokenizer.decode(row) for row in new]
     if cfg.num_samples > 1:
         for text in texts:
             out.write(text + "\n---------------\n")

@@ -30,7 +30,6 @@ from checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_c
 from config import ConfigError, TrainConfig, help_text, parse_config
 from dataset import DataError, TokenData, load_meta
 from model import GPT, GPTConfig, GPT2_SIZES, config_from_dict
-from muon import Muon
 
 ROOT = Path(__file__).resolve().parent
 TRAIN, VAL = 0, 1  # split codes, part of each batch's random key
@@ -65,28 +64,6 @@ def get_lr(it, cfg):
     progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate -
                                                                      cfg.min_lr)
-
-
-def make_optimizer(model, cfg, device_type):
-    """AdamW, or Muon for the blocks' matrices with AdamW for everything else.
-
-    Each group remembers its peak rate as initial_lr; the schedule scales them all alike."""
-    betas = (cfg.beta1, cfg.beta2)
-    if cfg.optimizer == "adamw":
-        optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas,
-                                               device_type)
-    else:
-        matrices = [p for p in model.transformer.h.parameters() if p.dim() == 2]
-        rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
-        optimizer = Muon([
-            dict(params=matrices, use_muon=True, lr=cfg.muon_lr, weight_decay=0.0),
-            dict(params=[p for p in rest if p.dim() >= 2], use_muon=False,
-                 lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
-            dict(params=[p for p in rest if p.dim() < 2], use_muon=False,
-                 lr=cfg.learning_rate, weight_decay=0.0)], betas=betas)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]
-    return optimizer
 
 
 def step_seed(*numbers):
@@ -238,7 +215,8 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     model = init_model(cfg, meta, ckpt).to(device)
     check_vocab(meta, data, model.config.vocab_size, data_dir)
-    optimizer = make_optimizer(model, cfg, device.split(":")[0])
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                           (cfg.beta1, cfg.beta2), device.split(":")[0])
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
@@ -303,7 +281,7 @@ def train(cfg):
 
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr / cfg.learning_rate
+                group["lr"] = lr
             # Dropout draws from the global generator: seed it per step and rank, so a resumed
             # run draws the same masks as the uninterrupted one without saving generator state.
             torch.manual_seed(step_seed(cfg.seed, iter_num, rank))

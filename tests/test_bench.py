@@ -48,7 +48,6 @@ def test_bench_can_skip_parts(tmp_path):
     ("--compiles=maybe", "compiles"),
     ("--prompt_tokens=16", "prompt_tokens"),
     ("--timed_step=3", "did you mean 'timed_steps'"),
-    ("--optimizer=muon", "AdamW"),
 ])
 def test_bench_rejects_bad_settings(flag, message, capsys):
     assert bench.main(TINY + [flag]) == 2
