@@ -52,7 +52,6 @@ class TrainConfig:
     qk_norm: bool = False  # RMS-normalise queries and keys per head
     relu2: bool = False  # ReLU squared instead of GELU in the MLP
     tie_weights: bool = True  # the output head shares the token embedding matrix
-    logit_softcap: float = 0.0  # when > 0, cap logits smoothly at +-logit_softcap
     # AdamW
     learning_rate: float = 6e-4  # peak learning rate
     max_iters: int = 600000  # total optimizer steps
@@ -86,7 +85,7 @@ class TrainConfig:
         # Written as `not x > 0` so that nan fails too.
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
-        for name in ["seed", "eval_iters", "min_lr", "logit_softcap", "weight_decay",
+        for name in ["seed", "eval_iters", "min_lr", "weight_decay",
                      "grad_clip", "max_iters", "warmup_iters", "lr_decay_iters"]:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")

@@ -31,7 +31,6 @@ class GPTConfig:
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
     relu2: bool = False  # ReLU squared instead of GELU in the MLP
     tie_weights: bool = True  # the output head shares the token embedding matrix
-    logit_softcap: float = 0.0  # when > 0, logits = softcap * tanh(logits / softcap)
 
 
 class KVCache:
@@ -196,15 +195,9 @@ class GPT(nn.Module):
             x = block(x, rotary, None if kv_caches is None else kv_caches[i])
         return self.transformer.ln_f(x)
 
-    def head(self, h):
-        """Logits from final hidden states, soft-capped if the config asks for it."""
-        logits = self.lm_head(h)
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits
-
     def forward(self, idx, targets=None):
         """Return (logits (B, T, vocab_size), mean cross-entropy or None); targets -1 ignored."""
-        logits = self.head(self.hidden_states(idx))
+        logits = self.lm_head(self.hidden_states(idx))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
@@ -247,7 +240,7 @@ class GPT(nn.Module):
                 caches = [KVCache(cfg.block_size) for _ in range(cfg.n_layer)]
             else:
                 context = idx[:, -1:]
-            logits = self.head(self.hidden_states(context, caches)[:, -1, :])
+            logits = self.lm_head(self.hidden_states(context, caches)[:, -1, :])
             idx_next = sample_next(logits, temperature, top_k, top_p, generator)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next

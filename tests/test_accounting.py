@@ -85,7 +85,7 @@ def test_gpt2_memory_by_hand():
     dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=False,
          tie_weights=False, rmsnorm=True),
     dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=True, rope=True,
-         tie_weights=False, logit_softcap=30.0),
+         tie_weights=False),
 ])
 def test_counts_on_the_meta_device_match_a_real_model(shape):
     config = GPTConfig(**shape)
