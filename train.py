@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import accounting
 import runtime
@@ -40,7 +41,8 @@ def default_args():
     name = "train_shakespeare_char" if torch.cuda.is_available() else \
         "train_shakespeare_char_cpu"
     if not (ROOT / "data" / "shakespeare_char" / "meta.json").exists():
-        # Run data/shakespeare_char/prepare.py, which downloads Tiny Shakespeare.
+        print("data/shakespeare_char is not prepared yet: running "
+              "python data/shakespeare_char/prepare.py", flush=True)
         script = runpy.run_path(str(ROOT / "data" / "shakespeare_char" / "prepare.py"))
         script["main"]([])
     return [str(ROOT / "config" / f"{name}.toml")]
@@ -96,6 +98,9 @@ def estimate_loss(model, data, cfg, ctx, rank, world_size, device):
         else:
             batches = data[split].windows(cfg.block_size, cfg.batch_size, device)
         total, count = 0.0, 0
+        # A progress bar for rank 0 at a terminal: a whole-split evaluation takes a while.
+        quiet = not (rank == 0 and sys.stderr.isatty())
+        batches = tqdm(batches, desc=f"eval {split}", leave=False, disable=quiet)
         for k, (x, y) in enumerate(batches):
             if k % world_size == rank:
                 with ctx:

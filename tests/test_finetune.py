@@ -72,6 +72,13 @@ def test_finetune_config_trains_from_local_gpt2_weights_then_samples(gpt2_folder
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 20
 
 
+def test_sample_from_a_local_folder_of_gpt2_weights(gpt2_folder):
+    text = run("sample.py", [f"--init_from={gpt2_folder}", "--num_samples=2",
+                             "--max_new_tokens=8", "--start=Hello", "--device=cpu"])
+    samples = text.split("---------------")
+    assert len(samples) == 3 and all(s.strip().startswith("Hello") for s in samples[:2])
+
+
 def test_eval_config_reports_the_loss_of_pretrained_weights_without_training(gpt2_folder,
                                                                              bpe_data, tmp_path):
     out = tmp_path / "eval"
