@@ -1,6 +1,7 @@
 """The GPT-2 language model, its key/value-cached sampler, and OpenAI weight loading.
 
-Read it bottom-up: attention -> MLP -> Block -> GPT. Parameter names are GPT-2's own, so
+The parts come in the order they build on each other: attention, MLP, Block, GPT. Parameter
+names are GPT-2's own, so
 OpenAI's checkpoints map one to one (after transposing their Conv1D weights).
 This file depends on torch alone.
 """
@@ -177,7 +178,7 @@ class GPT(nn.Module):
         return n
 
     def hidden_states(self, idx, kv_caches=None):
-        """Final-LayerNorm activations (B, T, n_embd) for token ids idx (B, T).
+        """The final norm's activations (B, T, n_embd) for token ids idx (B, T).
 
         With kv_caches (one KVCache per layer), idx continues the tokens already cached."""
         B, T = idx.size()
@@ -229,9 +230,11 @@ class GPT(nn.Module):
         """Yield max_new_tokens next tokens, each of shape (B, 1), continuing idx (B, T).
 
         The prompt is processed once and its keys and values cached; each later step feeds one
-        token. Once the sequence outgrows block_size, learned absolute positions shift under
-        every token, so the cache is rebuilt on the last block_size tokens: the result is
-        exactly what recomputing the cropped context gives."""
+        token. Once the sequence outgrows block_size, every cached key and value is stale: it
+        was computed at a position that has shifted, and (past the first layer) from tokens
+        that have left the window. So the cache is rebuilt on the last block_size tokens at
+        every step from then on: the result is exactly what recomputing the cropped context
+        gives, at the same cost."""
         cfg = self.config
         caches = None
         for _ in range(max_new_tokens):
