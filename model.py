@@ -1,9 +1,8 @@
 """The GPT-2 language model, its key/value-cached sampler, and OpenAI weight loading.
 
 The parts come in the order they build on each other: attention, MLP, Block, GPT. Parameter
-names are GPT-2's own, so
-OpenAI's checkpoints map one to one (after transposing their Conv1D weights).
-This file depends on torch alone.
+names are GPT-2's own, so OpenAI's checkpoints map one to one (after transposing their Conv1D
+weights). This file depends on torch alone.
 """
 import json
 import math
