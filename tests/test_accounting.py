@@ -121,3 +121,16 @@ def test_memory_is_float32_on_the_cpu_config():
     acts = accounting.memory_per_rank(cfg, small)["activations"]
     assert acts == 4 * (12 * 64) * 68 * 128
     assert torch.float32 == runtime.pick_dtype(cfg.dtype, cfg.device)
+
+
+def test_train_estimate_prints_the_cost_and_trains_nothing(tmp_path, capsys):
+    import train
+    config = Path(__file__).resolve().parent.parent / "config" / "train_gpt2.toml"
+    out = tmp_path / "out"
+    assert train.main([str(config), "--estimate", "--estimate_gpus=8", "--estimate_mfu=0.4",
+                       f"--out_dir={out}", f"--data_dir={tmp_path / 'none'}"]) == 0
+    text = capsys.readouterr().out
+    assert "assuming GPT-2's vocabulary" in text  # no dataset prepared: 50257, padded
+    assert "2.52e+20 FLOPs" in text and "on 8 GPU(s) at 40% MFU" in text
+    assert any(line.startswith("A100") and "2.9 days" in line for line in text.splitlines())
+    assert not out.exists()  # nothing written, nothing trained

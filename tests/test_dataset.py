@@ -175,6 +175,20 @@ def test_every_valid_start_is_drawn_and_no_other(tmp_path):
     assert (x == torch.arange(T)).all() and (y == torch.arange(1, T + 1)).all()
 
 
+def test_windows_predict_every_token_once_in_order(tmp_path):
+    # The whole-split evaluation: shards of 3 full blocks + 2 tokens and of 1 block + 1 token.
+    T = 4
+    write_bin(tmp_path / "val_000000.bin", np.arange(3 * T + 2))
+    write_bin(tmp_path / "val_000001.bin", 1000 + np.arange(T + 1))
+    batches = list(TokenData(tmp_path, "val").windows(T, 2, "cpu"))
+    assert [x.shape[0] for x, _ in batches] == [2, 1, 1]  # batches never span two shards
+    x = torch.cat([x for x, _ in batches]).flatten().tolist()
+    y = torch.cat([y for _, y in batches]).flatten().tolist()
+    assert x == list(range(3 * T)) + list(range(1000, 1000 + T))
+    # Every token but a shard's first is a target once; the tail shorter than a block is not.
+    assert y == list(range(1, 3 * T + 1)) + list(range(1001, 1001 + T))
+
+
 def test_shards_are_drawn_in_proportion_to_their_windows(tmp_path):
     # With block_size 10, the shards have 10, 90 and 300 starts: shares 2.5%, 22.5% and 75%.
     for k, n in enumerate([20, 100, 310]):
