@@ -32,6 +32,7 @@ import runtime
 from config import ConfigError, TrainConfig, help_text, parse_config
 from dataset import DataError, load_meta
 from model import GPT, config_from_dict
+from train import accumulate_gradients
 
 ROOT = Path(__file__).resolve().parent
 
@@ -118,15 +119,9 @@ def peak_memory(device):
 
 
 def train_step(model, optimizer, scaler, ctx, batches, grad_clip):
-    """One iteration as train.py's loop runs it on one process: accumulate the gradients of
-    every micro-batch, clip, step AdamW. Keep it in step with train.py."""
-    for x, y in batches:
-        with ctx:
-            _, loss = model(x, y)
-        scaler.scale(loss / len(batches)).backward()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    """One iteration as train.py's loop runs it on one process: its accumulate_gradients
+    over every micro-batch, then the AdamW step."""
+    accumulate_gradients(model, optimizer, scaler, ctx, batches, len(batches), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -290,21 +290,13 @@ def train(cfg):
             # Dropout draws from the global generator: seed it per step and rank, so a resumed
             # run draws the same masks as the uninterrupted one without saving generator state.
             torch.manual_seed(step_seed(cfg.seed, iter_num, rank))
-            loss_sum = 0.0
-            for micro in range(micro_steps):
-                # Global micro-step index: ranks take consecutive slices of the global batch.
-                key = (cfg.seed, TRAIN, iter_num, rank * micro_steps + micro)
-                x, y = data["train"].get_batch(key, cfg.batch_size, cfg.block_size, device)
-                # Only the last micro-step's backward all-reduces the gradients across ranks.
-                sync = micro == micro_steps - 1 or world_size == 1
-                with (nullcontext() if sync else ddp_model.no_sync()), ctx:
-                    _, loss = ddp_model(x, y)
-                    loss = loss / micro_steps
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                  cfg.grad_clip or float("inf"))
+            # Global micro-step index: ranks take consecutive slices of the global batch.
+            batches = (data["train"].get_batch((cfg.seed, TRAIN, iter_num,
+                                                rank * micro_steps + micro),
+                                               cfg.batch_size, cfg.block_size, device)
+                       for micro in range(micro_steps))
+            loss_sum, norm = accumulate_gradients(ddp_model, optimizer, scaler, ctx, batches,
+                                                  micro_steps, cfg.grad_clip)
             # float16's scaler skips steps with infinite gradients by design; elsewhere a
             # non-finite norm means the weights would be ruined. Ranks must agree on stopping,
             # so both flags travel in one all-reduce (a max): one small collective per step.
@@ -370,6 +362,26 @@ class StopSignals:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def accumulate_gradients(model, optimizer, scaler, ctx, batches, micro_steps, grad_clip):
+    """Forward and backward over one iteration's micro_steps batches (x, y), the gradient
+    averaged over them, then unscaled and clipped (grad_clip 0: not clipped). Returns the
+    mean loss and the gradient norm, as tensors. The caller takes the optimizer step.
+
+    Under DDP (model wrapped), only the last backward all-reduces the gradients."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    loss_sum = 0.0
+    for micro, (x, y) in enumerate(batches):
+        last = micro == micro_steps - 1
+        with (model.no_sync() if ddp and not last else nullcontext()), ctx:
+            _, loss = model(x, y)
+            loss = loss / micro_steps
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    return loss_sum, norm
 
 
 def format_duration(seconds):
