@@ -267,10 +267,12 @@ def train(cfg):
             if (evaluate or cfg.eval_only) and not resumed_here:
                 losses = estimate_loss(model, data, cfg, ctx, rank, world_size, device)
                 val_loss = losses["val"]
-                log.write(iter=iter_num, train_loss=losses["train"], val_loss=val_loss)
+                elapsed = time.time() - t_start  # since this process's loop began
+                log.write(iter=iter_num, train_loss=losses["train"], val_loss=val_loss,
+                          elapsed_s=round(elapsed, 2))
                 if master:
                     print(f"eval {iter_num}: train loss {losses['train']:.4f}, "
-                          f"val loss {val_loss:.4f}")
+                          f"val loss {val_loss:.4f} ({elapsed:.1f} s)")
                 improved = val_loss < best_val_loss
                 best_val_loss = min(best_val_loss, val_loss)
                 if (improved or cfg.always_save_checkpoint) and not cfg.eval_only:

@@ -17,6 +17,7 @@ def test_loss_falls_then_sample_from_the_checkpoint(char_data, tmp_path):
     evals = [r for r in rows if "val_loss" in r]
     assert [r["iter"] for r in evals] == [0, 30, 60]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5  # from ~4.1 (ln 61) to ~3.4
+    assert 0 <= evals[0]["elapsed_s"] < evals[1]["elapsed_s"] < evals[2]["elapsed_s"]
     for r in rows:
         if "loss" in r:
             assert {"iter", "loss", "lr", "tokens_per_sec"} <= r.keys()
