@@ -32,8 +32,8 @@ def shape_model(m):
 
 
 def num_params(m, non_embedding=True):
-    """GPT(m).num_params(non_embedding): the lookup tables that do no matmul (wpe, and wte
-    unless tied to the output head) are left out when non_embedding."""
+    """GPT(m).num_params(non_embedding): the position table, a lookup that does no matmul,
+    is left out when non_embedding."""
     return shape_model(m).num_params(non_embedding)
 
 
@@ -97,7 +97,7 @@ def report(cfg, world_size=1, model_config=None):
     return "\n".join([
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
         f"vocab {m.vocab_size}, biases {'on' if m.bias else 'off'}",
-        f"parameters: {n:,}; {n_body:,} without lookup-only tables (wpe; wte if untied)",
+        f"parameters: {n:,}; {n_body:,} without the position table",
         f"FLOPs per token: 6N + 12 * n_layer * n_embd * T = "
         f"{flops_per_token(m, cfg.block_size):,} (N = {n_body:,}, T = {cfg.block_size})",
         f"tokens per iteration: {tpi:,} = {cfg.batch_size} sequences x {cfg.block_size} tokens "

@@ -48,10 +48,8 @@ class TrainConfig:
     dropout: float = 0.0  # 0 for pretraining; 0.1+ to regularise small datasets
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 has them)
     rope: bool = False  # rotary position embeddings instead of a learned position table
-    rmsnorm: bool = False  # RMSNorm instead of LayerNorm
     qk_norm: bool = False  # RMS-normalise queries and keys per head
     relu2: bool = False  # ReLU squared instead of GELU in the MLP
-    tie_weights: bool = True  # the output head shares the token embedding matrix
     # AdamW
     learning_rate: float = 6e-4  # peak learning rate
     max_iters: int = 600000  # total optimizer steps

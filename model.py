@@ -27,10 +27,8 @@ class GPTConfig:
     # Later practice, each off by default so that the model stays GPT-2 (docs/benchmarks.md
     # has what each one measured on the CPU recipe).
     rope: bool = False  # rotary position embeddings in attention, instead of a learned table
-    rmsnorm: bool = False  # RMSNorm instead of LayerNorm
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
     relu2: bool = False  # ReLU squared instead of GELU in the MLP
-    tie_weights: bool = True  # the output head shares the token embedding matrix
 
 
 class KVCache:
@@ -52,12 +50,6 @@ class KVCache:
         self.v[:, :, start:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
-
-
-def make_norm(config):
-    if config.rmsnorm:
-        return nn.RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 def apply_rotary(x, cos, sin):
@@ -121,9 +113,9 @@ class ReLUSquared(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = make_norm(config)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = make_norm(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, rotary=None, kv_cache=None):
@@ -140,7 +132,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=make_norm(config),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.rope:  # angles (block_size, hs/2), derived, so not saved in checkpoints
@@ -151,8 +143,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", angles.sin(), persistent=False)
         else:
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        if config.tie_weights:  # the output head reads logits with the input embedding
-            self.transformer.wte.weight = self.lm_head.weight
+        self.transformer.wte.weight = self.lm_head.weight  # one matrix reads and writes tokens
         self.apply(self._init_weights)
         # GPT-2 scales the projections into the residual stream by 1/sqrt(2 * n_layer):
         # each block adds two of them, and the sum should not grow with depth.
@@ -167,13 +158,11 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True):
-        """Parameter count. non_embedding leaves out the lookup tables that do no matmul: the
-        position table, and the token table unless it doubles as the output head."""
+        """Parameter count. non_embedding leaves out the position table, as GPT-2's paper
+        does; the token table is counted because it doubles as the output head."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            tables = [] if self.config.rope else [self.transformer.wpe]
-            tables += [] if self.config.tie_weights else [self.transformer.wte]
-            n -= sum(t.weight.numel() for t in tables)
+        if non_embedding and not self.config.rope:
+            n -= self.transformer.wpe.weight.numel()
         return n
 
     def hidden_states(self, idx, kv_caches=None):

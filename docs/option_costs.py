@@ -1,46 +1,50 @@
-"""Time per training step of the CPU recipe with each option switched off (or on), measured
+"""Time per training step of the CPU recipe with each option switched off, measured
 round-robin in one process: every variant takes one step in turn, so a machine that slows
 down slows them all alike. Prints the median of `rounds` steps for each.
 
     python docs/option_costs.py [rounds]
 
-The model and batch are config/train_shakespeare_char_cpu.toml's, with random tokens (the
-data does not change the arithmetic)."""
+The model, batch and optimizer are config/train_shakespeare_char_cpu.toml's, on random tokens
+(the data does not change the arithmetic). The rows for RMSNorm and an untied head in
+docs/benchmarks.md came from this script's first version (git log docs/option_costs.py),
+before those options were removed."""
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import GPT, GPTConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from config import TrainConfig, parse_config  # noqa: E402
+from model import GPT, config_from_dict  # noqa: E402
 
-RECIPE = {"rope": True, "qk_norm": True, "relu2": True, "rmsnorm": False, "tie_weights": True}
+RECIPE = ROOT / "config" / "train_shakespeare_char_cpu.toml"
+VOCAB = 65  # Tiny Shakespeare's characters
 VARIANTS = {
     "reference (nanoGPT's)": dict(rope=False, qk_norm=False, relu2=False),
     "recipe": {},
     "recipe without rope": dict(rope=False),
     "recipe without qk_norm": dict(qk_norm=False),
     "recipe without relu2 (GELU)": dict(relu2=False),
-    "recipe with rmsnorm": dict(rmsnorm=True),
-    "recipe with an untied head": dict(tie_weights=False),
 }
 
 
-def make_step(options):
-    """One AdamW training step, as train.py takes it, of a freshly built model."""
-    config = GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128,
-                       bias=False, **{**RECIPE, **options})
+def make_step(cfg, options):
+    """One training step as train.py takes it (forward, backward, clip, AdamW), of a fresh
+    model with cfg's shape and the given options changed."""
     torch.manual_seed(0)
-    model = GPT(config)
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.8, 0.99), "cpu")
-    x, y = torch.randint(65, (12, 64)), torch.randint(65, (12, 64))
+    model = GPT(config_from_dict({**asdict(cfg), "vocab_size": VOCAB, **options}))
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                           (cfg.beta1, cfg.beta2), "cpu")
+    x, y = (torch.randint(VOCAB, (cfg.batch_size, cfg.block_size)) for _ in range(2))
 
     def step():
         _, loss = model(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
@@ -49,7 +53,8 @@ def make_step(options):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     rounds = int(argv[0]) if argv else 150
-    steps = {name: make_step(options) for name, options in VARIANTS.items()}
+    cfg = parse_config(TrainConfig, [str(RECIPE)])
+    steps = {name: make_step(cfg, options) for name, options in VARIANTS.items()}
     for step in steps.values():  # warm up: first calls pay one-off costs
         for _ in range(5):
             step()

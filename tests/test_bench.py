@@ -1,10 +1,13 @@
 """bench.py end to end on a tiny model: the JSON it writes, and its errors. No timing limits:
 speeds on a shared machine prove nothing, so only their sanity is checked."""
 import json
+import subprocess
+import sys
 
 import pytest
 
 import bench
+from helpers import ROOT
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2",
         "--vocab_size=50", "--device=cpu", "--dtype=float32", "--warmup_steps=1",
@@ -52,3 +55,14 @@ def test_bench_can_skip_parts(tmp_path):
 def test_bench_rejects_bad_settings(flag, message, capsys):
     assert bench.main(TINY + [flag]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_option_costs_script_times_every_variant():
+    proc = subprocess.run([sys.executable, str(ROOT / "docs" / "option_costs.py"), "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.splitlines()[1:]
+    assert [r.split("  ")[0] for r in rows] == ["reference (nanoGPT's)", "recipe",
+                                                "recipe without rope", "recipe without qk_norm",
+                                                "recipe without relu2 (GELU)"]
+    assert all(float(r.split()[-6]) > 0 for r in rows)  # ms per step

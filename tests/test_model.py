@@ -216,9 +216,8 @@ def test_from_pretrained_rejects_unknown_names_and_mismatched_weights(tmp_path):
 
 
 # The modern options keep every contract: causality, cache equivalence, SDPA equivalence.
-OPTIONS = {"rope": dict(rope=True), "rmsnorm_qknorm": dict(rmsnorm=True, qk_norm=True),
-           "relu2": dict(relu2=True), "untied": dict(tie_weights=False),
-           "all": dict(rope=True, rmsnorm=True, qk_norm=True, relu2=True, tie_weights=False)}
+OPTIONS = {"rope": dict(rope=True), "qk_norm": dict(qk_norm=True), "relu2": dict(relu2=True),
+           "all": dict(rope=True, qk_norm=True, relu2=True)}
 
 
 @pytest.mark.parametrize("name", OPTIONS)
@@ -250,8 +249,6 @@ def test_rope_scores_depend_on_relative_position_only():
 
 
 def test_option_parameter_layout():
-    assert "transformer.wpe.weight" not in tiny_model(rope=True).state_dict()
-    untied = tiny_model(tie_weights=False)
-    assert untied.lm_head.weight is not untied.transformer.wte.weight
-    assert untied.num_params() == sum(p.numel() for p in untied.parameters()) \
-        - untied.transformer.wte.weight.numel() - untied.transformer.wpe.weight.numel()
+    rope = tiny_model(rope=True)
+    assert "transformer.wpe.weight" not in rope.state_dict()
+    assert rope.num_params() == rope.num_params(non_embedding=False)  # no position table
