@@ -8,6 +8,7 @@ setting's type, is a ConfigError naming the key (and the closest valid one). Not
 import difflib
 import inspect
 import re
+import sys
 import tomllib
 import types
 from dataclasses import dataclass, fields
@@ -183,3 +184,18 @@ def parse_config(cls, argv):
             value = "true"
         overrides[key] = _convert(cls, key, value, arg)
     return cls(**overrides)
+
+
+def run_main(cls, action, argv, doc, errors=(), default_argv=list):
+    """The scripts' main(): --help prints doc and every setting of cls; otherwise the settings
+    from argv (default_argv() when it is empty) are validated and handed to action. A
+    ConfigError or one of errors is the user's to fix: one line on stderr and exit code 2."""
+    if argv in (["-h"], ["--help"]):
+        print(doc + "\nSettings (defaults shown):\n" + help_text(cls))
+        return 0
+    try:
+        action(parse_config(cls, argv or default_argv()).validate())
+    except (ConfigError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 import runtime
 from checkpoint import CheckpointError
-from config import ConfigError, help_text, parse_config
+from config import ConfigError, run_main
 from dataset import DataError, download
 from sample import load_model
 from tokenizer import GPT2Tokenizer
@@ -168,15 +168,8 @@ def run(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv in (["-h"], ["--help"]):
-        print(__doc__ + "\nSettings (defaults shown):\n" + help_text(HellaSwagConfig))
-        return 0
-    try:
-        run(parse_config(HellaSwagConfig, argv).validate())
-    except (ConfigError, DataError, CheckpointError, runtime.DeviceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(HellaSwagConfig, run, argv, __doc__,
+                    (DataError, CheckpointError, runtime.DeviceError))
 
 
 if __name__ == "__main__":

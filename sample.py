@@ -13,7 +13,7 @@ import torch
 
 import runtime
 from checkpoint import CheckpointError, load_checkpoint, load_pretrained
-from config import ConfigError, help_text, parse_config
+from config import ConfigError, run_main
 from model import GPT, config_from_dict
 from tokenizer import GPT2Tokenizer, tokenizer_from_meta
 
@@ -136,15 +136,7 @@ def sample(cfg, out=sys.stdout):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv in (["-h"], ["--help"]):
-        print(__doc__ + "\nSettings (defaults shown):\n" + help_text(SampleConfig))
-        return 0
-    try:
-        sample(parse_config(SampleConfig, argv).validate())
-    except (ConfigError, CheckpointError, runtime.DeviceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(SampleConfig, sample, argv, __doc__, (CheckpointError, runtime.DeviceError))
 
 
 if __name__ == "__main__":

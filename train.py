@@ -28,7 +28,7 @@ from tqdm import tqdm
 import accounting
 import runtime
 from checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint
-from config import ConfigError, TrainConfig, help_text, parse_config
+from config import ConfigError, TrainConfig, run_main
 from dataset import DataError, TokenData, load_meta
 from model import GPT, GPTConfig, GPT2_SIZES, config_from_dict
 
@@ -432,20 +432,9 @@ def print_estimate(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv in (["-h"], ["--help"]):
-        print(__doc__ + "\nSettings (defaults shown):\n" + help_text(TrainConfig))
-        return 0
-    try:
-        cfg = parse_config(TrainConfig, argv or default_args()).validate()
-        if cfg.estimate:
-            print_estimate(cfg)
-        else:
-            train(cfg)
-    except (ConfigError, DataError, CheckpointError, TrainingError,
-            runtime.DeviceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(TrainConfig, lambda cfg: print_estimate(cfg) if cfg.estimate else train(cfg),
+                    argv, __doc__, (DataError, CheckpointError, TrainingError,
+                                    runtime.DeviceError), default_argv=default_args)
 
 
 if __name__ == "__main__":
