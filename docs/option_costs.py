@@ -18,6 +18,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import runtime  # noqa: E402
+from bench import train_step  # noqa: E402
 from config import TrainConfig, parse_config  # noqa: E402
 from model import GPT, config_from_dict  # noqa: E402
 
@@ -33,21 +35,16 @@ VARIANTS = {
 
 
 def make_step(cfg, options):
-    """One training step as train.py takes it (forward, backward, clip, AdamW), of a fresh
-    model with cfg's shape and the given options changed."""
+    """One float32 training step as train.py takes it (bench.train_step), of a fresh model
+    with cfg's shape and the given options changed."""
     torch.manual_seed(0)
     model = GPT(config_from_dict({**asdict(cfg), "vocab_size": VOCAB, **options}))
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                            (cfg.beta1, cfg.beta2), "cpu")
-    x, y = (torch.randint(VOCAB, (cfg.batch_size, cfg.block_size)) for _ in range(2))
-
-    def step():
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batch = [tuple(torch.randint(VOCAB, (cfg.batch_size, cfg.block_size)) for _ in range(2))]
+    ctx = runtime.autocast("cpu", torch.float32)
+    return lambda: train_step(model, optimizer, scaler, ctx, batch, cfg.grad_clip)
 
 
 def main(argv=None):
