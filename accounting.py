@@ -6,12 +6,10 @@
 cfg holds the run's settings (a TrainConfig); model_config the model's shape (a GPTConfig, or
 anything with its fields), which the config alone does not fix: the vocabulary comes from the
 dataset, padded, and a pretrained model brings its own. All of it is arithmetic on these
-numbers and on a model of that shape that holds no data; estimate() reads runtime's tables
-of GPUs.
+numbers and on a model of that shape that holds no data, and on the table of GPUs below.
 """
 import torch
 
-import runtime
 from model import GPT, config_from_dict
 
 GIB = 2 ** 30
@@ -91,8 +89,8 @@ def report(cfg, world_size=1, model_config=None):
     tpi = tokens_per_iter(cfg)
     memory = memory_per_rank(cfg, m, world_size)
     act_bytes = _activation_bytes(cfg)
-    scores = m.n_layer * cfg.batch_size * cfg.block_size * 5 * m.n_head * cfg.block_size \
-        * act_bytes // 2
+    scores = (m.n_layer * cfg.batch_size * cfg.block_size * 5 * m.n_head * cfg.block_size
+              * act_bytes // 2)
     state = [name for name in memory if name not in ("activations", "logits")]
     return "\n".join([
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
@@ -114,9 +112,46 @@ def report(cfg, world_size=1, model_config=None):
     ])
 
 
+# Dense (no sparsity) peak tensor throughput in FLOP/s, by device name and autocast dtype.
+# Sources: NVIDIA's datasheets for each board (A100: "NVIDIA A100 Tensor Core GPU" datasheet;
+# H100/H200 SXM: "H100 Tensor Core GPU" and "H200" datasheets; L4: "NVIDIA L4" datasheet;
+# RTX 4090: "Ada Lovelace architecture" whitepaper, appendix A, FP32 accumulate). The
+# datasheets quote sparse figures for Hopper and Ada; those are halved here.
+PEAK_FLOPS = {
+    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},  # TF32
+    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12},
+    "H200": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12},
+    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 60e12},
+    "RTX 4090": {torch.bfloat16: 165e12, torch.float16: 165e12, torch.float32: 83e12},
+    "A10G": {torch.bfloat16: 70e12, torch.float16: 70e12, torch.float32: 35e12},
+    "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
+    "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
+}
+
+# Rated board power in watts (the maximum TDP of the form factor whose FLOP/s are quoted
+# above), for energy estimates. Sources: the same datasheets. A100 and H100/H200 are the SXM
+# boards (A100 PCIe: 250-300 W; H100 PCIe: 350 W; H200 NVL: 600 W); V100 is SXM2 (PCIe:
+# 250 W); RTX 4090 is its total graphics power. A10G, an AWS-only part with no public
+# datasheet: the 300 W power limit nvidia-smi shows on EC2 G5 instances.
+BOARD_WATTS = {"A100": 400, "H100": 700, "H200": 700, "L4": 72, "RTX 4090": 450,
+               "A10G": 300, "V100": 300, "T4": 70}
+
+
+def peak_flops(device, dtype):
+    """Peak FLOP/s of this device at dtype, or None when it is not in PEAK_FLOPS."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    # Longest key first, so that "RTX 4090" is not mistaken for another board's substring.
+    for board in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if board in name:
+            return PEAK_FLOPS[board].get(dtype)
+    return None
+
+
 def estimate(cfg, world_size=1, model_config=None, mfu=0.4):
     """A table of the run's wall-clock time, GPU-hours and energy on each GPU in
-    runtime.PEAK_FLOPS, at bfloat16 where the board has it, else float16.
+    PEAK_FLOPS, at bfloat16 where the board has it, else float16.
 
     time = total FLOPs / (world_size * peak FLOP/s * mfu). Energy is the GPUs' rated board
     power times GPU-hours: no CPUs, memory, network or cooling."""
@@ -131,11 +166,11 @@ def estimate(cfg, world_size=1, model_config=None, mfu=0.4):
         f"{'GPU':<10}{'dtype':<10}{'peak TFLOP/s':>13}{'board W':>9}{'wall clock':>12}"
         f"{'GPU-hours':>11}{'kWh':>10}",
     ]
-    for board, peaks in runtime.PEAK_FLOPS.items():
+    for board, peaks in PEAK_FLOPS.items():
         dtype = torch.bfloat16 if torch.bfloat16 in peaks else torch.float16
         seconds = total / (world_size * peaks[dtype] * mfu)
         gpu_hours = world_size * seconds / 3600
-        watts = runtime.BOARD_WATTS[board]
+        watts = BOARD_WATTS[board]
         lines.append(f"{board:<10}{str(dtype).removeprefix('torch.'):<10}"
                      f"{peaks[dtype] / 1e12:>13.0f}{watts:>9}{_duration(seconds):>12}"
                      f"{_amount(gpu_hours):>11}{_amount(gpu_hours * watts / 1000):>10}")

@@ -1,9 +1,7 @@
 """Measure training and sampling speed on random tokens: no dataset needed.
 
-    python bench.py config/train_shakespeare_char_cpu.toml --dtypes=float32,bfloat16 \\
-        --compiles=false,true --sample=false
-    python bench.py config/train_shakespeare_char.toml --device=cpu --dtype=float32 \\
-        --train=false --prompt_tokens=1 --max_new_tokens=500
+    python bench.py config/train_shakespeare_char_cpu.toml --dtypes=float32,bfloat16
+    python bench.py config/train_shakespeare_char.toml --train=false --max_new_tokens=500
 
 Training: each variant (every dtype in dtypes with every choice in compiles) runs warmup_steps
 untimed iterations (torch.compile compiles there), then timed_steps timed ones, each a whole
@@ -32,7 +30,7 @@ import runtime
 from config import ConfigError, TrainConfig, help_text, parse_config
 from dataset import DataError, load_meta
 from model import GPT, config_from_dict
-from train import accumulate_gradients
+from step import clip_gradients, forward_backward, make_optimizer
 
 ROOT = Path(__file__).resolve().parent
 
@@ -119,9 +117,10 @@ def peak_memory(device):
 
 
 def train_step(model, optimizer, scaler, ctx, batches, grad_clip):
-    """One iteration as train.py's loop runs it on one process: its accumulate_gradients
-    over every micro-batch, then the AdamW step."""
-    accumulate_gradients(model, optimizer, scaler, ctx, batches, len(batches), grad_clip)
+    """One iteration as train.py's loop runs it on one process: forward and backward over
+    every micro-batch, clipping, then the AdamW step."""
+    forward_backward(model, batches, ctx, scaler, len(batches))
+    clip_gradients(model, optimizer, scaler, grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -131,7 +130,7 @@ def warm_up(cfg, model_config, device, dtype_name, compiled, batches):
     """Build a model and its optimizer for one variant and run its warm-up iterations.
 
     Returns (the arguments of train_step, the variant's result so far)."""
-    dtype = runtime.pick_dtype(dtype_name, device)
+    dtype, ctx, scaler = runtime.training_precision(dtype_name, device)
     print(f"building and warming up: {dtype_name}, compile={compiled}", flush=True)
     cuda = device.startswith("cuda")
     base = torch.cuda.memory_allocated(device) if cuda else 0  # the variants built before
@@ -139,11 +138,9 @@ def warm_up(cfg, model_config, device, dtype_name, compiled, batches):
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                           (cfg.beta1, cfg.beta2), device.split(":")[0])
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
-    step_args = (torch.compile(model) if compiled else model, optimizer, scaler,
-                 runtime.autocast(device, dtype), batches, cfg.grad_clip)
+    optimizer = make_optimizer(model, cfg, device)
+    step_args = (torch.compile(model) if compiled else model, optimizer, scaler, ctx, batches,
+                 cfg.grad_clip)
     t0 = time.perf_counter()
     for _ in range(cfg.warmup_steps):
         train_step(*step_args)
@@ -152,7 +149,7 @@ def warm_up(cfg, model_config, device, dtype_name, compiled, batches):
     memory, measured = peak_memory(device)
     return step_args, dict(dtype=str(dtype).removeprefix("torch."), compile=compiled,
                            warmup_s=warmup_s, peak_memory_bytes=memory - base,
-                           peak_memory_what=measured, peak_flops=runtime.peak_flops(device, dtype))
+                           peak_memory_what=measured, peak_flops=accounting.peak_flops(device, dtype))
 
 
 def bench_training(cfg, model_config, device):
@@ -204,8 +201,6 @@ def bench_sampling(model, prompt, new_tokens, device, ctx, repeats=1):
 def bench(cfg):
     """Run the benchmarks cfg asks for; return the results as a JSON-ready dict."""
     device = runtime.pick_device(cfg.device)
-    torch.backends.cuda.matmul.allow_tf32 = True  # as train.py does
-    torch.backends.cudnn.allow_tf32 = True
     vocab, vocab_source = vocab_size(cfg)
     model_config = config_from_dict({**asdict(cfg), "vocab_size": vocab})
     results = dict(

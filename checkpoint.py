@@ -1,9 +1,15 @@
-"""The one checkpoint save/load pair: atomic writes, and loads that cannot run code.
+"""Reading and writing models: our checkpoints, and OpenAI's GPT-2 weights.
+
+    model, meta, ckpt = load_model("resume", "out")  # train.py, sample.py, hellaswag.py, bench.py
+    model, meta, _ = load_model("gpt2")              # OpenAI's weights: a hub name or a folder
 
 A checkpoint is a dict of tensors and plain Python values (no classes), so that it loads
 with torch.load(weights_only=True): a file from the internet can hold data, never a program.
+GPT-2's files are held to the same rule: safetensors is parsed here (it is data only), and
+pytorch_model.bin loads with weights_only too.
 """
 import glob
+import json
 import os
 import pickle
 import re
@@ -12,7 +18,10 @@ import warnings
 
 import torch
 
-from model import GPT
+from model import GPT, config_from_dict
+
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257}  # what OpenAI's weights read and write
 
 
 class CheckpointError(RuntimeError):
@@ -62,8 +71,8 @@ def load_checkpoint(path, map_location="cpu"):
             raise CheckpointError(
                 f"{path}: refused to load: it asks to import {code.group(1)}, so it could run "
                 "code; a checkpoint holds only tensors and plain data") from None
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint (not a torch file)") \
-            from None
+        raise CheckpointError(
+            f"{path}: corrupt or truncated checkpoint (not a torch file)") from None
     except Exception as e:  # damaged bytes can fail anywhere in the unpickler, in any way
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint "
                               f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
@@ -72,11 +81,97 @@ def load_checkpoint(path, map_location="cpu"):
     return state
 
 
-def load_pretrained(name_or_path, dropout=0.0):
-    """GPT.from_pretrained, with every failure (an unknown name, a folder without the files,
-    no network, damaged weights) a one-line CheckpointError naming the source."""
+def load_model(init_from, out_dir="out", dropout=0.0):
+    """(model, meta, checkpoint) for init_from: "resume" reads out_dir/ckpt.pt, and checkpoint
+    is then its whole dict (optimizer state, iteration) for train.py to continue from; a GPT-2
+    size or a folder of GPT-2 files gives OpenAI's weights, and checkpoint None. meta describes
+    the model's tokenizer, as a dataset's meta.json does. Any failure is a CheckpointError that
+    names where the model was to come from."""
+    if init_from != "resume":
+        return load_pretrained(init_from, dropout), GPT2_META, None
+    path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path)
     try:
-        return GPT.from_pretrained(name_or_path, dropout=dropout)
+        model = GPT(config_from_dict({**ckpt["model_args"], "dropout": dropout}))
+        model.load_state_dict(ckpt["model"])
+        return model, ckpt["meta"], ckpt
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:  # another project's file
+        reason = " ".join(str(e).split())  # one line, even for load_state_dict's list
+        raise CheckpointError(f"{path}: cannot load this checkpoint: {reason}") from None
+
+
+def load_pretrained(name_or_path, dropout=0.0):
+    """load_gpt2, with every failure (an unknown name, a folder without the files, no
+    network, damaged weights) a one-line CheckpointError naming the source."""
+    try:
+        return load_gpt2(name_or_path, dropout)
     except (ValueError, OSError, ImportError, RuntimeError, KeyError) as e:
         reason = " ".join(str(e).split())
         raise CheckpointError(f"cannot load the model from {name_or_path}: {reason}") from None
+
+
+def load_gpt2(name_or_path, dropout=0.0):
+    """OpenAI's GPT-2: a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local folder
+    with config.json and model.safetensors or pytorch_model.bin, in the hub's layout or
+    save_pretrained's."""
+    folder = name_or_path if os.path.isdir(name_or_path) else _download_gpt2(name_or_path)
+    with open(os.path.join(folder, "config.json")) as f:
+        hf_config = json.load(f)
+    return GPT.from_gpt2(hf_config, _read_weights(folder), dropout)
+
+
+def _download_gpt2(name):
+    """Fetch a GPT-2 size from the Hugging Face hub; return the local folder."""
+    if name not in GPT2_SIZES:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(GPT2_SIZES)} "
+                         "or a directory holding config.json and model.safetensors")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ImportError(f"downloading {name} needs huggingface_hub (pip install "
+                          "huggingface_hub), or pass a local directory of its files") from e
+    return snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
+
+
+def _read_weights(folder):
+    """Tensors from model.safetensors or pytorch_model.bin, neither able to run code."""
+    path = os.path.join(folder, "model.safetensors")
+    if os.path.exists(path):
+        return read_safetensors(path)
+    path = os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # it asks for a class or function, or is damaged
+            raise ValueError(f"{path}: refused to load: it is not a file of plain tensors "
+                             "(it may be damaged, or carry code)") from None
+    raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64, "I64": torch.int64, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """Parse a .safetensors file: an 8-byte header length, a JSON header, then raw tensors.
+
+    The format holds data only, so reading it needs no trust, and no extra package."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    n = int.from_bytes(data[:8], "little")
+    if len(data) < 8 + n:
+        raise ValueError(f"{path}: truncated safetensors header")
+    header = json.loads(data[8:8 + n])
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        begin, end = (8 + n + offset for offset in info["data_offsets"])
+        if info["dtype"] not in _SAFETENSORS_DTYPES or end > len(data):
+            raise ValueError(f"{path}: tensor {key} is truncated or of unknown dtype")
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        flat = (torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                 offset=begin) if end > begin else torch.empty(0, dtype=dtype))
+        tensors[key] = flat.view(info["shape"])
+    return tensors

@@ -18,6 +18,12 @@ class ConfigError(ValueError):
     """A user mistake in a config file or flag; scripts print it in one line and exit."""
 
 
+def check_dtype(dtype):
+    """The dtype settings of every script take the same four words."""
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+
+
 @dataclass
 class TrainConfig:
     # I/O
@@ -104,9 +110,7 @@ class TrainConfig:
             raise ConfigError(f"cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
         if self.rope and self.init_from.startswith("gpt2"):
             raise ConfigError("rope=true cannot load OpenAI's GPT-2, which learned positions")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, "
-                              f"got {self.dtype!r}")
+        check_dtype(self.dtype)
         return self
 
 

@@ -24,10 +24,9 @@ import torch
 from torch.nn import functional as F
 
 import runtime
-from checkpoint import CheckpointError
-from config import ConfigError, run_main
+from checkpoint import CheckpointError, load_model
+from config import ConfigError, check_dtype, run_main
 from dataset import DataError, download
-from sample import load_model
 from tokenizer import GPT2Tokenizer
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -46,9 +45,7 @@ class HellaSwagConfig:
     def validate(self):
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be at least 1 (or none), got {self.limit}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, "
-                              f"got {self.dtype!r}")
+        check_dtype(self.dtype)
         return self
 
 
@@ -64,9 +61,9 @@ def load_examples(path, limit=None):
                     continue
                 try:
                     ex = json.loads(line)
-                    ok = isinstance(ex["ctx"], str) and ex["label"] in range(4) \
-                        and len(ex["endings"]) == 4 and all(isinstance(e, str)
-                                                           for e in ex["endings"])
+                    ok = (isinstance(ex["ctx"], str) and ex["label"] in range(4)
+                          and len(ex["endings"]) == 4
+                          and all(isinstance(e, str) for e in ex["endings"]))
                 except (ValueError, KeyError, TypeError):
                     ok = False
                 if not ok:
@@ -145,16 +142,15 @@ def run(cfg):
     """Evaluate the model cfg names; rank 0 prints the result, which every rank returns."""
     rank, local_rank, world_size = runtime.setup_distributed()
     try:
-        device = runtime.pick_device(cfg.device)
-        if device == "cuda" and world_size > 1:
-            device = f"cuda:{local_rank}"
+        device = runtime.pick_device(cfg.device, local_rank if world_size > 1 else None)
         autocast = runtime.autocast(device, runtime.pick_dtype(cfg.dtype, device))
-        model, tokenizer = load_model(cfg)
-        if not isinstance(tokenizer, GPT2Tokenizer):
+        model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
+        if meta.get("tokenizer") != "gpt2":
             raise CheckpointError(f"the checkpoint in {cfg.out_dir} uses the "
-                                  f"{tokenizer.meta()['tokenizer']} tokenizer; HellaSwag needs "
+                                  f"{meta.get('tokenizer')} tokenizer; HellaSwag needs "
                                   "a model that reads GPT-2 tokens")
         model.eval().to(device)
+        tokenizer = GPT2Tokenizer()
         examples = load_examples(examples_path(cfg, rank, world_size), cfg.limit)
         result = evaluate(model, tokenizer, examples, device, autocast, rank, world_size)
     finally:

@@ -1,13 +1,11 @@
-"""The GPT-2 language model, its key/value-cached sampler, and OpenAI weight loading.
+"""The GPT-2 language model and its key/value-cached sampler.
 
 The parts come in the order they build on each other: attention, MLP, Block, GPT. Parameter
-names are GPT-2's own, so OpenAI's checkpoints map one to one (after transposing their Conv1D
-weights). This file depends on torch alone.
+names are GPT-2's own, so OpenAI's weights map one to one (GPT.from_gpt2, after transposing
+their Conv1D weights); reading them from files is checkpoint.py's job. This file depends on
+torch alone.
 """
-import json
 import math
-import os
-import pickle
 from dataclasses import dataclass, fields
 
 import torch
@@ -97,12 +95,12 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         # GPT-2's GELU is the tanh approximation; ReLU squared is the cheaper later choice.
-        self.gelu = ReLUSquared() if config.relu2 else nn.GELU(approximate="tanh")
+        self.act = ReLUSquared() if config.relu2 else nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class ReLUSquared(nn.Module):
@@ -193,17 +191,6 @@ class GPT(nn.Module):
                                    ignore_index=-1)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW decaying the 2-D weights (matmuls, embeddings) but not biases or norms."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        # The fused kernel updates every parameter in one launch; CUDA and the CPU have it.
-        fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token: 6 per parameter plus attention's score and value matmuls.
 
@@ -257,34 +244,32 @@ class GPT(nn.Module):
         return idx
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dropout=0.0):
-        """Load OpenAI's GPT-2 weights: a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)
-        or a local directory with config.json and model.safetensors or pytorch_model.bin."""
-        folder = name_or_path if os.path.isdir(name_or_path) else _download_gpt2(name_or_path)
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                           dropout=dropout, bias=True)
+    def from_gpt2(cls, hf_config, tensors, dropout=0.0):
+        """GPT-2 from OpenAI's (or transformers') parameters: hf_config is their config.json
+        as a dict, tensors their state dict, in the hub's names ("h.0.attn.c_attn.weight")
+        or save_pretrained's ("transformer.h.0..."). ValueError for anything that does not fit.
+        """
+        config = GPTConfig(block_size=hf_config["n_positions"], n_layer=hf_config["n_layer"],
+                           n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
+                           vocab_size=hf_config["vocab_size"], dropout=dropout, bias=True)
         model = cls(config)
         state = model.state_dict()
-        for key, tensor in _read_weights(folder).items():
-            # The hub's files name parameters "h.0...", save_pretrained's "transformer.h.0...".
+        for key, tensor in tensors.items():
             key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
             if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
                 continue  # causal-mask buffers, and the head that is tied to wte anyway
             if key not in state:
-                raise ValueError(f"{folder}: unexpected parameter {key} for a GPT-2 model")
-            if key.endswith(_CONV1D_WEIGHTS):
+                raise ValueError(f"unexpected parameter {key} for a GPT-2 model")
+            if key.endswith(CONV1D_WEIGHTS):
                 tensor = tensor.t()  # OpenAI's Conv1D stores (in, out); nn.Linear wants (out, in)
             if tensor.shape != state[key].shape:
-                raise ValueError(f"{folder}: {key} has shape {tuple(tensor.shape)}, "
-                                 f"config.json implies {tuple(state[key].shape)}")
+                raise ValueError(f"{key} has shape {tuple(tensor.shape)}, config.json implies "
+                                 f"{tuple(state[key].shape)}")
             state[key].copy_(tensor)
             state.pop(key)
         missing = [k for k in state if k != "lm_head.weight"]
         if missing:
-            raise ValueError(f"{folder}: weights missing for {missing[:3]} and others")
+            raise ValueError(f"weights missing for {missing[:3]} and others")
         return model
 
 
@@ -309,64 +294,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                   "mlp.c_proj.weight")
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64, "I64": torch.int64, "U8": torch.uint8,
-                       "BOOL": torch.bool}
-
-
-def _download_gpt2(name):
-    """Fetch a GPT-2 size from the Hugging Face hub; return the local folder."""
-    if name not in GPT2_SIZES:
-        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(GPT2_SIZES)} "
-                         "or a directory holding config.json and model.safetensors")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise ImportError(f"downloading {name} needs huggingface_hub (pip install "
-                          "huggingface_hub), or pass a local directory of its files") from e
-    return snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
-
-
-def _read_weights(folder):
-    """Tensors from model.safetensors or pytorch_model.bin, neither able to run code."""
-    path = os.path.join(folder, "model.safetensors")
-    if os.path.exists(path):
-        return read_safetensors(path)
-    path = os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(path):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # it asks for a class or function, or is damaged
-            raise ValueError(f"{path}: refused to load: it is not a file of plain tensors "
-                             "(it may be damaged, or carry code)") from None
-    raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
-
-
-def read_safetensors(path):
-    """Parse a .safetensors file: an 8-byte header length, a JSON header, then raw tensors.
-
-    The format holds data only, so reading it needs no trust, and no extra package."""
-    with open(path, "rb") as f:
-        data = bytearray(f.read())
-    n = int.from_bytes(data[:8], "little")
-    if len(data) < 8 + n:
-        raise ValueError(f"{path}: truncated safetensors header")
-    header = json.loads(data[8:8 + n])
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        begin, end = (8 + n + offset for offset in info["data_offsets"])
-        if info["dtype"] not in _SAFETENSORS_DTYPES or end > len(data):
-            raise ValueError(f"{path}: tensor {key} is truncated or of unknown dtype")
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        flat = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                offset=begin) if end > begin else torch.empty(0, dtype=dtype)
-        tensors[key] = flat.view(info["shape"])
-    return tensors
+# OpenAI's GPT-2 stores these four weights transposed: its Conv1D layer is a Linear as (in, out).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")
 
 
 def config_from_dict(d):

@@ -1,6 +1,7 @@
-"""Where the code runs: device and precision choice, distributed set-up, and peak FLOP/s.
+"""Where and how the code runs: the device, the precision, and the group of processes.
 
-The one place that decides these, shared by train.py, sample.py and bench.py."""
+The one place that decides these, shared by train.py, sample.py, hellaswag.py and bench.py.
+"""
 import contextlib
 import datetime
 import os
@@ -12,13 +13,23 @@ class DeviceError(RuntimeError):
     """The requested device or precision is not available here."""
 
 
-def pick_device(requested="auto"):
-    """'auto' is CUDA, then Apple's MPS, then the CPU; anything else is checked to exist."""
+def device_type(device):
+    """"cuda", "mps" or "cpu": the kind of device, without the index of "cuda:1"."""
+    return device.split(":")[0]
+
+
+def pick_device(requested="auto", local_rank=None):
+    """'auto' is CUDA, then Apple's MPS, then the CPU; anything else is checked to exist.
+
+    Under torchrun (local_rank given) each process on a machine takes a GPU of its own."""
     if requested == "auto":
         if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    kind = requested.split(":")[0]
+            requested = "cuda"
+        else:
+            return "mps" if torch.backends.mps.is_available() else "cpu"
+    if requested == "cuda" and local_rank is not None:
+        requested = f"cuda:{local_rank}"
+    kind = device_type(requested)
     if kind == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {requested!r} requested, but CUDA is not available here "
                           "(use --device=cpu or --device=auto)")
@@ -44,8 +55,8 @@ def pick_dtype(requested, device):
         return torch.float32
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}[requested]
-    if dtype == torch.bfloat16 and device.startswith("cuda") \
-            and not torch.cuda.is_bf16_supported():
+    if (dtype == torch.bfloat16 and device.startswith("cuda")
+            and not torch.cuda.is_bf16_supported()):
         raise DeviceError("this GPU does not support bfloat16; use --dtype=float16")
     return dtype
 
@@ -54,7 +65,21 @@ def autocast(device, dtype):
     """Mixed-precision context for forward passes; a no-op in float32."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+    return torch.autocast(device_type=device_type(device), dtype=dtype)
+
+
+def training_precision(requested, device):
+    """(dtype, autocast context, gradient scaler) for training on device.
+
+    float16 has so few exponent bits that small gradients underflow to zero: the scaler
+    multiplies the loss before backward and divides the gradients after, skipping steps
+    whose gradients overflowed. bfloat16 and float32 need no scaler (it is then a no-op).
+    On GPUs since Ampere, float32 matmuls may use TF32 tensor cores: nearly free speed."""
+    dtype = pick_dtype(requested, device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    scaler = torch.amp.GradScaler(device_type(device), enabled=dtype == torch.float16)
+    return dtype, autocast(device, dtype), scaler
 
 
 def setup_distributed(backend="auto", timeout_s=600):
@@ -84,40 +109,3 @@ def setup_distributed(backend="auto", timeout_s=600):
     torch.distributed.init_process_group(backend=backend, store=store, rank=rank,
                                          world_size=world_size, timeout=timeout)
     return rank, local_rank, world_size
-
-
-# Dense (no sparsity) peak tensor throughput in FLOP/s, by device name and autocast dtype.
-# Sources: NVIDIA's datasheets for each board (A100: "NVIDIA A100 Tensor Core GPU" datasheet;
-# H100/H200 SXM: "H100 Tensor Core GPU" and "H200" datasheets; L4: "NVIDIA L4" datasheet;
-# RTX 4090: "Ada Lovelace architecture" whitepaper, appendix A, FP32 accumulate). The
-# datasheets quote sparse figures for Hopper and Ada; those are halved here.
-PEAK_FLOPS = {
-    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},  # TF32
-    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12},
-    "H200": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12},
-    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 60e12},
-    "RTX 4090": {torch.bfloat16: 165e12, torch.float16: 165e12, torch.float32: 83e12},
-    "A10G": {torch.bfloat16: 70e12, torch.float16: 70e12, torch.float32: 35e12},
-    "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
-    "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
-}
-
-# Rated board power in watts (the maximum TDP of the form factor whose FLOP/s are quoted
-# above), for energy estimates. Sources: the same datasheets. A100 and H100/H200 are the SXM
-# boards (A100 PCIe: 250-300 W; H100 PCIe: 350 W; H200 NVL: 600 W); V100 is SXM2 (PCIe:
-# 250 W); RTX 4090 is its total graphics power. A10G, an AWS-only part with no public
-# datasheet: the 300 W power limit nvidia-smi shows on EC2 G5 instances.
-BOARD_WATTS = {"A100": 400, "H100": 700, "H200": 700, "L4": 72, "RTX 4090": 450,
-               "A10G": 300, "V100": 300, "T4": 70}
-
-
-def peak_flops(device, dtype):
-    """Peak FLOP/s of this device at dtype, or None when it is not in PEAK_FLOPS."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    # Longest key first, so that "RTX 4090" is not mistaken for another board's substring.
-    for board in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if board in name:
-            return PEAK_FLOPS[board].get(dtype)
-    return None

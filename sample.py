@@ -5,17 +5,15 @@
 
 Several samples are drawn together as one batch; a single sample streams as it is drawn.
 """
-import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
 import runtime
-from checkpoint import CheckpointError, load_checkpoint, load_pretrained
-from config import ConfigError, run_main
-from model import GPT, config_from_dict
-from tokenizer import GPT2Tokenizer, tokenizer_from_meta
+from checkpoint import CheckpointError, load_model
+from config import ConfigError, check_dtype, run_main
+from tokenizer import tokenizer_from_meta
 
 
 @dataclass
@@ -44,27 +42,8 @@ class SampleConfig:
             raise ConfigError(f"top_k must be at least 1 (or none), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, "
-                              f"got {self.dtype!r}")
+        check_dtype(self.dtype)
         return self
-
-
-def load_model(cfg):
-    """The model and its tokenizer, from out_dir's checkpoint or from OpenAI's weights.
-
-    Any failure is a CheckpointError that names where the model was to come from."""
-    if cfg.init_from != "resume":
-        return load_pretrained(cfg.init_from), GPT2Tokenizer()
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path)
-    try:
-        model = GPT(config_from_dict(ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-        return model, tokenizer_from_meta(ckpt["meta"])
-    except (ValueError, RuntimeError, KeyError) as e:  # a checkpoint of another project
-        reason = " ".join(str(e).split())  # one line, even for load_state_dict's list
-        raise CheckpointError(f"{path}: cannot load this checkpoint: {reason}") from None
 
 
 def read_prompt(start):
@@ -102,7 +81,8 @@ def sample(cfg, out=sys.stdout):
     """Draw cfg.num_samples samples; print them to out and return them as strings."""
     device = runtime.pick_device(cfg.device)
     dtype = runtime.pick_dtype(cfg.dtype, device)
-    model, tokenizer = load_model(cfg)
+    model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
+    tokenizer = tokenizer_from_meta(meta)
     model.eval().to(device)
     prompt = read_prompt(cfg.start)
     try:

@@ -4,21 +4,23 @@
     python train.py config/train_gpt2.toml --batch_size=8   # any config, flags override it
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.toml
 
+The page reads as a run goes: setup() turns the settings into a ready run (processes, device,
+data, model, optimizer), then train() loops: evaluate and checkpoint when due, set the
+learning rate, forward and backward over the micro-steps, clip, step, log.
+
 The batch each (iteration, micro-step) sees is a pure function of the seed, so a resumed run
 repeats exactly what the uninterrupted run would have done, and the global batch does not
 depend on the number of processes.
 """
 import importlib.util
 import json
-import math
 import os
 import runpy
 import signal
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +29,23 @@ from tqdm import tqdm
 
 import accounting
 import runtime
-from checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint
+from checkpoint import GPT2_SIZES, CheckpointError, load_model, save_checkpoint
 from config import ConfigError, TrainConfig, run_main
 from dataset import DataError, TokenData, load_meta
-from model import GPT, GPTConfig, GPT2_SIZES, config_from_dict
+from model import GPT, GPTConfig, config_from_dict
+from step import clip_gradients, forward_backward, get_lr, make_optimizer
 
 ROOT = Path(__file__).resolve().parent
-TRAIN, VAL = 0, 1  # split codes, part of each batch's random key
+# The second number of every batch's random key names its stream: the training batches, or
+# the fixed batches that every evaluation draws from each split.
+TRAIN_BATCHES = 0
+EVAL_BATCHES = {"train": 2, "val": 3}
 
 
 def default_args():
     """`python train.py` alone: the Shakespeare character model sized for this machine."""
-    name = "train_shakespeare_char" if torch.cuda.is_available() else \
-        "train_shakespeare_char_cpu"
+    gpu = torch.cuda.is_available()
+    name = "train_shakespeare_char" if gpu else "train_shakespeare_char_cpu"
     if not (ROOT / "data" / "shakespeare_char" / "meta.json").exists():
         print("data/shakespeare_char is not prepared yet: running "
               "python data/shakespeare_char/prepare.py", flush=True)
@@ -48,68 +54,71 @@ def default_args():
     return [str(ROOT / "config" / f"{name}.toml")]
 
 
-def get_lr(it, cfg):
-    """Linear warmup for warmup_iters, then decay to min_lr at lr_decay_iters: along a cosine,
-    or (wsd) flat until the last cooldown_frac of the way, then in a straight line."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.lr_decay_iters:
-        return cfg.min_lr
-    if cfg.schedule == "wsd":
-        cooldown_start = cfg.lr_decay_iters * (1 - cfg.cooldown_frac)
-        if it < cooldown_start:
-            return cfg.learning_rate
-        progress = (it - cooldown_start) / (cfg.lr_decay_iters - cooldown_start)
-        return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
-    progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate -
-                                                                     cfg.min_lr)
+# ----------------------------------------------------------------------------- setting up
+
+def check_writable(out_dir):
+    """Create out_dir and prove a file can be written there, before any work is done."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise ConfigError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
 
 
-def step_seed(*numbers):
-    """A 63-bit seed that is a pure function of the given integers."""
-    return int(np.random.SeedSequence(numbers).generate_state(2, np.uint64)[0] >> 1)
+def resolve_init(cfg, ckpt_path):
+    """init_from as this run takes it (auto: resume if there is a checkpoint, else scratch).
+    A fresh run refuses to overwrite a checkpoint."""
+    exists = os.path.exists(ckpt_path)
+    init_from = cfg.init_from
+    if init_from == "auto":
+        init_from = "resume" if exists else "scratch"
+    if init_from == "resume" and not exists:
+        raise CheckpointError(f"init_from=resume but there is no checkpoint at {ckpt_path}")
+    if init_from != "resume" and exists and not (cfg.overwrite or cfg.eval_only):
+        raise CheckpointError(f"{ckpt_path} already exists: pass --init_from=resume to "
+                              "continue it, or --overwrite=true to start afresh over it")
+    return init_from
 
 
-def all_reduce_mean(values, world_size, device):
-    """Average a list of floats over all ranks (every rank must call this)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_size > 1:
-        torch.distributed.all_reduce(t)
-    return (t / world_size).tolist()
+def model_fields(cfg):
+    return {f.name: getattr(cfg, f.name) for f in fields(GPTConfig) if hasattr(cfg, f.name)}
 
 
-@torch.no_grad()
-def estimate_loss(model, data, cfg, ctx, rank, world_size, device):
-    """Mean loss per split: over the same eval_iters random batches at every evaluation, or,
-    with eval_iters=0, over every block of the split, each token predicted once.
+def scratch_config(cfg, meta):
+    """The shape of a model trained from scratch on the dataset that meta describes; the
+    padding ids of its vocabulary (see accounting.padded_vocab_size) are never targets."""
+    vocab = accounting.padded_vocab_size(meta["vocab_size"])
+    return config_from_dict({**model_fields(cfg), "vocab_size": vocab})
 
-    Fixed batches make successive evaluations comparable; the ranks share the batches out
-    and average, so the estimate does not depend on the number of processes."""
-    model.eval()
-    out = {}
-    for split, code in (("train", TRAIN), ("val", VAL)):
-        if cfg.eval_iters:
-            batches = (data[split].get_batch((cfg.seed, code + 2, k), cfg.batch_size,
-                                             cfg.block_size, device)
-                       for k in range(cfg.eval_iters))
-        else:
-            batches = data[split].windows(cfg.block_size, cfg.batch_size, device)
-        total, count = 0.0, 0
-        # A progress bar for rank 0 at a terminal: a whole-split evaluation takes a while.
-        quiet = not (rank == 0 and sys.stderr.isatty())
-        batches = tqdm(batches, desc=f"eval {split}", leave=False, disable=quiet)
-        for k, (x, y) in enumerate(batches):
-            if k % world_size == rank:
-                with ctx:
-                    _, loss = model(x, y)
-                total, count = total + loss.item() * y.numel(), count + y.numel()
-        total, count = all_reduce_mean([total, count], world_size, device)
-        out[split] = total / count
-    model.train()
-    return out
+
+def init_model(cfg, meta):
+    """(model, cfg, checkpoint): a new model, or the checkpoint's (which is returned too, for
+    its optimizer state), or OpenAI's weights; cfg with the shape of the model as built."""
+    if cfg.init_from == "scratch":
+        return GPT(scratch_config(cfg, meta)), cfg, None
+    if cfg.init_from not in ("resume", *GPT2_SIZES) and not os.path.isdir(cfg.init_from):
+        raise ConfigError(f"init_from={cfg.init_from!r}: expected scratch, resume, auto, "
+                          f"one of {', '.join(GPT2_SIZES)}, or a directory of GPT-2 weights")
+    model, model_meta, ckpt = load_model(cfg.init_from, cfg.out_dir, cfg.dropout)
+    if ckpt is not None:
+        if any(model_meta.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
+            raise CheckpointError(f"the checkpoint in {cfg.out_dir} was trained with another "
+                                  "tokenizer or vocabulary than this dataset's meta.json")
+        # A run from scratch took its shape from the config, which must still say the same.
+        for name, value in model_fields(cfg).items():
+            saved = ckpt["model_args"][name]
+            if ckpt["origin"] == "scratch" and name not in ("dropout", "vocab_size") and (
+                    saved != value):
+                raise CheckpointError(
+                    f"checkpoint in {cfg.out_dir} has {name}={saved} but the config "
+                    f"says {value}: pass --{name}={saved} or use another out_dir")
+    # Pretrained weights, and a finetuning run resumed, bring their own shape.
+    shape = {name: getattr(model.config, name)
+             for name in ("n_layer", "n_head", "n_embd", "bias", "rope", "qk_norm", "relu2")}
+    if cfg.block_size > model.config.block_size:
+        raise ConfigError(f"block_size {cfg.block_size} exceeds the pretrained model's "
+                          f"{model.config.block_size}")
+    return model, replace(cfg, **shape), ckpt
 
 
 def check_vocab(meta, data, vocab_size, data_dir):
@@ -123,90 +132,38 @@ def check_vocab(meta, data, vocab_size, data_dir):
             split.check_vocab(vocab_size)
 
 
-def check_writable(out_dir):
-    """Create out_dir and prove a file can be written there, before any work is done."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise ConfigError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
+@dataclass
+class Run:
+    """What setup() decided, for the loop to use."""
+    cfg: TrainConfig  # the settings as this run uses them (init_from resolved, model shape)
+    rank: int  # this process among world_size; rank 0 prints, logs and saves
+    world_size: int
+    device: str
+    dtype: torch.dtype
+    ctx: object  # autocast for the forward pass (a no-op in float32)
+    scaler: torch.amp.GradScaler  # float16's loss scaling (disabled otherwise)
+    data: dict  # "train" and "val": TokenData
+    meta: dict  # the dataset's meta.json, saved with each checkpoint
+    raw_model: GPT  # the model itself, whose state_dict is saved
+    model: torch.nn.Module  # what the loop runs: raw_model, compiled and DDP-wrapped as asked
+    optimizer: torch.optim.Optimizer
+    micro_steps: int  # forward/backward passes per iteration on each rank
+    iter_num: int  # the iteration to start from
+    best_val_loss: float
+    origin: str  # scratch, or the pretrained weights the run began from
+    ckpt_path: str
 
 
-def model_fields(cfg):
-    return {f.name: getattr(cfg, f.name) for f in fields(GPTConfig) if hasattr(cfg, f.name)}
-
-
-def init_model(cfg, meta, ckpt):
-    """Build the model: from the checkpoint's shape on resume, OpenAI weights, or scratch."""
-    if ckpt is not None:
-        tokenizer_keys = ("tokenizer", "vocab_size", "chars")
-        if any(ckpt["meta"].get(k) != meta.get(k) for k in tokenizer_keys):
-            raise CheckpointError(f"the checkpoint in {cfg.out_dir} was trained with another "
-                                  "tokenizer or vocabulary than this dataset's meta.json")
-        saved = ckpt["model_args"]
-        # A run from scratch took its shape from the config, which must still say the same;
-        # a finetuning run took it from the pretrained weights, as its resumption does.
-        for name, value in model_fields(cfg).items():
-            if name in ("dropout", "vocab_size") or saved[name] == value:
-                continue
-            if ckpt["origin"] == "scratch":
-                raise CheckpointError(
-                    f"checkpoint in {cfg.out_dir} has {name}={saved[name]} but the config "
-                    f"says {value}: pass --{name}={saved[name]} or use another out_dir")
-            setattr(cfg, name, saved[name])
-        model = GPT(config_from_dict({**saved, "dropout": cfg.dropout}))
-        model.load_state_dict(ckpt["model"])
-        return model
-    if cfg.init_from in GPT2_SIZES or os.path.isdir(cfg.init_from):
-        model = load_pretrained(cfg.init_from, dropout=cfg.dropout)
-        for name in ("n_layer", "n_head", "n_embd", "bias"):
-            setattr(cfg, name, getattr(model.config, name))  # the checkpoint's shape wins
-        if cfg.block_size > model.config.block_size:
-            raise ConfigError(f"block_size {cfg.block_size} exceeds the pretrained model's "
-                              f"{model.config.block_size}")
-        return model
-    if cfg.init_from != "scratch":
-        raise ConfigError(f"init_from={cfg.init_from!r}: expected scratch, resume, auto, "
-                          f"one of {', '.join(GPT2_SIZES)}, or a directory of GPT-2 weights")
-    return GPT(scratch_config(cfg, meta))
-
-
-def scratch_config(cfg, meta):
-    """The shape of a model trained from scratch on the dataset that meta describes; the
-    padding ids of its vocabulary (see accounting.padded_vocab_size) are never targets."""
-    vocab = accounting.padded_vocab_size(meta["vocab_size"])
-    return config_from_dict({**model_fields(cfg), "vocab_size": vocab})
-
-
-def resolve_init(cfg, ckpt_path):
-    """Turn init_from=auto into resume or scratch; refuse to overwrite a checkpoint."""
-    exists = os.path.exists(ckpt_path)
-    if cfg.init_from == "auto":
-        cfg.init_from = "resume" if exists else "scratch"
-    if cfg.init_from == "resume" and not exists:
-        raise CheckpointError(f"init_from=resume but there is no checkpoint at {ckpt_path}")
-    if cfg.init_from != "resume" and exists and not (cfg.overwrite or cfg.eval_only):
-        raise CheckpointError(f"{ckpt_path} already exists: pass --init_from=resume to "
-                              "continue it, or --overwrite=true to start afresh over it")
-
-
-def train(cfg):
-    """Run the training loop that cfg describes; returns the final validation loss."""
+def setup(cfg):
+    """Turn the settings into a ready run: processes, device and precision, data, the model
+    (new, resumed or pretrained) and its optimizer. Rank 0 prints what the run will cost."""
     rank, local_rank, world_size = runtime.setup_distributed(cfg.backend, cfg.ddp_timeout)
-    master = rank == 0
-    device = runtime.pick_device(cfg.device)
-    if device == "cuda" and world_size > 1:
-        device = f"cuda:{local_rank}"
-    dtype = runtime.pick_dtype(cfg.dtype, device)
-    ctx = runtime.autocast(device, dtype)
+    device = runtime.pick_device(cfg.device, local_rank if world_size > 1 else None)
+    dtype, ctx, scaler = runtime.training_precision(cfg.dtype, device)
     if cfg.gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) "
                           f"must be divisible by the number of processes ({world_size})")
-    micro_steps = cfg.gradient_accumulation_steps // world_size
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere+
-    torch.backends.cudnn.allow_tf32 = True
-
-    if master:
+    if rank == 0:
         check_writable(cfg.out_dir)
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb_log=true needs the wandb package: pip install wandb")
@@ -214,131 +171,111 @@ def train(cfg):
     meta = load_meta(data_dir)
     data = {split: TokenData(data_dir, split) for split in ("train", "val")}
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    resolve_init(cfg, ckpt_path)
-    ckpt = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
-    origin = ckpt["origin"] if ckpt else cfg.init_from  # scratch, or the pretrained weights
+    cfg = replace(cfg, init_from=resolve_init(cfg, ckpt_path))
     torch.manual_seed(cfg.seed)
-    model = init_model(cfg, meta, ckpt).to(device)
-    check_vocab(meta, data, model.config.vocab_size, data_dir)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                           (cfg.beta1, cfg.beta2), device.split(":")[0])
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
-    iter_num, best_val_loss = 0, float("inf")
+    raw_model, cfg, ckpt = init_model(cfg, meta)
+    raw_model.to(device)
+    check_vocab(meta, data, raw_model.config.vocab_size, data_dir)
+    optimizer = make_optimizer(raw_model, cfg, device)
+    iter_num, best_val_loss, origin = 0, float("inf"), cfg.init_from
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        iter_num, best_val_loss, origin = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["origin"]
         del ckpt  # free the CPU copy of the weights and optimizer state
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    ddp_model = model
+    model = torch.compile(raw_model) if cfg.compile else raw_model
     if world_size > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
+        model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.startswith("cuda") else None)
-
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter
-    peak = runtime.peak_flops(device, dtype)
-    if master:
+    if rank == 0:
         print(json.dumps(asdict(cfg), indent=1))
         print(accounting.report(cfg, world_size, raw_model.config))
         print(f"{world_size} process(es) on {device} in {str(dtype).removeprefix('torch.')}; "
-              f"{raw_model.num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens "
-              f"per iteration; starting at iteration {iter_num}")
-    log = MetricsLog(cfg, master, resumed=iter_num > 0)
+              f"{raw_model.num_params() / 1e6:.2f}M parameters; "
+              f"{accounting.tokens_per_iter(cfg):,} tokens per iteration; starting at "
+              f"iteration {iter_num}")
+    return Run(cfg, rank, world_size, device, dtype, ctx, scaler, data, meta, raw_model, model,
+               optimizer, cfg.gradient_accumulation_steps // world_size, iter_num,
+               best_val_loss, origin, ckpt_path)
 
-    def save(iter_num):
-        if master:
-            save_checkpoint({
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "config": asdict(cfg),
-                "model_args": asdict(raw_model.config), "meta": meta, "origin": origin,
-                "iter_num": iter_num, "best_val_loss": best_val_loss}, ckpt_path)
 
-    start_iter, t_start = iter_num, time.time()
-    t_last, val_loss, stopping = time.time(), None, False
-    signals = StopSignals()
-    try:
-        while True:
-            evaluate = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
-            # A resumed run already evaluated its first iteration before it was saved.
-            resumed_here = iter_num == start_iter > 0 and not cfg.eval_only
-            if (evaluate or cfg.eval_only) and not resumed_here:
-                losses = estimate_loss(model, data, cfg, ctx, rank, world_size, device)
-                val_loss = losses["val"]
-                elapsed = time.time() - t_start  # since this process's loop began
-                log.write(iter=iter_num, train_loss=losses["train"], val_loss=val_loss,
-                          elapsed_s=round(elapsed, 2))
-                if master:
-                    print(f"eval {iter_num}: train loss {losses['train']:.4f}, "
-                          f"val loss {val_loss:.4f} ({elapsed:.1f} s)")
-                improved = val_loss < best_val_loss
-                best_val_loss = min(best_val_loss, val_loss)
-                if (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
-                    save(iter_num)
-            if stopping:
-                save(iter_num)
-                if master:
-                    print(f"stopped by a signal after iteration {iter_num}; checkpoint saved "
-                          f"to {ckpt_path}: resume with --init_from=resume", flush=True)
-                break
-            if iter_num >= cfg.max_iters or cfg.eval_only:
-                break
+# ----------------------------------------------------------------------------- the loop's parts
 
-            lr = get_lr(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Dropout draws from the global generator: seed it per step and rank, so a resumed
-            # run draws the same masks as the uninterrupted one without saving generator state.
-            torch.manual_seed(step_seed(cfg.seed, iter_num, rank))
-            # Global micro-step index: ranks take consecutive slices of the global batch.
-            batches = (data["train"].get_batch((cfg.seed, TRAIN, iter_num,
-                                                rank * micro_steps + micro),
-                                               cfg.batch_size, cfg.block_size, device)
-                       for micro in range(micro_steps))
-            loss_sum, norm = accumulate_gradients(ddp_model, optimizer, scaler, ctx, batches,
-                                                  micro_steps, cfg.grad_clip)
-            # float16's scaler skips steps with infinite gradients by design; elsewhere a
-            # non-finite norm means the weights would be ruined. Ranks must agree on stopping,
-            # so both flags travel in one all-reduce (a max): one small collective per step.
-            diverged = ~torch.isfinite(loss_sum if scaler.is_enabled() else norm)
-            flags = torch.stack([torch.tensor(signals.received, device=device), diverged])
-            if world_size > 1:
-                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            if flags[1]:
-                raise TrainingError(
-                    f"iteration {iter_num}: the loss or gradient norm is not finite (loss "
-                    f"{float(loss_sum):.4g}, gradient norm {float(norm):.4g}); stopped before "
-                    f"the update, the last checkpoint in {cfg.out_dir} is untouched. Try a "
-                    "lower learning_rate or a longer warmup_iters")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            stopping = bool(flags[0])
+def all_reduce_mean(values, run):
+    """Average a list of floats over all ranks (every rank must call this)."""
+    t = torch.tensor(values, dtype=torch.float64, device=run.device)
+    if run.world_size > 1:
+        torch.distributed.all_reduce(t)
+    return (t / run.world_size).tolist()
 
-            if iter_num % cfg.log_interval == 0:
-                loss_value = all_reduce_mean([float(loss_sum)], world_size, device)[0]
-                now = time.time()
-                dt = (now - t_last) / cfg.log_interval
-                t_last = now
-                tokens_per_sec = tokens_per_iter / dt
-                mfu = flops_per_iter / dt / (peak * world_size) if peak else None
-                eta = (now - t_start) / (iter_num - start_iter) * (cfg.max_iters - iter_num)
-                log.write(iter=iter_num, loss=loss_value, lr=lr, ms=dt * 1000,
-                          tokens_per_sec=tokens_per_sec, mfu=mfu)
-                if master:
-                    mfu_text = f"{mfu * 100:.1f}%" if mfu is not None else "n/a"
-                    print(f"iter {iter_num}/{cfg.max_iters} | loss {loss_value:.4f} | lr "
-                          f"{lr:.2e} | {dt * 1000:.1f} ms | {tokens_per_sec:,.0f} tok/s | mfu "
-                          f"{mfu_text} | eta {format_duration(eta)}", flush=True)
-    finally:
-        signals.restore()
-        log.close()
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
-    return val_loss
+
+@torch.no_grad()
+def estimate_loss(run):
+    """Mean loss per split: over the same eval_iters random batches at every evaluation, or,
+    with eval_iters=0, over every block of the split, each token predicted once.
+
+    Fixed batches make successive evaluations comparable; the ranks share the batches out
+    and average, so the estimate does not depend on the number of processes."""
+    cfg = run.cfg
+    run.model.eval()
+    out = {}
+    for split in ("train", "val"):
+        if cfg.eval_iters:
+            batches = (run.data[split].get_batch((cfg.seed, EVAL_BATCHES[split], k),
+                                                 cfg.batch_size, cfg.block_size, run.device)
+                       for k in range(cfg.eval_iters))
+        else:
+            batches = run.data[split].windows(cfg.block_size, cfg.batch_size, run.device)
+        total, count = 0.0, 0
+        # A progress bar for rank 0 at a terminal: a whole-split evaluation takes a while.
+        quiet = not (run.rank == 0 and sys.stderr.isatty())
+        for k, (x, y) in enumerate(tqdm(batches, desc=f"eval {split}", leave=False,
+                                        disable=quiet)):
+            if k % run.world_size == run.rank:
+                with run.ctx:
+                    _, loss = run.model(x, y)
+                total, count = total + loss.item() * y.numel(), count + y.numel()
+        total, count = all_reduce_mean([total, count], run)
+        out[split] = total / count
+    run.model.train()
+    return out
+
+
+def save(run, iter_num):
+    """Rank 0 writes the checkpoint: everything needed to continue exactly."""
+    if run.rank == 0:
+        save_checkpoint({
+            "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "config": asdict(run.cfg),
+            "model_args": asdict(run.raw_model.config), "meta": run.meta, "origin": run.origin,
+            "iter_num": iter_num, "best_val_loss": run.best_val_loss}, run.ckpt_path)
+
+
+def evaluate_and_checkpoint(run, iter_num, log):
+    """Estimate both losses and log them; save on a new best validation loss, or at every
+    evaluation with always_save_checkpoint. Returns the validation loss."""
+    losses = estimate_loss(run)
+    log.evaluation(iter_num, losses)
+    improved = losses["val"] < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, losses["val"])
+    if (improved or run.cfg.always_save_checkpoint) and not run.cfg.eval_only:
+        save(run, iter_num)
+    return losses["val"]
+
+
+def train_batches(run, iter_num):
+    """This rank's micro-batches of iteration iter_num. Micro-steps are numbered across all
+    ranks, and the ranks take consecutive slices, so the global batch is the same for any
+    number of processes."""
+    cfg = run.cfg
+    for micro in range(run.micro_steps):
+        key = (cfg.seed, TRAIN_BATCHES, iter_num, run.rank * run.micro_steps + micro)
+        yield run.data["train"].get_batch(key, cfg.batch_size, cfg.block_size, run.device)
+
+
+def step_seed(*numbers):
+    """A 63-bit seed that is a pure function of the given integers."""
+    return int(np.random.SeedSequence(numbers).generate_state(2, np.uint64)[0] >> 1)
 
 
 class TrainingError(RuntimeError):
@@ -351,8 +288,8 @@ class StopSignals:
 
     def __init__(self):
         self.received = False
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT,
-                                                                     signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self._handle)
+                         for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         if self.received and signum == signal.SIGINT:
@@ -366,24 +303,24 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def accumulate_gradients(model, optimizer, scaler, ctx, batches, micro_steps, grad_clip):
-    """Forward and backward over one iteration's micro_steps batches (x, y), the gradient
-    averaged over them, then unscaled and clipped (grad_clip 0: not clipped). Returns the
-    mean loss and the gradient norm, as tensors. The caller takes the optimizer step.
+def should_stop(signals, loss, norm, run, iter_num):
+    """True when any rank was asked to stop: every rank gets the same answer, so all stop
+    after the same iteration. Raises TrainingError if any rank's loss or gradient norm is
+    not finite, before the update can ruin the weights.
 
-    Under DDP (model wrapped), only the last backward all-reduces the gradients."""
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    loss_sum = 0.0
-    for micro, (x, y) in enumerate(batches):
-        last = micro == micro_steps - 1
-        with (model.no_sync() if ddp and not last else nullcontext()), ctx:
-            _, loss = model(x, y)
-            loss = loss / micro_steps
-        scaler.scale(loss).backward()
-        loss_sum += loss.detach()
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    return loss_sum, norm
+    float16's scaler skips steps with infinite gradients by design, so there only the loss
+    counts. Both flags travel in one all-reduce (a max): one small collective per step."""
+    diverged = ~torch.isfinite(loss if run.scaler.is_enabled() else norm)
+    flags = torch.stack([torch.tensor(signals.received, device=run.device), diverged])
+    if run.world_size > 1:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    if flags[1]:
+        raise TrainingError(
+            f"iteration {iter_num}: the loss or gradient norm is not finite (loss "
+            f"{float(loss):.4g}, gradient norm {float(norm):.4g}); stopped before the "
+            f"update, the last checkpoint in {run.cfg.out_dir} is untouched. Try a lower "
+            "learning_rate or a longer warmup_iters")
+    return bool(flags[0])
 
 
 def format_duration(seconds):
@@ -393,17 +330,23 @@ def format_duration(seconds):
 
 
 class MetricsLog:
-    """Rank 0's metrics.jsonl (one JSON object per line), and optionally Weights & Biases."""
+    """The run's figures: printed by rank 0, and written to metrics.jsonl (one JSON object
+    per line) and optionally to Weights & Biases."""
 
-    def __init__(self, cfg, master, resumed):
-        self.file = self.wandb = None
-        if not master:
-            return
-        self.file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if resumed else "w")
-        if cfg.wandb_log:
-            import wandb  # optional: only needed when asked for
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
-                                    config=asdict(cfg))
+    def __init__(self, run):
+        self.run, self.file, self.wandb = run, None, None
+        cfg = run.cfg
+        self.tokens_per_iter = accounting.tokens_per_iter(cfg)
+        self.flops_per_iter = run.raw_model.flops_per_token(cfg.block_size) * self.tokens_per_iter
+        self.peak = accounting.peak_flops(run.device, run.dtype)
+        if run.rank == 0:
+            mode = "a" if run.iter_num > 0 else "w"  # a resumed run continues its log
+            self.file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), mode)
+            if cfg.wandb_log:
+                import wandb  # optional: only needed when asked for
+                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
+                                        config=asdict(cfg))
+        self.t_start = self.t_last = time.time()  # the loop starts now
 
     def write(self, **row):
         if self.file is None:
@@ -413,21 +356,100 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log(row, step=row["iter"])
 
+    def evaluation(self, iter_num, losses):
+        elapsed = time.time() - self.t_start  # since this process's loop began
+        self.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"],
+                   elapsed_s=round(elapsed, 2))
+        if self.run.rank == 0:
+            print(f"eval {iter_num}: train loss {losses['train']:.4f}, "
+                  f"val loss {losses['val']:.4f} ({elapsed:.1f} s)")
+
+    def step(self, iter_num, loss, lr):
+        """Every log_interval iterations: the loss averaged over the ranks (every rank calls
+        this), the time per iteration, throughput, MFU and the time left."""
+        cfg = self.run.cfg
+        loss = all_reduce_mean([float(loss)], self.run)[0]
+        now = time.time()
+        dt, self.t_last = (now - self.t_last) / cfg.log_interval, now
+        mfu = self.flops_per_iter / dt / (self.peak * self.run.world_size) if self.peak else None
+        eta = (now - self.t_start) / (iter_num - self.run.iter_num) * (cfg.max_iters - iter_num)
+        self.write(iter=iter_num, loss=loss, lr=lr, ms=dt * 1000,
+                   tokens_per_sec=self.tokens_per_iter / dt, mfu=mfu)
+        if self.run.rank == 0:
+            mfu_text = f"{mfu * 100:.1f}%" if mfu is not None else "n/a"
+            print(f"iter {iter_num}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
+                  f"{dt * 1000:.1f} ms | {self.tokens_per_iter / dt:,.0f} tok/s | mfu "
+                  f"{mfu_text} | eta {format_duration(eta)}", flush=True)
+
     def close(self):
         if self.file is not None:
             self.file.close()
 
 
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg):
+    """Run the training that cfg describes; returns the last validation loss."""
+    run = setup(cfg)
+    cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
+    log, signals = MetricsLog(run), StopSignals()
+    iter_num, val_loss, stopping = run.iter_num, None, False
+    # A resumed run evaluated its first iteration, and saved, before it stopped: doing it
+    # again would log that iteration twice. (--eval_only evaluates whatever the iteration.)
+    already_evaluated = run.iter_num if run.iter_num > 0 and not cfg.eval_only else None
+    try:
+        while True:
+            # evaluate the losses and checkpoint, when due
+            due = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
+            if (due or cfg.eval_only) and iter_num != already_evaluated:
+                val_loss = evaluate_and_checkpoint(run, iter_num, log)
+            if stopping:
+                save(run, iter_num)
+                if run.rank == 0:
+                    print(f"stopped by a signal after iteration {iter_num}; checkpoint saved "
+                          f"to {run.ckpt_path}: resume with --init_from=resume", flush=True)
+                break
+            if iter_num >= cfg.max_iters or cfg.eval_only:
+                break
+
+            # the learning rate of this iteration
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Dropout draws from the global generator: seed it per step and rank, so a resumed
+            # run draws the same masks as the uninterrupted one without saving generator state.
+            torch.manual_seed(step_seed(cfg.seed, iter_num, run.rank))
+            # forward and backward over the micro-steps, then clip the gradients
+            loss = forward_backward(model, train_batches(run, iter_num), run.ctx, scaler,
+                                    run.micro_steps)
+            norm = clip_gradients(model, optimizer, scaler, cfg.grad_clip)
+            stopping = should_stop(signals, loss, norm, run, iter_num)  # raises if diverged
+            # the update (float16's scaler skips it if the gradients overflowed)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+
+            if iter_num % cfg.log_interval == 0:
+                log.step(iter_num, loss, lr)
+    finally:
+        signals.restore()
+        log.close()
+    if run.world_size > 1:
+        torch.distributed.destroy_process_group()
+    return val_loss
+
+
 def print_estimate(cfg):
     """--estimate: the run's cost, from the config and the dataset's vocabulary, no training."""
-    world_size = cfg.estimate_gpus
     try:
         meta = load_meta(cfg.data_dir or str(ROOT / "data" / cfg.dataset))
     except DataError:
         meta = {"vocab_size": 50257}
         print(f"(dataset {cfg.dataset} not prepared: assuming GPT-2's vocabulary)")
-    print(accounting.report(cfg, world_size, scratch_config(cfg, meta)))
-    print(accounting.estimate(cfg, world_size, scratch_config(cfg, meta), cfg.estimate_mfu))
+    model_config = scratch_config(cfg, meta)
+    print(accounting.report(cfg, cfg.estimate_gpus, model_config))
+    print(accounting.estimate(cfg, cfg.estimate_gpus, model_config, cfg.estimate_mfu))
 
 
 def main(argv=None):

@@ -22,6 +22,7 @@ import runtime  # noqa: E402
 from bench import train_step  # noqa: E402
 from config import TrainConfig, parse_config  # noqa: E402
 from model import GPT, config_from_dict  # noqa: E402
+from step import make_optimizer  # noqa: E402
 
 RECIPE = ROOT / "config" / "train_shakespeare_char_cpu.toml"
 VOCAB = 65  # Tiny Shakespeare's characters
@@ -39,11 +40,9 @@ def make_step(cfg, options):
     with cfg's shape and the given options changed."""
     torch.manual_seed(0)
     model = GPT(config_from_dict({**asdict(cfg), "vocab_size": VOCAB, **options}))
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                           (cfg.beta1, cfg.beta2), "cpu")
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    optimizer = make_optimizer(model, cfg, "cpu")
+    _, ctx, scaler = runtime.training_precision("float32", "cpu")
     batch = [tuple(torch.randint(VOCAB, (cfg.batch_size, cfg.block_size)) for _ in range(2))]
-    ctx = runtime.autocast("cpu", torch.float32)
     return lambda: train_step(model, optimizer, scaler, ctx, batch, cfg.grad_clip)
 
 

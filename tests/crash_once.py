@@ -18,8 +18,8 @@ get_batch = dataset.TokenData.get_batch
 
 
 def failing_get_batch(self, key, *args, **kwargs):
-    if key[1] == train.TRAIN and key[2] == FAIL_AT and first_attempt \
-            and os.environ.get("RANK", "0") == FAIL_RANK:
+    if (key[1] == train.TRAIN_BATCHES and key[2] == FAIL_AT and first_attempt
+            and os.environ.get("RANK", "0") == FAIL_RANK):
         os._exit(13)  # no cleanup, no goodbye: like a machine that vanished
     return get_batch(self, key, *args, **kwargs)
 

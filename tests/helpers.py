@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 # A 2-layer, 32-wide model that trains in a fraction of a second per step on a CPU.
@@ -44,3 +46,27 @@ def read_metrics(out_dir):
 def train_losses(rows):
     """{iteration: training loss}; a later row for the same iteration wins."""
     return {r["iter"]: r["loss"] for r in rows if "loss" in r}
+
+
+def hub_state(model):
+    """Our GPT's weights as OpenAI's GPT-2 files name and lay them out: no "transformer."
+    prefix, no lm_head (it is tied to wte), and the Conv1D weights as (in, out)."""
+    from model import CONV1D_WEIGHTS
+    return {k.removeprefix("transformer."): (v.t() if k.endswith(CONV1D_WEIGHTS) else v)
+            for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def write_gpt2_folder(folder, state, config, fmt="safetensors"):
+    """A folder as the hub holds GPT-2: config.json (config: n_layer, n_head, n_embd,
+    n_positions, vocab_size) and state, in the hub's names, as model.safetensors or
+    pytorch_model.bin."""
+    from safetensors.torch import save_file  # test-only dependency
+    folder = Path(folder)
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    state = {k: v.contiguous() for k, v in state.items()}
+    if fmt == "safetensors":
+        save_file(state, str(folder / "model.safetensors"))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder

@@ -52,13 +52,13 @@ def test_gpt2_estimate_on_8_a100_by_hand():
     table = accounting.estimate(RUN, 8, GPT2, mfu=0.4)
     a100 = next(line for line in table.splitlines() if line.startswith("A100"))
     assert a100.split() == ["A100", "bfloat16", "312", "400", "2.9", "days", "561", "225"]
-    assert runtime.BOARD_WATTS["A100"] == 400
+    assert accounting.BOARD_WATTS["A100"] == 400
 
 
 def test_estimate_lists_every_board_with_its_power():
-    assert set(runtime.BOARD_WATTS) == set(runtime.PEAK_FLOPS)
+    assert set(accounting.BOARD_WATTS) == set(accounting.PEAK_FLOPS)
     rows = accounting.estimate(RUN, 1, GPT2).splitlines()[3:]
-    assert [row.split()[0] for row in rows] == [b.split()[0] for b in runtime.PEAK_FLOPS]
+    assert [row.split()[0] for row in rows] == [b.split()[0] for b in accounting.PEAK_FLOPS]
     assert "float16" in next(row for row in rows if row.startswith("V100"))  # no bfloat16
     with pytest.raises(ValueError, match="mfu"):
         accounting.estimate(RUN, 1, GPT2, mfu=0)
@@ -87,8 +87,9 @@ def test_gpt2_memory_by_hand():
 def test_counts_on_the_meta_device_match_a_real_model(shape):
     config = GPTConfig(**shape)
     model = GPT(config)
-    assert accounting.num_params(config, non_embedding=False) == \
-        sum(p.numel() for p in model.parameters()) == model.num_params(non_embedding=False)
+    assert (accounting.num_params(config, non_embedding=False)
+            == sum(p.numel() for p in model.parameters())
+            == model.num_params(non_embedding=False))
     assert accounting.num_params(config) == model.num_params(non_embedding=True)
     assert accounting.flops_per_token(config, 12) == model.flops_per_token(12)
 

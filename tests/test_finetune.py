@@ -1,6 +1,5 @@
 """Finetuning and evaluating OpenAI-layout GPT-2 weights with the shipped configs, offline:
 a tiny model in the hub's file layout stands in for the real download."""
-import json
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from dataset import prepare_text
-from helpers import ROOT, quiet_env, read_metrics
+from helpers import ROOT, hub_state, quiet_env, read_metrics, write_gpt2_folder
 from model import GPT, GPTConfig
 
 SMALL = ["--block_size=32", "--batch_size=2", "--gradient_accumulation_steps=2",
@@ -19,22 +18,10 @@ SMALL = ["--block_size=32", "--batch_size=2", "--gradient_accumulation_steps=2",
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
     """A 2-layer GPT-2 with the real vocabulary, saved as the hub's GPT-2 files are."""
-    from safetensors.torch import save_file
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32))
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # tied to wte, and absent from the hub's files
-        if key.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                         "mlp.c_proj.weight")):
-            tensor = tensor.t()  # OpenAI's Conv1D layout
-        state[key.removeprefix("transformer.")] = tensor.contiguous()
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(
-        {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 50257}))
-    return folder
+    return write_gpt2_folder(tmp_path_factory.mktemp("tiny-gpt2"), hub_state(model), dict(
+        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257))
 
 
 @pytest.fixture(scope="module")

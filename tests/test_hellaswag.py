@@ -13,6 +13,7 @@ import torch
 import hellaswag
 from checkpoint import save_checkpoint
 from hellaswag import ending_losses, evaluate, load_examples, render_example
+from helpers import hub_state, write_gpt2_folder
 from model import GPT, GPTConfig
 from tokenizer import GPT2Tokenizer
 
@@ -60,16 +61,9 @@ def examples_file(tmp_path):
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
     """unigram_gpt as OpenAI's files lie on the hub: Conv1D weights (in, out), no lm_head."""
-    from safetensors.torch import save_file
-    folder = tmp_path_factory.mktemp("gpt2-unigram")
-    m = unigram_gpt()
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    state = {k.removeprefix("transformer."): (v.t() if k.endswith(conv1d) else v).contiguous()
-             for k, v in m.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(dict(
-        n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50257, model_type="gpt2")))
-    return folder
+    return write_gpt2_folder(tmp_path_factory.mktemp("gpt2-unigram"), hub_state(unigram_gpt()),
+                             dict(n_layer=1, n_head=2, n_embd=32, n_positions=64,
+                                  vocab_size=50257))
 
 
 def test_ending_losses_score_only_the_ending(gpt2_vocab_path):

@@ -7,6 +7,8 @@ import torch
 from torch.nn import functional as F
 
 import model as model_module
+from checkpoint import load_gpt2
+from helpers import write_gpt2_folder
 from model import GPT, GPTConfig, sample_next
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -135,15 +137,6 @@ def test_greedy_is_argmax():
     assert torch.equal(sample_next(logits, temperature=0).flatten(), logits.argmax(-1))
 
 
-def test_optimizer_decays_only_2d_weights():
-    m = tiny_model()
-    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    decay, no_decay = opt.param_groups
-    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
-    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
-
-
 def test_residual_projections_are_scaled():
     m = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, vocab_size=100, block_size=32))
     std = m.transformer.h[0].mlp.c_proj.weight.std().item()
@@ -167,21 +160,14 @@ def reference_gpt2():
 
 def write_hub_layout(ref, folder, fmt):
     """The files as OpenAI's GPT-2 lies on the hub: no "transformer." prefix, no lm_head."""
-    import json
-    from safetensors.torch import save_file
-    folder.mkdir()
     cfg = ref.config
-    (folder / "config.json").write_text(json.dumps(dict(
-        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions,
-        vocab_size=cfg.vocab_size, model_type="gpt2")))
-    state = {k.removeprefix("transformer."): v.contiguous()
+    state = {k.removeprefix("transformer."): v
              for k, v in ref.state_dict().items() if not k.startswith("lm_head")}
     for i in range(cfg.n_layer):  # the old files also carry the causal-mask buffer
         state[f"h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32).tril()
-    if fmt == "safetensors":
-        save_file(state, str(folder / "model.safetensors"))
-    else:
-        torch.save(state, folder / "pytorch_model.bin")
+    write_gpt2_folder(folder, state, dict(n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                          n_embd=cfg.n_embd, n_positions=cfg.n_positions,
+                                          vocab_size=cfg.vocab_size), fmt)
 
 
 @pytest.mark.parametrize("layout", ["save_pretrained", "hub_safetensors", "hub_bin"])
@@ -192,7 +178,7 @@ def test_golden_logits_match_transformers(tmp_path, layout):
         ref.save_pretrained(folder)
     else:
         write_hub_layout(ref, folder, layout.removeprefix("hub_"))
-    ours = GPT.from_pretrained(str(folder)).eval()
+    ours = load_gpt2(str(folder)).eval()
     idx = torch.randint(0, 100, (2, 32))
     with torch.no_grad():
         expected = ref(idx).logits
@@ -206,13 +192,13 @@ def test_golden_logits_match_transformers(tmp_path, layout):
 
 def test_from_pretrained_rejects_unknown_names_and_mismatched_weights(tmp_path):
     with pytest.raises(ValueError, match="unknown model"):
-        GPT.from_pretrained("gpt3")
+        load_gpt2("gpt3")
     ref = reference_gpt2()
     ref.save_pretrained(tmp_path)
     cfg = (tmp_path / "config.json").read_text().replace('"n_embd": 32', '"n_embd": 64')
     (tmp_path / "config.json").write_text(cfg)
     with pytest.raises(ValueError, match="shape"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
 
 
 # The modern options keep every contract: causality, cache equivalence, SDPA equivalence.

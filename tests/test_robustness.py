@@ -173,13 +173,13 @@ def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_weights_carrying_code_are_refused_and_run_nothing(tmp_path):
-    from model import GPT
+    from checkpoint import load_gpt2
     marker = tmp_path / "pwned"
     (tmp_path / "config.json").write_text(
         '{"n_layer": 1, "n_head": 1, "n_embd": 8, "n_positions": 8, "vocab_size": 10}')
     torch.save({"wte.weight": Payload(str(marker))}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="refused to load"):
-        GPT.from_pretrained(str(tmp_path))
+        load_gpt2(str(tmp_path))
     assert not marker.exists()
 
 
