@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset import ArgumentParser, DataError, replace_atomically, replacing_dataset
+from data.preparation import ArgumentParser, replace_atomically, replacing_dataset
+from dataset import DataError
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 

@@ -26,7 +26,8 @@ from torch.nn import functional as F
 import runtime
 from checkpoint import CheckpointError
 from config import ConfigError, run_main
-from dataset import DataError, download
+from data.preparation import download
+from dataset import DataError
 from sample import load_model
 from tokenizer import GPT2Tokenizer
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataset import DataError, TokenData, download, load_meta, prepare_text
+from data.preparation import download, prepare_text
+from dataset import DataError, TokenData, load_meta
 from tokenizer import get_tokenizer, tokenizer_from_meta
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from dataset import prepare_text
+from data.preparation import prepare_text
 from helpers import ROOT, quiet_env, read_metrics
 from model import GPT, GPTConfig
 
