@@ -26,7 +26,8 @@ from torch.nn import functional as F
 import runtime
 from checkpoint import CheckpointError, load_model
 from config import ConfigError, check_dtype, run_main
-from dataset import DataError, download
+from data.preparation import download
+from dataset import DataError
 from tokenizer import GPT2Tokenizer
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"

@@ -42,7 +42,7 @@ def gpt2_vocab_path() -> Path:
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory, shakespeare_path):
     """A character dataset of the first 100,000 characters of Tiny Shakespeare."""
-    from dataset import prepare_text
+    from data.preparation import prepare_text
     folder = tmp_path_factory.mktemp("shakespeare_char")
     prepare_text(shakespeare_path.read_text()[:100_000], folder, "char")
     return folder

@@ -26,7 +26,7 @@ STEPS = ["--max_iters=1", "--eval_interval=1", "--eval_iters=1"]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, char_data, gpt2_vocab_path):
     """The files the commands run against, as a dict of names for the tables' {placeholders}."""
-    from corpus import prepare_corpus
+    from data.corpus import prepare_corpus
     root = tmp_path_factory.mktemp("world")
     data = root / "data"
     shutil.copytree(char_data, data)

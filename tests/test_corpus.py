@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from corpus import iter_documents, prepare_corpus
+from data.corpus import iter_documents, prepare_corpus
 from dataset import DataError, TokenData
 from tokenizer import EOT, GPT2Tokenizer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from dataset import prepare_text
+from data.preparation import prepare_text
 from helpers import ROOT, hub_state, quiet_env, read_metrics, write_gpt2_folder
 from model import GPT, GPTConfig
 

@@ -207,7 +207,7 @@ def test_a_checkpoint_of_another_shape_is_a_clear_error(char_data, tmp_path):
 
 def test_resuming_on_a_dataset_with_another_vocabulary_is_refused(char_data, shakespeare_path,
                                                                  tmp_path):
-    from dataset import prepare_text
+    from data.preparation import prepare_text
     out = tmp_path / "out"
     run_train(["--max_iters=1", "--eval_interval=1"], char_data, out)
     other = tmp_path / "other"

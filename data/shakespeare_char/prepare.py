@@ -8,7 +8,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repo root, so this runs from any folder
 
-from dataset import shakespeare_main  # noqa: E402
+from data.preparation import shakespeare_main  # noqa: E402
 
 
 def main(argv=None):

@@ -2,8 +2,8 @@
 in parallel worker processes.
 
 The documents come from local .txt, .jsonl or .parquet files or from a Hugging Face hub dataset;
-the shards are the dataset format that dataset.py samples from. Memory stays one shard however
-large the corpus.
+the shards are the dataset format that dataset.py samples from, written through
+preparation.py's replacing_dataset. Memory stays one shard however large the corpus.
 """
 import argparse
 import contextlib
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset import ArgumentParser, DataError, replace_atomically, replacing_dataset
+from data.preparation import ArgumentParser, replace_atomically, replacing_dataset
+from dataset import DataError
+from tokenizer import GPT2Tokenizer
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -28,8 +30,8 @@ def corpus_files(paths) -> list[Path]:
     files (searched recursively) sorted by name, a glob pattern's matches sorted by name."""
     files = []
     for arg in map(str, paths):
-        matches = sorted(glob.glob(arg, recursive=True)) if any(c in arg for c in "*?[") \
-            else [arg]
+        is_pattern = any(c in arg for c in "*?[")
+        matches = sorted(glob.glob(arg, recursive=True)) if is_pattern else [arg]
         if not matches:
             raise DataError(f"no files match {arg}")
         for path in map(Path, matches):
@@ -73,8 +75,8 @@ def _read_file(path: Path) -> Iterator[str]:
                 try:
                     yield json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError):
-                    raise DataError(f"{path}:{n}: not a JSON object with a \"text\" field") \
-                        from None
+                    raise DataError(
+                        f"{path}:{n}: not a JSON object with a \"text\" field") from None
     else:
         yield from _read_parquet(path)
 
@@ -118,7 +120,6 @@ def hub_documents(path: str, name: str | None = None) -> Iterator[str]:
 
 def encode_document(text: str) -> np.ndarray:
     """<|endoftext|> followed by text's GPT-2 tokens, as uint16; runs in worker processes."""
-    from tokenizer import GPT2Tokenizer
     tok = GPT2Tokenizer()  # the vocabulary is cached: it loads once per process
     # NOTE encode_ordinary: a page that quotes "<|endoftext|>" keeps it as plain text, rather
     # than gaining a document boundary that its author never wrote.
@@ -188,7 +189,6 @@ def prepare_corpus(documents: Iterable[str], out_dir, shard_size: int = 100_000_
     Documents are streamed and shards written as they fill: memory is one shard however large
     the corpus. A dataset already in out_dir is replaced once the new one is complete.
     """
-    from tokenizer import GPT2Tokenizer
     if shard_size < 1 or not 1 <= val_tokens <= shard_size or num_proc < 1:
         raise DataError(f"need shard_size >= val_tokens >= 1 and num_proc >= 1, got "
                         f"shard_size={shard_size}, val_tokens={val_tokens}, num_proc={num_proc}")
@@ -208,8 +208,8 @@ def prepare_corpus(documents: Iterable[str], out_dir, shard_size: int = 100_000_
         with pool:  # stops the workers however the loop ends
             # imap keeps the documents' order, and reads ahead only as far as its pipe to the
             # workers holds; chunks of 16 documents keep the traffic between processes low.
-            encoded = pool.imap(encode_document, documents, chunksize=16) if num_proc > 1 \
-                else map(encode_document, documents)
+            encoded = (pool.imap(encode_document, documents, chunksize=16) if num_proc > 1
+                       else map(encode_document, documents))
             for tokens in encoded:
                 writer.write(tokens)
                 n_docs += 1
