@@ -149,7 +149,8 @@ def warm_up(cfg, model_config, device, dtype_name, compiled, batches):
     memory, measured = peak_memory(device)
     return step_args, dict(dtype=str(dtype).removeprefix("torch."), compile=compiled,
                            warmup_s=warmup_s, peak_memory_bytes=memory - base,
-                           peak_memory_what=measured, peak_flops=accounting.peak_flops(device, dtype))
+                           peak_memory_what=measured,
+                           peak_flops=accounting.peak_flops(device, dtype))
 
 
 def bench_training(cfg, model_config, device):

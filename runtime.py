@@ -5,6 +5,8 @@ The one place that decides these, shared by train.py, sample.py, hellaswag.py an
 import contextlib
 import datetime
 import os
+import signal
+import sys
 
 import torch
 
@@ -109,3 +111,32 @@ def setup_distributed(backend="auto", timeout_s=600):
     torch.distributed.init_process_group(backend=backend, store=store, rank=rank,
                                          world_size=world_size, timeout=timeout)
     return rank, local_rank, world_size
+
+
+def all_reduce_mean(values, device, world_size):
+    """Average a list of floats over all ranks (every rank must call this)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        torch.distributed.all_reduce(t)
+    return (t / world_size).tolist()
+
+
+class StopSignals:
+    """Turn SIGINT and SIGTERM (Ctrl-C, a preempted machine) into a request to stop after
+    the current step, with a checkpoint. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.received = False
+        self.previous = {s: signal.signal(s, self._handle)
+                         for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = True
+        print(f"{signal.Signals(signum).name} received: stopping after this step",
+              file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -16,10 +16,8 @@ import importlib.util
 import json
 import os
 import runpy
-import signal
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import runtime
 from checkpoint import GPT2_SIZES, CheckpointError, load_model, save_checkpoint
 from config import ConfigError, TrainConfig, run_main
 from dataset import DataError, TokenData, load_meta
+from metrics import MetricsLog
 from model import GPT, GPTConfig, config_from_dict
 from step import clip_gradients, forward_backward, get_lr, make_optimizer
 
@@ -201,14 +200,6 @@ def setup(cfg):
 
 # ----------------------------------------------------------------------------- the loop's parts
 
-def all_reduce_mean(values, run):
-    """Average a list of floats over all ranks (every rank must call this)."""
-    t = torch.tensor(values, dtype=torch.float64, device=run.device)
-    if run.world_size > 1:
-        torch.distributed.all_reduce(t)
-    return (t / run.world_size).tolist()
-
-
 @torch.no_grad()
 def estimate_loss(run):
     """Mean loss per split: over the same eval_iters random batches at every evaluation, or,
@@ -235,7 +226,7 @@ def estimate_loss(run):
                 with run.ctx:
                     _, loss = run.model(x, y)
                 total, count = total + loss.item() * y.numel(), count + y.numel()
-        total, count = all_reduce_mean([total, count], run)
+        total, count = runtime.all_reduce_mean([total, count], run.device, run.world_size)
         out[split] = total / count
     run.model.train()
     return out
@@ -282,27 +273,6 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a diverged loss); the message says what to change."""
 
 
-class StopSignals:
-    """Turn SIGINT and SIGTERM (Ctrl-C, a preempted machine) into a request to stop after
-    the current step, with a checkpoint. A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.received = False
-        self.previous = {s: signal.signal(s, self._handle)
-                         for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame):
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = True
-        print(f"{signal.Signals(signum).name} received: stopping after this step",
-              file=sys.stderr, flush=True)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 def should_stop(signals, loss, norm, run, iter_num):
     """True when any rank was asked to stop: every rank gets the same answer, so all stop
     after the same iteration. Raises TrainingError if any rank's loss or gradient norm is
@@ -323,76 +293,13 @@ def should_stop(signals, loss, norm, run, iter_num):
     return bool(flags[0])
 
 
-def format_duration(seconds):
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-class MetricsLog:
-    """The run's figures: printed by rank 0, and written to metrics.jsonl (one JSON object
-    per line) and optionally to Weights & Biases."""
-
-    def __init__(self, run):
-        self.run, self.file, self.wandb = run, None, None
-        cfg = run.cfg
-        self.tokens_per_iter = accounting.tokens_per_iter(cfg)
-        self.flops_per_iter = run.raw_model.flops_per_token(cfg.block_size) * self.tokens_per_iter
-        self.peak = accounting.peak_flops(run.device, run.dtype)
-        if run.rank == 0:
-            mode = "a" if run.iter_num > 0 else "w"  # a resumed run continues its log
-            self.file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), mode)
-            if cfg.wandb_log:
-                import wandb  # optional: only needed when asked for
-                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
-                                        config=asdict(cfg))
-        self.t_start = self.t_last = time.time()  # the loop starts now
-
-    def write(self, **row):
-        if self.file is None:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log(row, step=row["iter"])
-
-    def evaluation(self, iter_num, losses):
-        elapsed = time.time() - self.t_start  # since this process's loop began
-        self.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"],
-                   elapsed_s=round(elapsed, 2))
-        if self.run.rank == 0:
-            print(f"eval {iter_num}: train loss {losses['train']:.4f}, "
-                  f"val loss {losses['val']:.4f} ({elapsed:.1f} s)")
-
-    def step(self, iter_num, loss, lr):
-        """Every log_interval iterations: the loss averaged over the ranks (every rank calls
-        this), the time per iteration, throughput, MFU and the time left."""
-        cfg = self.run.cfg
-        loss = all_reduce_mean([float(loss)], self.run)[0]
-        now = time.time()
-        dt, self.t_last = (now - self.t_last) / cfg.log_interval, now
-        mfu = self.flops_per_iter / dt / (self.peak * self.run.world_size) if self.peak else None
-        eta = (now - self.t_start) / (iter_num - self.run.iter_num) * (cfg.max_iters - iter_num)
-        self.write(iter=iter_num, loss=loss, lr=lr, ms=dt * 1000,
-                   tokens_per_sec=self.tokens_per_iter / dt, mfu=mfu)
-        if self.run.rank == 0:
-            mfu_text = f"{mfu * 100:.1f}%" if mfu is not None else "n/a"
-            print(f"iter {iter_num}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
-                  f"{dt * 1000:.1f} ms | {self.tokens_per_iter / dt:,.0f} tok/s | mfu "
-                  f"{mfu_text} | eta {format_duration(eta)}", flush=True)
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg):
     """Run the training that cfg describes; returns the last validation loss."""
     run = setup(cfg)
     cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
-    log, signals = MetricsLog(run), StopSignals()
+    log, signals = MetricsLog(run), runtime.StopSignals()
     iter_num, val_loss, stopping = run.iter_num, None, False
     # A resumed run evaluated its first iteration, and saved, before it stopped: doing it
     # again would log that iteration twice. (--eval_only evaluates whatever the iteration.)

@@ -1,0 +1,75 @@
+"""The run's log: what train.py prints, and metrics.jsonl, one JSON object per line.
+
+Evaluation rows hold iter, train_loss, val_loss and elapsed_s (seconds since the training loop
+began); training rows hold iter, loss, lr, ms (per iteration), tokens_per_sec and mfu. A resumed
+run appends to the same file. With wandb_log the rows go to Weights & Biases too.
+"""
+import json
+import os
+import time
+from dataclasses import asdict
+
+import accounting
+import runtime
+
+
+def format_duration(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLog:
+    """Rank 0 prints and writes; every rank calls step(), which averages the loss over them."""
+
+    def __init__(self, run):
+        self.run, self.file, self.wandb = run, None, None
+        cfg = run.cfg
+        self.tokens_per_iter = accounting.tokens_per_iter(cfg)
+        self.flops_per_iter = run.raw_model.flops_per_token(cfg.block_size) * self.tokens_per_iter
+        self.peak = accounting.peak_flops(run.device, run.dtype)  # None where unknown
+        if run.rank == 0:
+            mode = "a" if run.iter_num > 0 else "w"  # a resumed run continues its log
+            self.file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), mode)
+            if cfg.wandb_log:
+                import wandb  # optional: only needed when asked for
+                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
+                                        config=asdict(cfg))
+        self.t_start = self.t_last = time.time()  # the loop starts now
+
+    def write(self, **row):
+        if self.file is None:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["iter"])
+
+    def evaluation(self, iter_num, losses):
+        elapsed = time.time() - self.t_start  # since this process's loop began
+        self.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"],
+                   elapsed_s=round(elapsed, 2))
+        if self.run.rank == 0:
+            print(f"eval {iter_num}: train loss {losses['train']:.4f}, "
+                  f"val loss {losses['val']:.4f} ({elapsed:.1f} s)")
+
+    def step(self, iter_num, loss, lr):
+        """Every log_interval iterations: loss and lr, the time per iteration since the last
+        call, throughput, MFU (model FLOPs / time / the device's peak) and the time left."""
+        cfg = self.run.cfg
+        loss = runtime.all_reduce_mean([float(loss)], self.run.device, self.run.world_size)[0]
+        now = time.time()
+        dt, self.t_last = (now - self.t_last) / cfg.log_interval, now
+        mfu = self.flops_per_iter / dt / (self.peak * self.run.world_size) if self.peak else None
+        eta = (now - self.t_start) / (iter_num - self.run.iter_num) * (cfg.max_iters - iter_num)
+        self.write(iter=iter_num, loss=loss, lr=lr, ms=dt * 1000,
+                   tokens_per_sec=self.tokens_per_iter / dt, mfu=mfu)
+        if self.run.rank == 0:
+            mfu_text = f"{mfu * 100:.1f}%" if mfu is not None else "n/a"
+            print(f"iter {iter_num}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
+                  f"{dt * 1000:.1f} ms | {self.tokens_per_iter / dt:,.0f} tok/s | mfu "
+                  f"{mfu_text} | eta {format_duration(eta)}", flush=True)
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
