@@ -8,6 +8,8 @@ anything with its fields), which the config alone does not fix: the vocabulary c
 dataset, padded, and a pretrained model brings its own. All of it is arithmetic on these
 numbers and on a model of that shape that holds no data, and on the table of GPUs below.
 """
+import re
+
 import torch
 
 from model import GPT, config_from_dict
@@ -112,41 +114,53 @@ def report(cfg, world_size=1, model_config=None):
     ])
 
 
-# Dense (no sparsity) peak tensor throughput in FLOP/s, by device name and autocast dtype.
-# Sources: NVIDIA's datasheets for each board (A100: "NVIDIA A100 Tensor Core GPU" datasheet;
-# H100/H200 SXM: "H100 Tensor Core GPU" and "H200" datasheets; L4: "NVIDIA L4" datasheet;
-# RTX 4090: "Ada Lovelace architecture" whitepaper, appendix A, FP32 accumulate). The
-# datasheets quote sparse figures for Hopper and Ada; those are halved here.
+# Dense (no sparsity) peak tensor throughput in FLOP/s, by board and autocast dtype, float32
+# meaning TF32 tensor cores where the board has them. Sources: NVIDIA's datasheets ("NVIDIA
+# A100 Tensor Core GPU"; "H100 Tensor Core GPU" for the SXM, PCIe and NVL boards; "H200 Tensor
+# Core GPU" for H200 SXM and NVL; "NVIDIA L4", "NVIDIA L40", "NVIDIA L40S"; the "Ada Lovelace
+# architecture" whitepaper, appendix A, FP32 accumulate, for the RTX 4090). The Hopper and
+# Ada datasheets quote figures with 2:4 sparsity; those are halved here.
 PEAK_FLOPS = {
-    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},  # TF32
-    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12},
-    "H200": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12},
+    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},
+    "A100 PCIe": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},
+    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12},  # SXM
+    "H100 PCIe": {torch.bfloat16: 756e12, torch.float16: 756e12, torch.float32: 378e12},
+    "H100 NVL": {torch.bfloat16: 835e12, torch.float16: 835e12, torch.float32: 417e12},
+    "H200": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 494e12},  # SXM
+    "H200 NVL": {torch.bfloat16: 835e12, torch.float16: 835e12, torch.float32: 417e12},
     "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 60e12},
+    "L40": {torch.bfloat16: 181e12, torch.float16: 181e12, torch.float32: 90e12},
+    "L40S": {torch.bfloat16: 362e12, torch.float16: 362e12, torch.float32: 183e12},
     "RTX 4090": {torch.bfloat16: 165e12, torch.float16: 165e12, torch.float32: 83e12},
     "A10G": {torch.bfloat16: 70e12, torch.float16: 70e12, torch.float32: 35e12},
     "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
     "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
 }
 
-# Rated board power in watts (the maximum TDP of the form factor whose FLOP/s are quoted
-# above), for energy estimates. Sources: the same datasheets. A100 and H100/H200 are the SXM
-# boards (A100 PCIe: 250-300 W; H100 PCIe: 350 W; H200 NVL: 600 W); V100 is SXM2 (PCIe:
-# 250 W); RTX 4090 is its total graphics power. A10G, an AWS-only part with no public
-# datasheet: the 300 W power limit nvidia-smi shows on EC2 G5 instances.
-BOARD_WATTS = {"A100": 400, "H100": 700, "H200": 700, "L4": 72, "RTX 4090": 450,
-               "A10G": 300, "V100": 300, "T4": 70}
+# Rated board power in watts (the form factor's maximum TDP), for energy estimates. Sources:
+# the same datasheets; V100 is the SXM2 board; the RTX 4090's is its total graphics power.
+# A10G, an AWS-only part with no public datasheet: the 300 W power limit nvidia-smi shows on
+# EC2 G5 instances.
+BOARD_WATTS = {"A100": 400, "A100 PCIe": 300, "H100": 700, "H100 PCIe": 350, "H100 NVL": 400,
+               "H200": 700, "H200 NVL": 600, "L4": 72, "L40": 300, "L40S": 350,
+               "RTX 4090": 450, "A10G": 300, "V100": 300, "T4": 70}
+
+
+def board(device_name):
+    """The key of PEAK_FLOPS that names this device, or None. Names match as whole words,
+    the most specific first: "NVIDIA H100 PCIe" is the H100 PCIe, "NVIDIA H100 80GB HBM3" the
+    H100 (SXM), and "NVIDIA L40S" neither the L40 nor the L4."""
+    words = set(re.split(r"[\s\-]+", device_name.upper()))
+    matches = [key for key in PEAK_FLOPS if set(key.upper().split()) <= words]
+    return max(matches, key=lambda key: len(key.split()), default=None)
 
 
 def peak_flops(device, dtype):
     """Peak FLOP/s of this device at dtype, or None when it is not in PEAK_FLOPS."""
     if not device.startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(device)
-    # Longest key first, so that "RTX 4090" is not mistaken for another board's substring.
-    for board in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if board in name:
-            return PEAK_FLOPS[board].get(dtype)
-    return None
+    key = board(torch.cuda.get_device_name(device))
+    return PEAK_FLOPS[key].get(dtype) if key else None
 
 
 def estimate(cfg, world_size=1, model_config=None, mfu=0.4):
@@ -166,12 +180,12 @@ def estimate(cfg, world_size=1, model_config=None, mfu=0.4):
         f"{'GPU':<10}{'dtype':<10}{'peak TFLOP/s':>13}{'board W':>9}{'wall clock':>12}"
         f"{'GPU-hours':>11}{'kWh':>10}",
     ]
-    for board, peaks in PEAK_FLOPS.items():
+    for name, peaks in PEAK_FLOPS.items():
         dtype = torch.bfloat16 if torch.bfloat16 in peaks else torch.float16
         seconds = total / (world_size * peaks[dtype] * mfu)
         gpu_hours = world_size * seconds / 3600
-        watts = BOARD_WATTS[board]
-        lines.append(f"{board:<10}{str(dtype).removeprefix('torch.'):<10}"
+        watts = BOARD_WATTS[name]
+        lines.append(f"{name:<10}{str(dtype).removeprefix('torch.'):<10}"
                      f"{peaks[dtype] / 1e12:>13.0f}{watts:>9}{_duration(seconds):>12}"
                      f"{_amount(gpu_hours):>11}{_amount(gpu_hours * watts / 1000):>10}")
     return "\n".join(lines)

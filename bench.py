@@ -138,7 +138,7 @@ def warm_up(cfg, model_config, device, dtype_name, compiled, batches):
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg)
     step_args = (torch.compile(model) if compiled else model, optimizer, scaler, ctx, batches,
                  cfg.grad_clip)
     t0 = time.perf_counter()

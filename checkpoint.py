@@ -62,7 +62,9 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         with warnings.catch_warnings():  # damaged files set off torch's pickle-protocol notes
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            # mmap: tensors are read from the file as they are used, so that eight ranks
+            # resuming a large model do not each hold a whole copy in memory at once.
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         # weights_only names the first class or function the file asks for; anything else
         # it cannot parse is damage, not danger.

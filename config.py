@@ -76,7 +76,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto, float32, bfloat16 or float16 (autocast precision)
     compile: bool = False  # torch.compile the model (slow start, faster steps)
     seed: int = 1337  # seeds initialisation, batches and dropout
-    backend: str = "auto"  # DDP backend: auto is nccl on CUDA and gloo otherwise
+    deterministic: bool = False  # bit-identical reruns on GPUs too, with slower kernels
+    backend: str = "auto"  # DDP backend: auto is nccl on CUDA devices and gloo otherwise
     ddp_timeout: int = 600  # seconds a rank waits for its peers before failing with an error
 
     def validate(self):

@@ -111,16 +111,21 @@ class TokenData:
             del tokens
         return _split_rows(rows, device)
 
-    def windows(self, block_size: int, batch_size: int, device):
+    def windows(self, block_size: int, batch_size: int, device, rank=0, world_size=1):
         """Yield (x, y) batches of every non-overlapping block of the split, in order: the
         whole-split evaluation, where each token is predicted once (a shard's last partial
-        block is left out)."""
+        block is left out). Shared over world_size ranks: rank gets batches rank,
+        rank + world_size, ... of that sequence, and builds no other."""
+        k = 0  # the batch's number in the whole sequence
         for path, n in zip(self.paths, self.lengths):
             tokens = np.memmap(path, dtype=np.uint16, mode="r")
             starts = range(0, n - block_size, block_size)
             for i in range(0, len(starts), batch_size):
-                rows = np.stack([tokens[s:s + block_size + 1] for s in starts[i:i + batch_size]])
-                yield _split_rows(rows.astype(np.int64), device)
+                if k % world_size == rank:
+                    rows = np.stack([tokens[s:s + block_size + 1]
+                                     for s in starts[i:i + batch_size]])
+                    yield _split_rows(rows.astype(np.int64), device)
+                k += 1
             del tokens
 
     def check_vocab(self, vocab_size: int) -> None:

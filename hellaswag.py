@@ -114,13 +114,13 @@ def evaluate(model, tokenizer, examples, device, autocast=nullcontext(), rank=0,
     """acc, acc_norm and count over examples; rank r of world_size scores examples r,
     r + world_size, ... and the counts are summed over the ranks (all must call this)."""
     right = right_norm = count = 0
-    for ex in examples[rank::world_size]:
-        tokens, mask = render_example(ex, tokenizer, model.config.block_size)
-        with autocast:
+    with autocast:  # entered once: it is not free to enter per example
+        for ex in examples[rank::world_size]:
+            tokens, mask = render_example(ex, tokenizer, model.config.block_size)
             total, mean = ending_losses(model, tokens.to(device), mask.to(device))
-        right += int(total.argmin()) == ex["label"]
-        right_norm += int(mean.argmin()) == ex["label"]
-        count += 1
+            right += int(total.argmin()) == ex["label"]
+            right_norm += int(mean.argmin()) == ex["label"]
+            count += 1
     counts = torch.tensor([right, right_norm, count], device=device)
     if world_size > 1:
         torch.distributed.all_reduce(counts)
@@ -141,9 +141,8 @@ def examples_path(cfg, rank, world_size):
 
 def run(cfg):
     """Evaluate the model cfg names; rank 0 prints the result, which every rank returns."""
-    rank, local_rank, world_size = runtime.setup_distributed()
+    rank, _, world_size, device = runtime.setup_distributed(cfg.device)
     try:
-        device = runtime.pick_device(cfg.device, local_rank if world_size > 1 else None)
         autocast = runtime.autocast(device, runtime.pick_dtype(cfg.dtype, device))
         model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
         if meta.get("tokenizer") != "gpt2":

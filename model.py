@@ -78,6 +78,9 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        # CUDA's autocast runs rms_norm in float32: back to v's dtype, which attention uses
+        # anyway, so that the KV cache holds keys and values alike, cast once.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         # Without a cache, or when filling an empty one, token t sees tokens <= t. A cached
         # step feeds one new token, which sees every token stored before it: no mask needed.
         is_causal = kv_cache is None or kv_cache.length == 0

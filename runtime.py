@@ -48,18 +48,27 @@ def pick_device(requested="auto", local_rank=None):
     return requested
 
 
+def native_bfloat16(device):
+    """Whether device computes in bfloat16 natively: CUDA GPUs of compute capability 8.0 and
+    up (Ampere, Ada, Hopper). torch.cuda.is_bf16_supported() also says yes for a V100 or T4,
+    which only emulate it, slowly."""
+    return device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def pick_dtype(requested, device):
-    """The autocast precision: 'auto' is bfloat16 on CUDA where supported, else float16;
-    float32 on other devices, where half precision is not reliably faster."""
+    """The autocast precision: 'auto' is bfloat16 on GPUs that have it natively, float16 (with
+    a gradient scaler) on older GPUs; float32 on other devices, where half precision is not
+    reliably faster."""
     if requested == "auto":
         if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bfloat16(device) else torch.float16
         return torch.float32
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}[requested]
-    if (dtype == torch.bfloat16 and device.startswith("cuda")
-            and not torch.cuda.is_bf16_supported()):
-        raise DeviceError("this GPU does not support bfloat16; use --dtype=float16")
+    if dtype == torch.bfloat16 and device.startswith("cuda") and not native_bfloat16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise DeviceError(f"this GPU (compute capability {major}.{minor}) has no native "
+                          "bfloat16, only a slow emulation: use --dtype=float16")
     return dtype
 
 
@@ -70,33 +79,53 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device_type(device), dtype=dtype)
 
 
-def training_precision(requested, device):
+def training_precision(requested, device, deterministic=False):
     """(dtype, autocast context, gradient scaler) for training on device.
 
     float16 has so few exponent bits that small gradients underflow to zero: the scaler
     multiplies the loss before backward and divides the gradients after, skipping steps
     whose gradients overflowed. bfloat16 and float32 need no scaler (it is then a no-op).
-    On GPUs since Ampere, float32 matmuls may use TF32 tensor cores: nearly free speed."""
+    On GPUs since Ampere, float32 matmuls may use TF32 tensor cores: nearly free speed.
+
+    deterministic: the same inputs give bit-identical results on a GPU too, at some cost in
+    speed. Flash attention's backward and some cuBLAS kernels add in a varying order; torch
+    then picks deterministic kernels (or raises for an op that has none), and cuBLAS needs a
+    fixed workspace, set before its first use."""
     dtype = pick_dtype(requested, device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     scaler = torch.amp.GradScaler(device_type(device), enabled=dtype == torch.float16)
     return dtype, autocast(device, dtype), scaler
 
 
-def setup_distributed(backend="auto", timeout_s=600):
-    """Join the process group that torchrun describes in the environment, if any.
+def setup_distributed(requested_device="auto", backend="auto", timeout_s=600):
+    """Pick this process's device and join the process group that torchrun describes in the
+    environment, if any. Returns (rank, local_rank, world_size, device); (0, 0, 1, device)
+    when not launched by torchrun. The timeout bounds how long a rank waits on a collective
+    whose peer has died.
 
-    Returns (rank, local_rank, world_size); (0, 0, 1) when not launched by torchrun. The
-    timeout bounds how long a rank waits on a collective whose peer has died."""
+    Under torchrun each process takes the GPU of its local rank; the backend follows the
+    device actually used: NCCL for GPUs, gloo for CPUs (so --device=cpu works on a GPU host).
+    """
     if "RANK" not in os.environ:
-        return 0, 0, 1
+        device = pick_device(requested_device)
+        if device.startswith("cuda:"):  # else pinned copies would open a context on GPU 0
+            torch.cuda.set_device(device)
+        return 0, 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
+    if requested_device.startswith("cuda:"):
+        raise DeviceError(f"--device={requested_device} under torchrun would put every "
+                          "process on one GPU: each takes the GPU of its local rank with "
+                          "--device=cuda; choose the GPUs with CUDA_VISIBLE_DEVICES")
+    device = pick_device(requested_device, local_rank)
+    if device_type(device) == "cuda":
+        torch.cuda.set_device(device)
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        backend = "nccl" if device_type(device) == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     store = None
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -110,14 +139,17 @@ def setup_distributed(backend="auto", timeout_s=600):
         store = torch.distributed.PrefixStore(f"nanogpt/attempt_{attempt}", agent_store)
     torch.distributed.init_process_group(backend=backend, store=store, rank=rank,
                                          world_size=world_size, timeout=timeout)
-    return rank, local_rank, world_size
+    return rank, local_rank, world_size, device
 
 
 def all_reduce_mean(values, device, world_size):
-    """Average a list of floats over all ranks (every rank must call this)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_size > 1:
-        torch.distributed.all_reduce(t)
+    """Average a list of numbers (floats, or tensors of one element) over all ranks; every
+    rank must call this. One process needs no tensor, which spares a device round trip (and
+    MPS, which has no float64)."""
+    if world_size == 1:
+        return [float(v) for v in values]
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    torch.distributed.all_reduce(t)
     return (t / world_size).tolist()
 
 

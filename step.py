@@ -1,5 +1,5 @@
 """One training step in its pieces: the optimizer, the learning rate, forward and backward over
-the micro-steps, and gradient clipping.
+the micro-steps, gradient clipping, and the check that decides whether to go on.
 
 train.py's loop calls them in this order, then takes the optimizer step; bench.py times the
 same calls, so what it measures is what training runs.
@@ -9,20 +9,22 @@ from contextlib import nullcontext
 
 import torch
 
-from runtime import device_type
+import runtime
 
 
-def make_optimizer(model, cfg, device):
+
+def make_optimizer(model, cfg):
     """AdamW decaying the 2-D weights (matmuls, embeddings) but not biases or norms."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    # The fused kernel updates every parameter in one launch; CUDA and the CPU have it.
-    fused = device_type(device) in ("cuda", "cpu")
+    # The fused kernel (CUDA, MPS and the CPU have it) updates every parameter in one launch,
+    # and skips the whole update on the device when its found_inf flag is set: train.py's
+    # StopCheck relies on that.
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=fused)
+                             fused=True)
 
 
 def get_lr(it, cfg):
@@ -69,3 +71,58 @@ def clip_gradients(model, optimizer, scaler, grad_clip):
     norm is at most grad_clip (0: no limit). Returns the norm before clipping, as a tensor."""
     scaler.unscale_(optimizer)
     return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a diverged loss); the message says what to change."""
+
+
+class StopCheck:
+    """Whether to stop: after a signal (SIGINT, SIGTERM) to any rank, every rank stops after
+    the same iteration; after a loss or gradient norm that is not finite on any rank, every
+    rank raises TrainingError, and that step's update never reaches the weights.
+
+    Without making the host wait for the GPU at every step: each step's flags (a signal came,
+    diverged, loss, norm) are reduced over the ranks and copied to the host in the background,
+    and read one step later, or at once before anything is evaluated or saved. Reading late is
+    safe because the fused AdamW skips a diverged step's update on the device, given the flag
+    as `found_inf` (float16's gradient scaler does the same with its own flag)."""
+
+    def __init__(self, run):
+        self.run, self.signals, self.pending = run, runtime.StopSignals(), None
+
+    def should_stop(self, iter_num, loss, norm):
+        """Queue this step's flags (call it before the optimizer step); return whether the
+        previous step's flags say stop. Raises TrainingError if they say diverged."""
+        run = self.run
+        diverged = (~torch.isfinite(loss if run.scaler.is_enabled() else norm)).float()
+        if not run.scaler.is_enabled():
+            run.optimizer.found_inf = diverged  # read by the fused step: skip if 1
+        signal = torch.full((), float(self.signals.received), device=run.device)
+        flags = torch.stack([signal, diverged, loss.float(), norm.float()])
+        if run.world_size > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        stop = self.settle()
+        on_gpu = run.device.startswith("cuda")
+        host = flags.to("cpu", non_blocking=on_gpu)
+        self.pending = (iter_num, host, torch.cuda.Event() if on_gpu else None)
+        if on_gpu:
+            self.pending[2].record()
+        return stop
+
+    def settle(self):
+        """Read the pending flags, waiting for them if need be."""
+        if self.pending is None:
+            return False
+        iter_num, flags, copied = self.pending
+        self.pending = None
+        if copied is not None:
+            copied.synchronize()
+        signal, diverged, loss, norm = flags.tolist()
+        if diverged:
+            raise TrainingError(
+                f"iteration {iter_num}: the loss or gradient norm is not finite (loss "
+                f"{loss:.4g}, gradient norm {norm:.4g}); stopped before the update, the last "
+                f"checkpoint in {self.run.cfg.out_dir} is untouched. Try a lower "
+                "learning_rate or a longer warmup_iters")
+        return bool(signal)

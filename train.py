@@ -32,7 +32,8 @@ from config import ConfigError, TrainConfig, run_main
 from dataset import DataError, TokenData, load_meta
 from metrics import MetricsLog
 from model import GPT, GPTConfig, config_from_dict
-from step import clip_gradients, forward_backward, get_lr, make_optimizer
+from step import (StopCheck, TrainingError, clip_gradients, forward_backward, get_lr,
+                  make_optimizer)
 
 ROOT = Path(__file__).resolve().parent
 # The second number of every batch's random key names its stream: the training batches, or
@@ -55,6 +56,17 @@ def default_args():
 
 # ----------------------------------------------------------------------------- setting up
 
+def check_divisible(cfg, world_size):
+    """The micro-steps of an iteration are shared out evenly over the processes."""
+    steps = cfg.gradient_accumulation_steps
+    if steps % world_size:
+        below, above = steps // world_size * world_size, (steps // world_size + 1) * world_size
+        options = " or ".join(str(n) for n in (below, above) if n)
+        raise ConfigError(f"gradient_accumulation_steps ({steps}) must be divisible by the "
+                          f"number of processes ({world_size}): try {options}, with "
+                          "batch_size scaled to keep the tokens per iteration")
+
+
 def check_writable(out_dir):
     """Create out_dir and prove a file can be written there, before any work is done."""
     try:
@@ -64,18 +76,37 @@ def check_writable(out_dir):
         raise ConfigError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
 
 
-def resolve_init(cfg, ckpt_path):
+def resolve_init(cfg, ckpt_path, rank, world_size):
     """init_from as this run takes it (auto: resume if there is a checkpoint, else scratch).
-    A fresh run refuses to overwrite a checkpoint."""
-    exists = os.path.exists(ckpt_path)
-    init_from = cfg.init_from
-    if init_from == "auto":
-        init_from = "resume" if exists else "scratch"
-    if init_from == "resume" and not exists:
-        raise CheckpointError(f"init_from=resume but there is no checkpoint at {ckpt_path}")
-    if init_from != "resume" and exists and not (cfg.overwrite or cfg.eval_only):
-        raise CheckpointError(f"{ckpt_path} already exists: pass --init_from=resume to "
-                              "continue it, or --overwrite=true to start afresh over it")
+    A fresh run refuses to overwrite a checkpoint.
+
+    Rank 0 decides from what its disk holds and tells the others: on several machines, a node
+    without the checkpoint would otherwise start afresh while the rest resume, and their
+    collectives would wait on each other until ddp_timeout. Every rank then checks that it
+    can read the checkpoint too, and all fail together, at once, if one cannot."""
+    decision = [cfg.init_from, None]  # (init_from, or the error every rank raises)
+    if rank == 0:
+        exists = os.path.exists(ckpt_path)
+        if cfg.init_from == "auto":
+            decision[0] = "resume" if exists else "scratch"
+        if decision[0] == "resume" and not exists:
+            decision[1] = f"init_from=resume but there is no checkpoint at {ckpt_path}"
+        if decision[0] != "resume" and exists and not (cfg.overwrite or cfg.eval_only):
+            decision[1] = (f"{ckpt_path} already exists: pass --init_from=resume to continue "
+                           "it, or --overwrite=true to start afresh over it")
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(decision, src=0)
+    init_from, error = decision
+    if not error and init_from == "resume" and world_size > 1:
+        readable = [None] * world_size
+        torch.distributed.all_gather_object(readable, os.path.isfile(ckpt_path))
+        missing = [r for r, ok in enumerate(readable) if not ok]
+        if missing:
+            error = (f"rank 0 resumes from {ckpt_path}, which rank(s) "
+                     f"{', '.join(map(str, missing))} cannot read: every machine needs the "
+                     "checkpoint at that path (a shared filesystem, or a copy of out_dir)")
+    if error:
+        raise CheckpointError(error)
     return init_from
 
 
@@ -156,12 +187,10 @@ class Run:
 def setup(cfg):
     """Turn the settings into a ready run: processes, device and precision, data, the model
     (new, resumed or pretrained) and its optimizer. Rank 0 prints what the run will cost."""
-    rank, local_rank, world_size = runtime.setup_distributed(cfg.backend, cfg.ddp_timeout)
-    device = runtime.pick_device(cfg.device, local_rank if world_size > 1 else None)
-    dtype, ctx, scaler = runtime.training_precision(cfg.dtype, device)
-    if cfg.gradient_accumulation_steps % world_size:
-        raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) "
-                          f"must be divisible by the number of processes ({world_size})")
+    rank, local_rank, world_size, device = runtime.setup_distributed(
+        cfg.device, cfg.backend, cfg.ddp_timeout)
+    dtype, ctx, scaler = runtime.training_precision(cfg.dtype, device, cfg.deterministic)
+    check_divisible(cfg, world_size)
     if rank == 0:
         check_writable(cfg.out_dir)
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
@@ -170,22 +199,26 @@ def setup(cfg):
     meta = load_meta(data_dir)
     data = {split: TokenData(data_dir, split) for split in ("train", "val")}
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    cfg = replace(cfg, init_from=resolve_init(cfg, ckpt_path))
+    cfg = replace(cfg, init_from=resolve_init(cfg, ckpt_path, rank, world_size))
     torch.manual_seed(cfg.seed)
     raw_model, cfg, ckpt = init_model(cfg, meta)
     raw_model.to(device)
     check_vocab(meta, data, raw_model.config.vocab_size, data_dir)
-    optimizer = make_optimizer(raw_model, cfg, device)
+    optimizer = make_optimizer(raw_model, cfg)
     iter_num, best_val_loss, origin = 0, float("inf"), cfg.init_from
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved without float16: the scale then starts afresh
+            scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss, origin = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["origin"]
         del ckpt  # free the CPU copy of the weights and optimizer state
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world_size > 1:
+        # Gradients live in DDP's all-reduce buckets (no second copy); the model's only
+        # buffers are rotary tables that never change, so nothing is broadcast per step.
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.startswith("cuda") else None)
+            model, device_ids=[local_rank] if device.startswith("cuda") else None,
+            gradient_as_bucket_view=True, broadcast_buffers=False)
     if rank == 0:
         print(json.dumps(asdict(cfg), indent=1))
         print(accounting.report(cfg, world_size, raw_model.config))
@@ -206,7 +239,8 @@ def estimate_loss(run):
     with eval_iters=0, over every block of the split, each token predicted once.
 
     Fixed batches make successive evaluations comparable; the ranks share the batches out
-    and average, so the estimate does not depend on the number of processes."""
+    (each builds only its own) and average, so the estimate does not depend on the number of
+    processes. The losses stay on the device until the end: no wait for the GPU per batch."""
     cfg = run.cfg
     run.model.eval()
     out = {}
@@ -214,19 +248,21 @@ def estimate_loss(run):
         if cfg.eval_iters:
             batches = (run.data[split].get_batch((cfg.seed, EVAL_BATCHES[split], k),
                                                  cfg.batch_size, cfg.block_size, run.device)
-                       for k in range(cfg.eval_iters))
+                       for k in range(run.rank, cfg.eval_iters, run.world_size))
         else:
-            batches = run.data[split].windows(cfg.block_size, cfg.batch_size, run.device)
-        total, count = 0.0, 0
+            batches = run.data[split].windows(cfg.block_size, cfg.batch_size, run.device,
+                                              run.rank, run.world_size)
+        losses, counts = [], []
         # A progress bar for rank 0 at a terminal: a whole-split evaluation takes a while.
         quiet = not (run.rank == 0 and sys.stderr.isatty())
-        for k, (x, y) in enumerate(tqdm(batches, desc=f"eval {split}", leave=False,
-                                        disable=quiet)):
-            if k % run.world_size == run.rank:
-                with run.ctx:
-                    _, loss = run.model(x, y)
-                total, count = total + loss.item() * y.numel(), count + y.numel()
-        total, count = runtime.all_reduce_mean([total, count], run.device, run.world_size)
+        for x, y in tqdm(batches, desc=f"eval {split}", leave=False, disable=quiet):
+            with run.ctx:
+                _, loss = run.model(x, y)
+            losses.append(loss.detach())
+            counts.append(y.numel())
+        means = torch.stack(losses).cpu().double().tolist() if losses else []
+        total = sum(mean * n for mean, n in zip(means, counts))
+        total, count = runtime.all_reduce_mean([total, sum(counts)], run.device, run.world_size)
         out[split] = total / count
     run.model.train()
     return out
@@ -269,46 +305,25 @@ def step_seed(*numbers):
     return int(np.random.SeedSequence(numbers).generate_state(2, np.uint64)[0] >> 1)
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (a diverged loss); the message says what to change."""
-
-
-def should_stop(signals, loss, norm, run, iter_num):
-    """True when any rank was asked to stop: every rank gets the same answer, so all stop
-    after the same iteration. Raises TrainingError if any rank's loss or gradient norm is
-    not finite, before the update can ruin the weights.
-
-    float16's scaler skips steps with infinite gradients by design, so there only the loss
-    counts. Both flags travel in one all-reduce (a max): one small collective per step."""
-    diverged = ~torch.isfinite(loss if run.scaler.is_enabled() else norm)
-    flags = torch.stack([torch.tensor(signals.received, device=run.device), diverged])
-    if run.world_size > 1:
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    if flags[1]:
-        raise TrainingError(
-            f"iteration {iter_num}: the loss or gradient norm is not finite (loss "
-            f"{float(loss):.4g}, gradient norm {float(norm):.4g}); stopped before the "
-            f"update, the last checkpoint in {run.cfg.out_dir} is untouched. Try a lower "
-            "learning_rate or a longer warmup_iters")
-    return bool(flags[0])
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg):
     """Run the training that cfg describes; returns the last validation loss."""
     run = setup(cfg)
     cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
-    log, signals = MetricsLog(run), runtime.StopSignals()
+    log, stop_check = MetricsLog(run), StopCheck(run)
     iter_num, val_loss, stopping = run.iter_num, None, False
     # A resumed run evaluated its first iteration, and saved, before it stopped: doing it
     # again would log that iteration twice. (--eval_only evaluates whatever the iteration.)
     already_evaluated = run.iter_num if run.iter_num > 0 and not cfg.eval_only else None
     try:
         while True:
-            # evaluate the losses and checkpoint, when due
-            due = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
-            if (due or cfg.eval_only) and iter_num != already_evaluated:
+            # evaluate the losses and checkpoint, when due; not when stopping, which must be
+            # quick (torchrun kills its workers 30 s after its own SIGTERM)
+            due = iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters
+            if due or stopping:  # nothing is saved before the last step's flags are read
+                stopping = stop_check.settle() or stopping
+            if (due or cfg.eval_only) and iter_num != already_evaluated and not stopping:
                 val_loss = evaluate_and_checkpoint(run, iter_num, log)
             if stopping:
                 save(run, iter_num)
@@ -330,8 +345,8 @@ def train(cfg):
             loss = forward_backward(model, train_batches(run, iter_num), run.ctx, scaler,
                                     run.micro_steps)
             norm = clip_gradients(model, optimizer, scaler, cfg.grad_clip)
-            stopping = should_stop(signals, loss, norm, run, iter_num)  # raises if diverged
-            # the update (float16's scaler skips it if the gradients overflowed)
+            stopping = stop_check.should_stop(iter_num, loss, norm)  # raises if diverged
+            # the update, skipped on the device if this step's gradients are not finite
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -340,10 +355,10 @@ def train(cfg):
             if iter_num % cfg.log_interval == 0:
                 log.step(iter_num, loss, lr)
     finally:
-        signals.restore()
+        stop_check.signals.restore()
         log.close()
-    if run.world_size > 1:
-        torch.distributed.destroy_process_group()
+        if run.world_size > 1:
+            torch.distributed.destroy_process_group()
     return val_loss
 
 

@@ -40,7 +40,7 @@ def make_step(cfg, options):
     with cfg's shape and the given options changed."""
     torch.manual_seed(0)
     model = GPT(config_from_dict({**asdict(cfg), "vocab_size": VOCAB, **options}))
-    optimizer = make_optimizer(model, cfg, "cpu")
+    optimizer = make_optimizer(model, cfg)
     _, ctx, scaler = runtime.training_precision("float32", "cpu")
     batch = [tuple(torch.randint(VOCAB, (cfg.batch_size, cfg.block_size)) for _ in range(2))]
     return lambda: train_step(model, optimizer, scaler, ctx, batch, cfg.grad_clip)

@@ -18,7 +18,7 @@ def tiny_model():
 
 def test_optimizer_decays_only_2d_weights():
     m = tiny_model()
-    opt = make_optimizer(m, TrainConfig(weight_decay=0.1, learning_rate=1e-3), "cpu")
+    opt = make_optimizer(m, TrainConfig(weight_decay=0.1, learning_rate=1e-3))
     decay, no_decay = opt.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
@@ -67,7 +67,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_clipping_scales_the_gradient_down_to_the_limit():
     m = tiny_model()
-    opt = make_optimizer(m, TrainConfig(), "cpu")
+    opt = make_optimizer(m, TrainConfig())
     _, ctx, scaler = training_precision("float32", "cpu")
     forward_backward(m, [(torch.randint(50, (2, 16)), torch.randint(50, (2, 16)))], ctx,
                      scaler, 1)
