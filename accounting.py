@@ -9,6 +9,7 @@ dataset, padded, and a pretrained model brings its own. All of it is arithmetic 
 numbers and on a model of that shape that holds no data, and on the table of GPUs below.
 """
 import re
+from dataclasses import replace
 
 import torch
 
@@ -57,28 +58,84 @@ def total_flops(cfg, m):
 
 
 def memory_per_rank(cfg, m, world_size=1):
-    """Bytes one process needs at its peak, by part. An estimate, not a measurement.
+    """Bytes one process needs at its peak, by part, for the run as cfg configures it (DDP or
+    FSDP over world_size processes, with or without activation checkpointing). An estimate,
+    not a measurement; N is the parameter count.
 
-    The weights stay in fp32 under autocast, with fp32 gradients and AdamW's two fp32 moments:
-    16 bytes per parameter; DDP adds its gradient buckets, another 4. Activations for one
-    micro-batch (batch_size x block_size tokens) follow Korthikanti et al. 2022, "Reducing
-    Activation Recomputation in Large Transformer Models", section 4.1: 34 * n_embd bytes per
-    token per layer with 16-bit activations (doubled here in float32), leaving out the
-    5 * n_head * block_size bytes of attention scores, which SDPA's fused kernels never store.
+    DDP, or one process: the weights stay in fp32 under autocast, with fp32 gradients and
+    AdamW's two fp32 moments: 16 bytes per parameter; DDP adds its gradient buckets, 4 more.
+
+    FSDP (cfg.fsdp, PyTorch's fully_shard on each Block, then on the root model): each rank
+    holds 1/world_size of the fp32 weights, gradients and AdamW moments, 16N / world_size.
+    What is gathered, in the compute dtype (bf16 with MixedPrecisionPolicy), is counted apart
+    (torch/distributed/fsdp/_fully_shard, torch 2.13):
+    - gathered parameters: the root's own (wte, tied to lm_head, wpe and ln_f) stay gathered
+      from forward to the end of backward (fully_shard's reshard_after_forward is False for the
+      root, by default); of the Blocks, two at a time: the one computing and the next,
+      gathered ahead (FSDPParamGroup's backward prefetch; in forward, the gather of the next
+      Block is issued while this one computes).
+    - gathered gradients: the root's full gradient, whose lm_head half is the first computed
+      in backward and reduce-scattered last; one Block's full gradient plus its fp32 copy
+      that reduce-scatter reads (foreach_reduce's buffer, in MixedPrecisionPolicy's
+      reduce_dtype).
+    - accumulated gradients: with more than one micro-step per rank, the gradients are not
+      reduce-scattered until the last (set_requires_gradient_sync(False), DDP's no_sync):
+      FSDP then keeps every parameter's full gradient in fp32 in between, 4N
+      (FSDPParam.to_accumulated_grad_if_needed). One micro-step per rank avoids it.
+
+    Activations for one micro-batch (batch_size x block_size tokens) follow Korthikanti et
+    al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4.1:
+    34 * n_embd bytes per token per layer with 16-bit activations (doubled here in float32),
+    leaving out the 5 * n_head * block_size bytes of attention scores, which SDPA's fused
+    kernels never store. With activation checkpointing each Block keeps only its input, the
+    residual stream: float32 under autocast (the embeddings are float32, and float32 plus
+    bfloat16 is float32), 4 * n_embd bytes per token per layer; under FSDP in 16 bits, 2
+    (MixedPrecisionPolicy casts each Block's inputs); plus, in backward, the 34 * n_embd of
+    the one Block being recomputed.
     The logits are counted apart: the loss holds them in 16 bits, in fp32, and as fp32
     log-probabilities (10 bytes each; 8 in float32).
-    Not counted: the CUDA context, allocator fragmentation, autocast's cached weight copies."""
+    Not counted: the CUDA context, allocator fragmentation, autocast's cached weight copies,
+    FSDP's padding of each shard to equal sizes, communication buffers of a few MB."""
+    fsdp = getattr(cfg, "fsdp", False)  # old callers' settings may not have these fields
+    checkpointing = getattr(cfg, "activation_checkpointing", False)
     n = num_params(m, non_embedding=False)
-    state = 8 * n  # AdamW: exp_avg and exp_avg_sq
-    act_bytes = _activation_bytes(cfg)
+    act_bytes = _activation_bytes(cfg)  # the compute dtype's size: 2 or 4
     tokens = cfg.batch_size * cfg.block_size
-    parts = {"weights": 4 * n, "gradients": 4 * n, "optimizer state": state}
-    if world_size > 1:
-        parts["DDP buckets"] = 4 * n
-    parts["activations"] = m.n_layer * tokens * 34 * m.n_embd * act_bytes // 2
+    if fsdp:
+        n_block = sum(p.numel() for p in shape_model(m).transformer.h[0].parameters())
+        n_root = n - m.n_layer * n_block  # wte (= lm_head), wpe, ln_f
+        parts = {"weights": 4 * n // world_size, "gradients": 4 * n // world_size,
+                 "optimizer state": 8 * n // world_size,
+                 "gathered parameters": act_bytes * (n_root + 2 * n_block),
+                 "gathered gradients": act_bytes * n_root + (act_bytes + 4) * n_block}
+        if cfg.gradient_accumulation_steps // world_size > 1:
+            parts["accumulated gradients"] = 4 * n
+    else:
+        parts = {"weights": 4 * n, "gradients": 4 * n, "optimizer state": 8 * n}
+        if world_size > 1:
+            parts["DDP buckets"] = 4 * n
+    one_layer = tokens * 34 * m.n_embd * act_bytes // 2
+    if checkpointing:
+        residual_bytes = act_bytes if fsdp else 4
+        parts["activations"] = m.n_layer * tokens * m.n_embd * residual_bytes + one_layer
+    else:
+        parts["activations"] = m.n_layer * one_layer
     logit_bytes = 2 + 4 + 4 if act_bytes == 2 else 4 + 4  # float() is a no-op in float32
     parts["logits"] = tokens * m.vocab_size * logit_bytes
     return parts
+
+
+# GPU memory sizes, in GB of 10^9 bytes, and the boards that have them (NVIDIA's datasheets).
+# A run fits when its estimate is at most the size in 10^9 bytes: a little under what each
+# of these boards can allocate (their sizes are in GiB of 2^30 bytes, less a little that the
+# driver keeps), which leaves some room for what the estimate leaves out.
+GPU_MEMORY_GB = {24: "RTX 4090, A10G, L4", 40: "A100 40GB", 80: "A100 80GB, H100",
+                 141: "H200"}
+
+
+def fits(n_bytes):
+    """The sizes in GPU_MEMORY_GB that n_bytes fits in."""
+    return [gb for gb in GPU_MEMORY_GB if n_bytes <= gb * 10 ** 9]
 
 
 def report(cfg, world_size=1, model_config=None):
@@ -94,6 +151,7 @@ def report(cfg, world_size=1, model_config=None):
     scores = (m.n_layer * cfg.batch_size * cfg.block_size * 5 * m.n_head * cfg.block_size
               * act_bytes // 2)
     state = [name for name in memory if name not in ("activations", "logits")]
+    checkpointing = getattr(cfg, "activation_checkpointing", False)
     return "\n".join([
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
         f"vocab {m.vocab_size}, biases {'on' if m.bias else 'off'}",
@@ -104,14 +162,42 @@ def report(cfg, world_size=1, model_config=None):
         f"x {cfg.gradient_accumulation_steps} micro-steps, over {world_size} process(es)",
         f"whole run: {cfg.max_iters:,} iterations, {tpi * cfg.max_iters:.3g} tokens, "
         f"{total_flops(cfg, m):.3g} FLOPs",
-        f"memory per process, an estimate (see accounting.memory_per_rank): "
-        f"{_size(sum(memory.values()))}",
+        f"memory per process ({_strategy(cfg, world_size)}), an estimate (see "
+        f"accounting.memory_per_rank): {_size(sum(memory.values()))}",
         "  " + " + ".join(f"{name} {_size(memory[name])}" for name in state),
         f"  activations {_size(memory['activations'])}, one micro-batch: {34 * act_bytes // 2} "
-        "* n_embd bytes per token per layer (Korthikanti 2022)",
+        "* n_embd bytes per token per layer (Korthikanti 2022)" if not checkpointing else
+        f"  activations {_size(memory['activations'])}, one micro-batch, checkpointed: each "
+        f"layer keeps its input, one is rerun ({34 * act_bytes // 2} * n_embd per token)",
         f"  logits {_size(memory['logits'])}; unfused attention would add "
         f"{_size(scores)} of scores, which SDPA does not store",
+        f"  {_fits_text(memory)}",
     ])
+
+
+def memory_table(cfg, world_size=1, model_config=None):
+    """Memory per GPU with DDP and with FSDP (one process alone: without), each with and
+    without activation checkpointing, and the GPU sizes each fits: for train.py --estimate."""
+    m = _model_shape(cfg, model_config)
+    strategies = [False, True] if world_size > 1 else [False]
+    lines = [f"memory per GPU on {world_size} GPU(s) in GiB, {cfg.batch_size} x "
+             f"{cfg.block_size} tokens per micro-step, {_activation_bytes(cfg) * 8}-bit "
+             "activations;",
+             "state: weights, gradients, AdamW moments, and what DDP or FSDP adds to them",
+             f"{'':<6}{'checkpointing':<15}{'state':>7}{'activations':>13}{'logits':>8}"
+             f"{'total':>8}  fits GPUs of (GB)"]
+    for fsdp in strategies:
+        for checkpointing in (False, True):
+            run = replace(cfg, fsdp=fsdp, activation_checkpointing=checkpointing)
+            parts = memory_per_rank(run, m, world_size)
+            state = sum(v for k, v in parts.items() if k not in ("activations", "logits"))
+            sizes = fits(sum(parts.values()))
+            lines.append(f"{_strategy(run, world_size).split()[0]:<6}"
+                         f"{'on' if checkpointing else 'off':<15}"
+                         f"{state / GIB:>7.1f}{parts['activations'] / GIB:>13.1f}"
+                         f"{parts['logits'] / GIB:>8.1f}{sum(parts.values()) / GIB:>8.1f}  "
+                         f"{', '.join(map(str, sizes)) or 'none'}")
+    return "\n".join(lines)
 
 
 # Dense (no sparsity) peak tensor throughput in FLOP/s, by board and autocast dtype, float32
@@ -165,7 +251,8 @@ def peak_flops(device, dtype):
 
 def estimate(cfg, world_size=1, model_config=None, mfu=0.4):
     """A table of the run's wall-clock time, GPU-hours and energy on each GPU in
-    PEAK_FLOPS, at bfloat16 where the board has it, else float16.
+    PEAK_FLOPS, at bfloat16 where the board has it, else float16; then memory_table's
+    memory per GPU, with DDP and FSDP, with and without activation checkpointing.
 
     time = total FLOPs / (world_size * peak FLOP/s * mfu). Energy is the GPUs' rated board
     power times GPU-hours: no CPUs, memory, network or cooling."""
@@ -188,7 +275,7 @@ def estimate(cfg, world_size=1, model_config=None, mfu=0.4):
         lines.append(f"{name:<10}{str(dtype).removeprefix('torch.'):<10}"
                      f"{peaks[dtype] / 1e12:>13.0f}{watts:>9}{_duration(seconds):>12}"
                      f"{_amount(gpu_hours):>11}{_amount(gpu_hours * watts / 1000):>10}")
-    return "\n".join(lines)
+    return "\n".join(lines + [memory_table(cfg, world_size, m)])
 
 
 def _model_shape(cfg, model_config):
@@ -197,6 +284,21 @@ def _model_shape(cfg, model_config):
         raise ValueError("the vocabulary size is not in the run's settings: pass the model's "
                          "GPTConfig as model_config")
     return m
+
+
+def _strategy(cfg, world_size):
+    if getattr(cfg, "fsdp", False):
+        return f"FSDP over {world_size}"
+    return f"DDP over {world_size}" if world_size > 1 else "one process"
+
+
+def _fits_text(memory):
+    sizes = fits(sum(memory.values()))
+    too_small = [f"{gb} GB ({GPU_MEMORY_GB[gb]})" for gb in GPU_MEMORY_GB if gb not in sizes]
+    if not sizes:
+        return f"too much for every GPU size we know ({', '.join(map(str, GPU_MEMORY_GB))} GB)"
+    return (f"fits GPUs of {', '.join(map(str, sizes))} GB"
+            + (f", not {', '.join(too_small)}" if too_small else ""))
 
 
 def _activation_bytes(cfg):

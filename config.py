@@ -79,6 +79,8 @@ class TrainConfig:
     deterministic: bool = False  # bit-identical reruns on GPUs too, with slower kernels
     backend: str = "auto"  # DDP backend: auto is nccl on CUDA devices and gloo otherwise
     ddp_timeout: int = 600  # seconds a rank waits for its peers before failing with an error
+    fsdp: bool = False  # shard weights, gradients and AdamW state over the ranks (FSDP2, torchrun)
+    activation_checkpointing: bool = False  # recompute Blocks in backward: less memory, +1/3 FLOPs
 
     def validate(self):
         """Reject values no run can use; the message names the setting."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -136,6 +137,9 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # A way to train, not a part of the model's shape, so not in GPTConfig (which
+        # checkpoints save): the trainer sets it (see hidden_states).
+        self.activation_checkpointing = False
         if config.rope:  # angles (block_size, hs/2), derived, so not saved in checkpoints
             hs = config.n_embd // config.n_head
             freqs = 10000.0 ** (-torch.arange(0, hs, 2).float() / hs)
@@ -182,7 +186,14 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rotary, None if kv_caches is None else kv_caches[i])
+            if self.activation_checkpointing and self.training and kv_caches is None:
+                # Keep only the block's input x (B, T, C); backward reruns the block to get
+                # the ~34 * n_embd bytes per token (16-bit) it would otherwise have stored.
+                # The RNG state is saved and restored for the rerun, so dropout draws the
+                # same masks: the gradients are exactly those of the plain forward.
+                x = checkpoint(block, x, rotary, None, use_reentrant=False)
+            else:
+                x = block(x, rotary, None if kv_caches is None else kv_caches[i])
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):

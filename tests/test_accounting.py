@@ -1,4 +1,5 @@
 """accounting.py against figures worked out by hand for GPT-2 124M, and against the model."""
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def test_gpt2_estimate_on_8_a100_by_hand():
 
 def test_estimate_lists_every_board_with_its_power():
     assert set(accounting.BOARD_WATTS) == set(accounting.PEAK_FLOPS)
-    rows = accounting.estimate(RUN, 1, GPT2).splitlines()[3:]
+    rows = accounting.estimate(RUN, 1, GPT2).splitlines()[3:3 + len(accounting.PEAK_FLOPS)]
     assert [row.split()[0] for row in rows] == [b.split()[0] for b in accounting.PEAK_FLOPS]
     assert "float16" in next(row for row in rows if row.startswith("V100"))  # no bfloat16
     with pytest.raises(ValueError, match="mfu"):
@@ -73,6 +74,104 @@ def test_gpt2_memory_by_hand():
                      "optimizer state": 995_518_464, "activations": 3_850_371_072,
                      "logits": 6_175_580_160}
     assert accounting.memory_per_rank(RUN, GPT2, world_size=8)["DDP buckets"] == 497_759_232
+
+
+# GPT-2 XL with the vocabulary padded to 50304, as --estimate and a run from scratch have it,
+# finetuned as config/finetune_gpt2_xl_fsdp.toml does: on 8 GPUs, 4 sequences x 1024 tokens
+# per GPU, 8 micro-steps in all (one per GPU), bfloat16.
+XL = GPTConfig(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50304,
+               bias=True)
+XL_RUN = TrainConfig(batch_size=4, block_size=1024, gradient_accumulation_steps=8,
+                     dtype="bfloat16")
+
+
+def test_gpt2_xl_parameters_by_hand():
+    # wte  50304 * 1600                               =    80,486,400 (also lm_head: once)
+    # wpe   1024 * 1600                               =     1,638,400
+    # one block: 12 * 1600^2 weights + 13 * 1600 biases and norms (as for GPT-2 above)
+    #   = 30,720,000 + 20,800                         =    30,740,800
+    #   forty-eight blocks                            = 1,475,558,400
+    # ln_f 2 * 1600                                   =         3,200
+    # total                                           = 1,557,686,400
+    # (OpenAI's unpadded 50257 rows: 47 * 1600 = 75,200 fewer, 1,557,611,200)
+    assert accounting.num_params(XL, non_embedding=False) == 1_557_686_400
+    assert accounting.num_params(replace(XL, vocab_size=50257), False) == 1_557_611_200
+
+
+def xl_memory(fsdp, checkpointing, **changes):
+    run = replace(XL_RUN, fsdp=fsdp, activation_checkpointing=checkpointing, **changes)
+    return accounting.memory_per_rank(run, XL, world_size=8)
+
+
+def test_gpt2_xl_memory_on_8_gpus_by_hand():
+    n = 1_557_686_400
+    tokens = 4 * 1024  # one micro-batch per GPU
+    # Activations, bfloat16, one layer: 4096 tokens * 34 * 1600 bytes = 222,822,400;
+    # 48 layers                                                       = 10,695,475,200.
+    # Logits: 4096 tokens * 50304 * 10 bytes (bf16, fp32, fp32 log-probabilities)
+    #                                                                 =  2,060,451,840.
+    layer, logits = tokens * 34 * 1600, tokens * 50304 * 10
+    assert (layer, logits) == (222_822_400, 2_060_451_840)
+
+    # DDP: every GPU holds 4 + 4 + 8 bytes per parameter and 4 more of gradient buckets:
+    # 20 * 1,557,686,400 = 31,153,728,000 bytes (29.0 GiB), before a single activation.
+    ddp = xl_memory(fsdp=False, checkpointing=False)
+    assert ddp == {"weights": 4 * n, "gradients": 4 * n, "optimizer state": 8 * n,
+                   "DDP buckets": 4 * n, "activations": 48 * layer, "logits": logits}
+    # 31,153,728,000 + 10,695,475,200 + 2,060,451,840 = 43,909,655,040: 80 GB cards only.
+    assert sum(ddp.values()) == 43_909_655_040
+    assert accounting.fits(sum(ddp.values())) == [80, 141]
+    # Checkpointed, a layer keeps its input, the float32 residual stream under autocast:
+    # 48 * 4096 * 1600 * 4 = 1,258,291,200, plus one layer rerun in backward, 222,822,400:
+    # 1,481,113,600. 34,695,293,440 in all: the 29 GiB of state still rule out 24 GB.
+    ddp_ckpt = xl_memory(fsdp=False, checkpointing=True)
+    assert ddp_ckpt["activations"] == 1_481_113_600 == 48 * tokens * 1600 * 4 + layer
+    assert sum(ddp_ckpt.values()) == 34_695_293_440
+    assert accounting.fits(sum(ddp_ckpt.values())) == [40, 80, 141]
+
+    # FSDP over 8: an eighth of the fp32 state, 16 * 1,557,686,400 / 8 = 3,115,372,800;
+    # root (wte = lm_head, wpe, ln_f): 80,486,400 + 1,638,400 + 3,200 = 82,128,000 params;
+    # gathered parameters, bf16: the root and two blocks,
+    #   2 * (82,128,000 + 2 * 30,740,800)                        =   287,219,200
+    # gathered gradients: the root's in bf16 and one block's in bf16 plus its fp32 copy,
+    #   2 * 82,128,000 + (2 + 4) * 30,740,800                    =   348,700,800
+    # one micro-step per GPU: no full gradients kept between micro-steps.
+    fsdp = xl_memory(fsdp=True, checkpointing=False)
+    assert fsdp == {"weights": 778_843_200, "gradients": 778_843_200,
+                    "optimizer state": 1_557_686_400, "gathered parameters": 287_219_200,
+                    "gathered gradients": 348_700_800, "activations": 48 * layer,
+                    "logits": logits}
+    # 3,751,292,800 of state + 10,695,475,200 + 2,060,451,840 = 16,507,219,840: fits 24 GB.
+    assert sum(fsdp.values()) == 16_507_219_840
+    assert accounting.fits(sum(fsdp.values())) == [24, 40, 80, 141]
+    # Checkpointed under FSDP, the Blocks' inputs are bfloat16 (MixedPrecisionPolicy casts
+    # them): 48 * 4096 * 1600 * 2 = 629,145,600 + 222,822,400 = 851,968,000;
+    # 3,751,292,800 + 851,968,000 + 2,060,451,840 = 6,663,712,640, less than half.
+    fsdp_ckpt = xl_memory(fsdp=True, checkpointing=True)
+    assert fsdp_ckpt["activations"] == 851_968_000
+    assert sum(fsdp_ckpt.values()) == 6_663_712_640
+
+    # Accumulating 8 micro-steps per GPU without communication keeps every parameter's full
+    # fp32 gradient in between: 4 * 1,557,686,400 = 6,230,745,600 bytes more.
+    accumulating = xl_memory(fsdp=True, checkpointing=False, gradient_accumulation_steps=64)
+    assert accumulating["accumulated gradients"] == 6_230_745_600
+
+
+def test_report_and_estimate_give_memory_for_the_run_as_configured():
+    run = replace(XL_RUN, fsdp=True)
+    report = accounting.report(run, 8, XL)
+    assert "(FSDP over 8)" in report and "gathered parameters" in report
+    assert "15.37 GiB" in report  # 16,507,219,840 bytes
+    assert "fits GPUs of 24, 40, 80, 141 GB" in report
+    ddp_report = accounting.report(replace(XL_RUN, activation_checkpointing=True), 8, XL)
+    assert "(DDP over 8)" in ddp_report and "checkpointed" in ddp_report
+    assert "fits GPUs of 40, 80, 141 GB, not 24 GB (RTX 4090, A10G, L4)" in ddp_report
+    # --estimate: DDP and FSDP, each without and with checkpointing, on the same lines
+    rows = accounting.estimate(XL_RUN, 8, XL).splitlines()[-4:]
+    assert [row.split()[:2] for row in rows] == [["DDP", "off"], ["DDP", "on"],
+                                                 ["FSDP", "off"], ["FSDP", "on"]]
+    assert [row.split()[5] for row in rows] == ["40.9", "32.3", "15.4", "6.2"]  # GiB
+    assert rows[0].endswith("80, 141") and rows[2].endswith("24, 40, 80, 141")
 
 
 @pytest.mark.parametrize("shape", [
