@@ -1,6 +1,6 @@
 """Sample text from a trained checkpoint or from OpenAI's GPT-2.
 
-    python sample.py --out_dir=out-shakespeare-char
+    python sample.py                               # the model `python train.py` trained
     python sample.py --init_from=gpt2 --start="FILE:prompt.txt" --num_samples=1 --top_p=0.9
 
 Several samples are drawn together as one batch; a single sample streams as it is drawn.
@@ -19,7 +19,7 @@ from tokenizer import tokenizer_from_meta
 @dataclass
 class SampleConfig:
     init_from: str = "resume"  # resume (the checkpoint in out_dir), gpt2*, or a weights folder
-    out_dir: str = "out"  # where the checkpoint is, with init_from=resume
+    out_dir: str = "out-shakespeare-char"  # with init_from=resume; `python train.py` writes here
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 3  # samples drawn together as one batch
     max_new_tokens: int = 500  # tokens generated per sample
