@@ -13,7 +13,7 @@ import torch
 import runtime
 from checkpoint import CheckpointError, load_model
 from config import ConfigError, check_dtype, run_main
-from tokenizer import tokenizer_from_meta
+from tokenizer import TokenizerError, tokenizer_from_meta
 
 
 @dataclass
@@ -116,7 +116,8 @@ def sample(cfg, out=sys.stdout):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    return run_main(SampleConfig, sample, argv, __doc__, (CheckpointError, runtime.DeviceError))
+    return run_main(SampleConfig, sample, argv, __doc__,
+                    (CheckpointError, TokenizerError, runtime.DeviceError))
 
 
 if __name__ == "__main__":

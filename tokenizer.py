@@ -21,6 +21,11 @@ from tiktoken_ext.openai_public import r50k_pat_str
 EOT = "<|endoftext|>"
 
 
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built: a damaged vocabulary in meta.json, or GPT-2's
+    vocabulary unavailable. Scripts print it as one line."""
+
+
 class CharTokenizer:
     """Maps each character of a fixed vocabulary to its index in that vocabulary."""
 
@@ -126,17 +131,24 @@ class GPT2Tokenizer:
 
 
 def tokenizer_from_meta(meta: dict) -> CharTokenizer | GPT2Tokenizer:
-    """The tokenizer described by a dataset's meta.json, as written by its tokenizer's meta()."""
+    """The tokenizer described by a dataset's meta.json, as written by its tokenizer's meta().
+    Any failure, a damaged meta or GPT-2's vocabulary out of reach, is a TokenizerError."""
     kind = meta.get("tokenizer")
-    if kind == "char":
-        tok = CharTokenizer(meta["chars"])
-    elif kind == "gpt2":
-        tok = GPT2Tokenizer()
-    else:
-        raise ValueError(f"unknown tokenizer {kind!r} in meta.json; expected 'char' or 'gpt2'")
+    try:
+        if kind == "char":
+            chars = meta.get("chars")
+            if not (isinstance(chars, list) and all(isinstance(c, str) for c in chars)):
+                raise ValueError("its chars must be a list of characters")
+            tok = CharTokenizer(chars)
+        elif kind == "gpt2":
+            tok = GPT2Tokenizer()
+        else:
+            raise ValueError(f"unknown tokenizer {kind!r}; expected 'char' or 'gpt2'")
+    except (OSError, RuntimeError, ValueError) as e:  # also GPT-2's vocabulary: no network
+        raise TokenizerError(f"cannot build the tokenizer: {e}") from None
     if meta.get("vocab_size", tok.vocab_size) != tok.vocab_size:
-        raise ValueError(f"meta.json says vocab_size {meta['vocab_size']} but its {kind} "
-                         f"tokenizer has {tok.vocab_size} tokens")
+        raise TokenizerError(f"meta.json says vocab_size {meta['vocab_size']} but its {kind} "
+                             f"tokenizer has {tok.vocab_size} tokens")
     return tok
 
 

@@ -17,8 +17,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from helpers import ROOT, TINY, quiet_env
+from model import GPT, GPTConfig
+
+from helpers import ROOT, TINY, hub_state, quiet_env, write_gpt2_folder
 
 STEPS = ["--max_iters=1", "--eval_interval=1", "--eval_iters=1"]
 
@@ -55,6 +58,10 @@ def world(tmp_path_factory, char_data, gpt2_vocab_path):
     dataset("short", train=np.arange(10, dtype=np.uint16).tobytes())
     dataset("bigid", train=np.full(1000, vocab + 100, dtype=np.uint16).tobytes())
     prepare_corpus([" the" * 40] * 20, root / "corpus", shard_size=200, val_tokens=50)
+    torch.manual_seed(0)
+    gpt2 = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=1, n_embd=8))
+    write_gpt2_folder(root / "gpt2", hub_state(gpt2), dict(n_layer=1, n_head=1, n_embd=8,
+                                                           n_positions=16, vocab_size=50257))
     (root / "interrupted" / ".old").mkdir(parents=True)  # left by a prepare that was killed
     (root / "good.jsonl").write_text('{"text": "One document."}\n' * 30)
     (root / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "a typo in the key"}\n')
@@ -245,3 +252,19 @@ def test_gpt2_weights_unavailable_offline(tmp_path):
                        HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     assert proc.returncode == 2
     assert_one_line_error(proc.returncode, proc.stderr, "cannot load the model from gpt2:")
+
+
+def test_gpt2_vocabulary_unavailable_offline(world, capsys, monkeypatch):
+    # No network and no GPT2_VOCAB: tiktoken cannot fetch GPT-2's vocabulary. The model loads;
+    # the tokenizer then fails, and must say how to work offline in one line.
+    import tokenizer
+
+    def no_network(name):
+        raise OSError("no network")
+    monkeypatch.setattr("tiktoken.get_encoding", no_network)
+    monkeypatch.setattr(tokenizer, "load_gpt2_encoding", tokenizer.load_gpt2_encoding.__wrapped__)
+    monkeypatch.delenv("GPT2_VOCAB")
+    for script, argv in [("sample.py", ["--init_from={gpt2}", "--device=cpu"]),
+                         ("hellaswag.py", ["--init_from={gpt2}", "--input={good_jsonl}"])]:
+        status, stderr = run_main(script, [arg.format(**world) for arg in argv], capsys)
+        assert_one_line_error(status, stderr, "set GPT2_VOCAB to a local copy")
