@@ -36,11 +36,17 @@ def world(tmp_path_factory, char_data, gpt2_vocab_path):
     trained = root / "trained"
     assert main_of("train.py")([*TINY, *STEPS, f"--data_dir={data}", f"--out_dir={trained}"]) == 0
 
-    def dataset(name, meta=None, train=None, val=None):
+    good_meta = json.loads((data / "meta.json").read_text())
+
+    def dataset(name, meta=None, train=None, val=None, recount=True):
         """A copy of data with its meta.json text, train and val tokens replaced (or removed
-        where given as "")."""
+        where given as ""); meta.json's token counts follow new tokens unless recount=False."""
         folder = root / name
         shutil.copytree(data, folder)
+        if meta is None and recount:
+            counts = {f"{split}_tokens": len(tokens) // 2
+                      for split, tokens in (("train", train), ("val", val)) if tokens}
+            meta = json.dumps({**good_meta, **counts})
         for file, content in (("meta.json", meta), ("train.bin", train), ("val.bin", val)):
             if content == "":
                 (folder / file).unlink()
@@ -49,7 +55,8 @@ def world(tmp_path_factory, char_data, gpt2_vocab_path):
             elif content is not None:
                 (folder / file).write_bytes(content)
 
-    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+    vocab = good_meta["vocab_size"]
+    chars = good_meta["chars"]
     dataset("nometa", meta="")
     dataset("badjson", meta='{"tokenizer": "char", ')
     dataset("novocab", meta='{"tokenizer": "char"}')
@@ -57,6 +64,13 @@ def world(tmp_path_factory, char_data, gpt2_vocab_path):
     dataset("odd", train=(data / "train.bin").read_bytes()[:1001])
     dataset("short", train=np.arange(10, dtype=np.uint16).tobytes())
     dataset("bigid", train=np.full(1000, vocab + 100, dtype=np.uint16).tobytes())
+    dataset("cut", train=(data / "train.bin").read_bytes()[:2000], recount=False)
+    for name, change in [("vocab66", {"vocab_size": vocab + 1}),
+                         ("twice", {"chars": ["a", *chars[:-1]]}),
+                         ("notchars", {"chars": ["ab", *chars[1:]]}),
+                         ("gpt2vocab", {"tokenizer": "gpt2"}),
+                         ("sentencepiece", {"tokenizer": "sentencepiece"})]:
+        dataset(name, meta=json.dumps({**good_meta, **change}))
     prepare_corpus([" the" * 40] * 20, root / "corpus", shard_size=200, val_tokens=50)
     torch.manual_seed(0)
     gpt2 = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=1, n_embd=8))
@@ -111,6 +125,7 @@ def assert_one_line_error(status, stderr, message):
 # these flags, so it resumes the trained checkpoint unless its row says otherwise.
 TRAIN = [*TINY, "--max_iters=2", "--eval_interval=1", "--eval_iters=1", "--init_from=resume",
          "--data_dir={data}", "--out_dir={trained}"]
+SCRATCH = ["--init_from=scratch", "--out_dir={new}"]  # a new run: nothing to compare meta with
 SAMPLE = ["--out_dir={trained}", "--device=cpu", "--max_new_tokens=5", "--num_samples=1"]
 
 CASES = [
@@ -140,6 +155,19 @@ CASES = [
     ("train.py", ["--data_dir={odd}"], "1001 bytes, not a whole number of uint16 tokens"),
     ("train.py", ["--data_dir={short}"], "holds 10 tokens, fewer than block_size + 1 = 33"),
     ("train.py", ["--data_dir={bigid}"], "outside the vocab of"),
+    ("train.py", ["--data_dir={cut}", *SCRATCH],
+     "cut/train.bin holds 1,000 tokens but meta.json records 90,000: truncated, or written by "
+     "another preparation; run `python data/prepare.py --input FILE --out_dir {cut}` to "
+     "re-create it"),
+    ("train.py", ["--data_dir={vocab66}", *SCRATCH],
+     "meta.json says vocab_size 62 but lists 61 characters"),
+    ("train.py", ["--data_dir={twice}", *SCRATCH], "meta.json lists a character twice in chars"),
+    ("train.py", ["--data_dir={notchars}", *SCRATCH],
+     "meta.json has no chars list of single characters"),
+    ("train.py", ["--data_dir={gpt2vocab}", *SCRATCH],
+     "meta.json says vocab_size 61 but GPT-2's tokenizer has 50257 tokens"),
+    ("train.py", ["--data_dir={sentencepiece}", *SCRATCH],
+     "meta.json names an unknown tokenizer 'sentencepiece'; expected 'char' or 'gpt2'"),
     ("train.py", ["--seed=-1"], "seed must not be negative"),
     ("train.py", ["--learning_rate=nan"], "learning_rate must be positive, got nan"),
     ("train.py", ["{latin1_toml}"], "not valid TOML"),
