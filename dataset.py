@@ -7,6 +7,7 @@ RAM costs nothing to open. This is the reading side only: data/preparation.py wr
 from text files, and data/corpus.py streams web-scale corpora into shards.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,10 @@ class TokenData:
     No random state is kept: a batch depends on its key alone, which is what makes resume and
     multi-GPU runs reproduce a single-process run exactly. Where meta.json records the split's
     token count, the files must hold exactly that many tokens.
+
+    The files are opened once, here, and read through those open files: a dataset prepared
+    again under a running training (written beside, then renamed over the old files) leaves the
+    run reading the old files, which the system keeps while they are open.
     """
 
     def __init__(self, data_dir, split: str):
@@ -101,7 +106,8 @@ class TokenData:
         if not self.paths[0].is_file():
             raise DataError(f"split '{split}' not found: no {single} or {split}_*.bin shards; "
                             f"{_prepare_hint(data_dir)}")
-        sizes = [p.stat().st_size for p in self.paths]
+        self.files = [open(p, "rb") for p in self.paths]  # closed when this object is freed
+        sizes = [os.fstat(f.fileno()).st_size for f in self.files]
         for path, size in zip(self.paths, sizes):
             if size % 2:
                 raise DataError(f"{path} is {size} bytes, not a whole number of uint16 tokens; "
@@ -143,7 +149,7 @@ class TokenData:
         # Open the memmaps per batch, as nanoGPT does: a long-lived memmap keeps every page it
         # ever touched in the process's memory, which grows to the size of the dataset.
         for s in np.unique(shard):
-            tokens = np.memmap(self.paths[s], dtype=np.uint16, mode="r")
+            tokens = np.memmap(self.files[s], dtype=np.uint16, mode="r")
             for r in np.flatnonzero(shard == s):
                 rows[r] = tokens[offset[r]:offset[r] + block_size + 1]
             del tokens
@@ -153,8 +159,8 @@ class TokenData:
         """Yield (x, y) batches of every non-overlapping block of the split, in order: the
         whole-split evaluation, where each token is predicted once (a shard's last partial
         block is left out)."""
-        for path, n in zip(self.paths, self.lengths):
-            tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        for file, n in zip(self.files, self.lengths):
+            tokens = np.memmap(file, dtype=np.uint16, mode="r")
             starts = range(0, n - block_size, block_size)
             for i in range(0, len(starts), batch_size):
                 rows = np.stack([tokens[s:s + block_size + 1] for s in starts[i:i + batch_size]])
@@ -167,10 +173,10 @@ class TokenData:
         This reads every token: a second for Shakespeare, but minutes for a web-scale dataset,
         whose writer records its vocab in meta.json; there, trust that and skip this check.
         """
-        for path, n in zip(self.paths, self.lengths):
+        for path, file, n in zip(self.paths, self.files, self.lengths):
             if n == 0:
                 continue
-            top = int(np.memmap(path, dtype=np.uint16, mode="r").max())
+            top = int(np.memmap(file, dtype=np.uint16, mode="r").max())
             if top >= vocab_size:
                 raise DataError(f"{path} holds token id {top}, outside the vocab of {vocab_size}; "
                                 "was it prepared with another tokenizer?")
