@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoint import load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 
 from helpers import ROOT, TINY, hub_state, quiet_env, write_gpt2_folder
@@ -77,6 +78,52 @@ def world(tmp_path_factory, char_data, gpt2_vocab_path):
     write_gpt2_folder(root / "gpt2", hub_state(gpt2), dict(n_layer=1, n_head=1, n_embd=8,
                                                            n_positions=16, vocab_size=50257))
     (root / "interrupted" / ".old").mkdir(parents=True)  # left by a prepare that was killed
+
+    def checkpoint(name, change):
+        """A copy of the trained checkpoint, its dict changed by change(ckpt)."""
+        ckpt = load_checkpoint(trained / "ckpt.pt")
+        change(ckpt)
+        (root / name).mkdir()
+        save_checkpoint(ckpt, root / name / "ckpt.pt")
+
+    checkpoint("nan", lambda c: c["model"].update((k, torch.full_like(v, float("nan")))
+                                                  for k, v in c["model"].items()))
+    checkpoint("twice_ckpt", lambda c: c["meta"].update(chars=["a", *chars[:-1]]))
+    checkpoint("notchars_ckpt", lambda c: c["meta"].update(chars=["ab", *chars[1:]]))
+
+    def gpt2_files(name, header=None, data=b"", config=None, raw=None):
+        """A folder of GPT-2 files whose config.json has the keys in config changed and whose
+        model.safetensors holds header (JSON, unless bytes) then data, or else raw."""
+        folder = root / name
+        folder.mkdir()
+        config = {"n_layer": 1, "n_head": 1, "n_embd": 8, "n_positions": 16,
+                  "vocab_size": 50257, **(config or {})}
+        (folder / "config.json").write_text(json.dumps(config))
+        head = header if isinstance(header, bytes) else json.dumps(header or {}).encode()
+        (folder / "model.safetensors").write_bytes(
+            raw if raw is not None else len(head).to_bytes(8, "little") + head + data)
+
+    def f32(shape, offsets):
+        return {"dtype": "F32", "shape": shape, "data_offsets": offsets}
+
+    gpt2_files("st_long", raw=(1000).to_bytes(8, "little") + b"{}")
+    gpt2_files("st_list", header=[1, 2])
+    gpt2_files("st_notjson", header=b"{not json")
+    gpt2_files("st_dtype", {"wte.weight": {**f32([1], [0, 1]), "dtype": "F8"}}, bytes(1))
+    gpt2_files("st_shape", {"wte.weight": f32([-1], [0, 4])}, bytes(4))
+    gpt2_files("st_negative", {"wte.weight": f32([1], [-4, 0])}, bytes(4))
+    gpt2_files("st_reversed", {"wte.weight": f32([1], [4, 0])}, bytes(4))
+    gpt2_files("st_beyond", {"wte.weight": f32([100], [0, 400])}, bytes(4))
+    gpt2_files("st_size", {"wte.weight": f32([3], [0, 4])}, bytes(4))
+    gpt2_files("st_overlap", {"a": f32([2], [0, 8]), "b": f32([2], [4, 12])}, bytes(12))
+    gpt2_files("cfg_missing", config={"n_head": None})
+    gpt2_files("cfg_type", config={"n_layer": "2"})
+    gpt2_files("cfg_zero", config={"n_embd": 0})
+    gpt2_files("cfg_negative", config={"n_positions": -5})
+    gpt2_files("cfg_heads", config={"n_embd": 10, "n_head": 3})
+    gpt2_files("cfg_huge", config={"n_layer": 1000, "n_embd": 100_000})
+    gpt2_files("cfg_list")
+    (root / "cfg_list" / "config.json").write_text("[]")
     (root / "good.jsonl").write_text('{"text": "One document."}\n' * 30)
     (root / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "a typo in the key"}\n')
     (root / "text.txt").write_text("First Citizen:\nBefore we proceed any further, hear me.\n")
@@ -173,6 +220,9 @@ CASES = [
     ("train.py", ["{latin1_toml}"], "not valid TOML"),
     ("train.py", ["--out_dir={new}", "--init_from={empty}"], "cannot load the model from"),
     ("train.py", ["--wandb_log=true"], "pip install wandb"),
+    ("train.py", ["--out_dir={new}", "--init_from={st_overlap}"], "a and b overlap in the file"),
+    ("train.py", ["--out_dir={new}", "--init_from={cfg_huge}"], "describes 1.2e+14 parameters"),
+    ("train.py", ["--out_dir={new}", "--init_from={st_long}"], "its header says 1000 bytes"),
 
     ("sample.py", ["--tempurature=0.5"], "did you mean 'temperature'"),
     ("sample.py", ["--top_p=0"], "top_p must be in (0, 1], got 0.0"),
@@ -192,6 +242,35 @@ CASES = [
     ("sample.py", ["--out_dir={empty}"], "no checkpoint at"),
     ("sample.py", ["--init_from=gpt3"], "cannot load the model from gpt3: unknown model"),
     ("sample.py", ["--init_from={empty}"], "cannot load the model from"),
+    ("sample.py", ["--out_dir={nan}"],
+     "nan/ckpt.pt: the model's weights are not all finite (NaN or inf)"),
+    ("sample.py", ["--out_dir={twice_ckpt}"],
+     "cannot build the tokenizer: a character vocabulary must be distinct single characters"),
+    ("sample.py", ["--out_dir={notchars_ckpt}"],
+     "cannot build the tokenizer: a character vocabulary must be distinct single characters"),
+    # Crafted GPT-2 files: every field of the safetensors header and of config.json checked.
+    ("sample.py", ["--init_from={st_long}"], "its header says 1000 bytes, the file has 10"),
+    ("sample.py", ["--init_from={st_list}"], "the safetensors header is not a JSON object"),
+    ("sample.py", ["--init_from={st_notjson}"], "the safetensors header is not a JSON object"),
+    ("sample.py", ["--init_from={st_dtype}"], "tensor wte.weight has an unknown dtype 'F8'"),
+    ("sample.py", ["--init_from={st_shape}"], "tensor wte.weight has a bad shape [-1]"),
+    ("sample.py", ["--init_from={st_negative}"],
+     "tensor wte.weight has data_offsets [-4, 0] outside the 4 bytes of data"),
+    ("sample.py", ["--init_from={st_reversed}"], "has data_offsets [4, 0] outside the 4 bytes"),
+    ("sample.py", ["--init_from={st_beyond}"], "has data_offsets [0, 400] outside the 4 bytes"),
+    ("sample.py", ["--init_from={st_size}"],
+     "tensor wte.weight of shape [3] needs 12 bytes, its offsets span 4"),
+    ("sample.py", ["--init_from={st_overlap}"], "tensors a and b overlap in the file"),
+    ("sample.py", ["--init_from={cfg_missing}"],
+     "config.json needs n_head as a positive integer, got None"),
+    ("sample.py", ["--init_from={cfg_type}"],
+     "config.json needs n_layer as a positive integer, got '2'"),
+    ("sample.py", ["--init_from={cfg_zero}"], "needs n_embd as a positive integer, got 0"),
+    ("sample.py", ["--init_from={cfg_negative}"],
+     "needs n_positions as a positive integer, got -5"),
+    ("sample.py", ["--init_from={cfg_heads}"], "n_embd 10 is not divisible by its n_head 3"),
+    ("sample.py", ["--init_from={cfg_huge}"], "config.json describes 1.2e+14 parameters"),
+    ("sample.py", ["--init_from={cfg_list}"], "config.json is not a JSON object"),
 
     ("hellaswag.py", ["--out_dir={trained}", "--device=cpu"],
      "uses the char tokenizer; HellaSwag needs a model that reads GPT-2 tokens"),
