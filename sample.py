@@ -5,6 +5,7 @@
 
 Several samples are drawn together as one batch; a single sample streams as it is drawn.
 """
+import codecs
 import sys
 from dataclasses import dataclass
 
@@ -63,17 +64,17 @@ def read_prompt(start):
 def stream(tokenizer, tokens, out=sys.stdout):
     """Print one sample as its tokens (each of shape (1, 1)) arrive; return their ids.
 
-    A token may end partway through a multi-byte character, so text is printed only up to
-    the last complete character."""
-    ids, shown = [], 0
+    Each token's bytes are decoded once, as they come, so a long sample costs no more per
+    token than a short one. A token may end partway through a multi-byte character (an emoji is
+    several GPT-2 tokens): the incremental decoder holds those bytes back until the character
+    is complete, and prints U+FFFD for bytes that never make one, as decode() does."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    ids = []
     for token in tokens:
         ids.append(token.item())
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):
-            out.write(text[shown:])
-            out.flush()
-            shown = len(text)
-    out.write(tokenizer.decode(ids)[shown:] + "\n")
+        out.write(decoder.decode(tokenizer.token_bytes(ids[-1])))
+        out.flush()
+    out.write(decoder.decode(b"", final=True) + "\n")
     return ids
 
 

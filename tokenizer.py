@@ -7,8 +7,8 @@ GPT2Tokenizer is OpenAI's byte-pair encoding (50257 tokens) run by tiktoken. Any
 because every byte has a token, and the ids match OpenAI's GPT-2 weights. Offline, point the
 GPT2_VOCAB environment variable at GPT-2's encoder.json and no download is needed.
 
-Both share one interface: encode(text) -> list[int], decode(ids) -> str, vocab_size, eot_token
-and meta(), a JSON-serialisable dict that a dataset stores in meta.json and that
+Both share one interface: encode(text) -> list[int], decode(ids) -> str, token_bytes(id) ->
+bytes, vocab_size, eot_token and meta(), a JSON-serialisable dict that a dataset stores in meta.json and that
 tokenizer_from_meta() turns back into the same tokenizer.
 """
 import functools
@@ -54,6 +54,9 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
+
+    def token_bytes(self, i: int) -> bytes:
+        return self.chars[i].encode("utf-8")
 
     def meta(self) -> dict:
         return {"tokenizer": "char", "vocab_size": self.vocab_size, "chars": self.chars}
@@ -125,6 +128,10 @@ class GPT2Tokenizer:
     def decode(self, ids) -> str:
         # A cut through a multi-byte character decodes to U+FFFD rather than raising.
         return self.encoding.decode(list(ids))
+
+    def token_bytes(self, i: int) -> bytes:
+        """A token's bytes, which may be part of a character: what a stream decodes."""
+        return self.encoding.decode_single_token_bytes(i)
 
     def meta(self) -> dict:
         return {"tokenizer": "gpt2", "vocab_size": self.vocab_size}
