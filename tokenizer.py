@@ -8,8 +8,8 @@ because every byte has a token, and the ids match OpenAI's GPT-2 weights. Offlin
 GPT2_VOCAB environment variable at GPT-2's encoder.json and no download is needed.
 
 Both share one interface: encode(text) -> list[int], decode(ids) -> str, token_bytes(id) ->
-bytes, vocab_size, eot_token and meta(), a JSON-serialisable dict that a dataset stores in meta.json and that
-tokenizer_from_meta() turns back into the same tokenizer.
+bytes, vocab_size, eot_token and meta(), a JSON-serialisable dict that a dataset stores in
+meta.json and that tokenizer_from_meta() turns back into the same tokenizer.
 """
 import functools
 import json
