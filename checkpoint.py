@@ -10,6 +10,7 @@ pytorch_model.bin loads with weights_only too.
 """
 import glob
 import json
+import math
 import os
 import pickle
 import re
@@ -143,10 +144,13 @@ def _read_weights(folder):
     path = os.path.join(folder, "pytorch_model.bin")
     if os.path.exists(path):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:  # it asks for a class or function, or is damaged
+            tensors = None
+        if not isinstance(tensors, dict):
             raise ValueError(f"{path}: refused to load: it is not a file of plain tensors "
-                             "(it may be damaged, or carry code)") from None
+                             "(it may be damaged, or carry code)")
+        return tensors
     raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
 
 
@@ -158,22 +162,52 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 def read_safetensors(path):
     """Parse a .safetensors file: an 8-byte header length, a JSON header, then raw tensors.
 
-    The format holds data only, so reading it needs no trust, and no extra package."""
+    The format holds data only, so reading it needs no trust, and no extra package. Every field
+    of the header is checked, as it may come from anywhere: ValueError for any that is wrong.
+    The file is memory-mapped, not read: the tensors are views of the page cache, so eight
+    ranks loading GPT-2 XL on one machine do not each hold a private copy of the file."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        data = bytearray(f.read())
-    n = int.from_bytes(data[:8], "little")
-    if len(data) < 8 + n:
-        raise ValueError(f"{path}: truncated safetensors header")
-    header = json.loads(data[8:8 + n])
-    tensors = {}
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or 8 + n > size:
+            raise ValueError(f"{path}: truncated safetensors file: its header says {n} bytes, "
+                             f"the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:  # not JSON, or not UTF-8
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object")
+    # shared=False maps the file copy-on-write: the model never writes back into it.
+    data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)[8 + n:]
+    tensors, spans = {}, []
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        begin, end = (8 + n + offset for offset in info["data_offsets"])
-        if info["dtype"] not in _SAFETENSORS_DTYPES or end > len(data):
-            raise ValueError(f"{path}: tensor {key} is truncated or of unknown dtype")
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        flat = (torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                 offset=begin) if end > begin else torch.empty(0, dtype=dtype))
-        tensors[key] = flat.view(info["shape"])
+        dtype, shape, offsets = (info.get(k) if isinstance(info, dict) else None
+                                 for k in ("dtype", "shape", "data_offsets"))
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {key} has an unknown dtype {dtype!r}")
+        dtype = _SAFETENSORS_DTYPES[dtype]
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise ValueError(f"{path}: tensor {key} has a bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= len(data)):
+            raise ValueError(f"{path}: tensor {key} has data_offsets {offsets!r} outside the "
+                             f"{len(data)} bytes of data")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {key} of shape {shape} needs "
+                             f"{math.prod(shape) * dtype.itemsize} bytes, its offsets span "
+                             f"{end - begin}")
+        spans.append((begin, end, key))
+        flat = data[begin:end]
+        if (8 + n + begin) % dtype.itemsize:  # a view needs aligned data; copy what is not
+            flat = flat.clone()
+        tensors[key] = flat.view(dtype).view(shape)
+    spans.sort()
+    for (_, end, key), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ValueError(f"{path}: tensors {key} and {other} overlap in the file")
     return tensors

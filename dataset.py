@@ -7,25 +7,49 @@ RAM costs nothing to open. This is the reading side only: data/preparation.py wr
 from text files, and data/corpus.py streams web-scale corpora into shards.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
+GPT2_VOCAB_SIZE = 50257  # tokenizer.GPT2Tokenizer's; not imported, to keep tiktoken off this path
+
+
 class DataError(Exception):
     """A problem with a dataset that the user can fix (missing, malformed or too short)."""
 
 
-def _prepare_hint(data_dir: Path) -> str:
+def _prepare_hint(data_dir: Path, verb="create") -> str:
     script = data_dir / "prepare.py"
     if script.is_file():
-        return f"run `python {script}` to create it"
-    return f"run `python data/prepare.py --input FILE --out_dir {data_dir}` to create it"
+        return f"run `python {script}` to {verb} it"
+    return f"run `python data/prepare.py --input FILE --out_dir {data_dir}` to {verb} it"
+
+
+def _vocab_problem(meta: dict) -> str | None:
+    """What is wrong with meta's vocabulary for its tokenizer, or None."""
+    kind, size = meta.get("tokenizer"), meta["vocab_size"]
+    if kind == "gpt2":
+        return None if size == GPT2_VOCAB_SIZE else (
+            f"says vocab_size {size} but GPT-2's tokenizer has {GPT2_VOCAB_SIZE} tokens")
+    if kind != "char":
+        return f"names an unknown tokenizer {kind!r}; expected 'char' or 'gpt2'"
+    chars = meta.get("chars")
+    if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+        return "has no chars list of single characters"
+    if len(set(chars)) != len(chars):
+        return "lists a character twice in chars"
+    if len(chars) != size:
+        return f"says vocab_size {size} but lists {len(chars)} characters"
+    return None
 
 
 def load_meta(data_dir) -> dict:
-    """Read data_dir/meta.json, or raise DataError saying how to create it."""
+    """Read data_dir/meta.json, or raise DataError saying how to create it. The vocabulary
+    must fit its tokenizer and the token counts must be counts: a damaged or hand-edited
+    meta.json is refused here, not found out at sampling time."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise DataError(f"{path} not found; {_prepare_hint(Path(data_dir))}")
@@ -36,6 +60,13 @@ def load_meta(data_dir) -> dict:
     if (not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int)
             or meta["vocab_size"] < 1):
         raise DataError(f"{path} has no vocab_size; {_prepare_hint(Path(data_dir))}")
+    problem = _vocab_problem(meta)
+    for key in ("train_tokens", "val_tokens"):
+        count = meta.get(key, 0)
+        if type(count) is not int or count < 0:  # type(): True is an int, but not a count
+            problem = problem or f"has {key} {count!r}, not a count of tokens"
+    if problem:
+        raise DataError(f"{path} {problem}; {_prepare_hint(Path(data_dir), 're-create')}")
     return meta
 
 
@@ -55,8 +86,13 @@ def _split_rows(rows: np.ndarray, device):
 class TokenData:
     """One split of a dataset folder; get_batch draws uniformly over all its windows.
 
-    Only paths and lengths are kept: no open files, no random state. A batch depends on its key
-    alone, which is what makes resume and multi-GPU runs reproduce a single-process run exactly.
+    No random state is kept: a batch depends on its key alone, which is what makes resume and
+    multi-GPU runs reproduce a single-process run exactly. Where meta.json records the split's
+    token count, the files must hold exactly that many tokens.
+
+    The files are opened once, here, and read through those open files: a dataset prepared
+    again under a running training (written beside, then renamed over the old files) leaves the
+    run reading the old files, which the system keeps while they are open.
     """
 
     def __init__(self, data_dir, split: str):
@@ -70,12 +106,20 @@ class TokenData:
         if not self.paths[0].is_file():
             raise DataError(f"split '{split}' not found: no {single} or {split}_*.bin shards; "
                             f"{_prepare_hint(data_dir)}")
-        sizes = [p.stat().st_size for p in self.paths]
+        self.files = [open(p, "rb") for p in self.paths]  # closed when this object is freed
+        sizes = [os.fstat(f.fileno()).st_size for f in self.files]
         for path, size in zip(self.paths, sizes):
             if size % 2:
                 raise DataError(f"{path} is {size} bytes, not a whole number of uint16 tokens; "
                                 "it is truncated or not a token file")
         self.lengths = np.array(sizes, dtype=np.int64) // 2  # tokens per shard
+        meta = load_meta(data_dir) if (data_dir / "meta.json").is_file() else {}
+        expected = meta.get(f"{split}_tokens")
+        if expected is not None and expected != self.lengths.sum():
+            files = single if not shards else data_dir / f"{split}_*.bin ({len(shards)} shards)"
+            raise DataError(f"{files} holds {self.lengths.sum():,} tokens but meta.json records "
+                            f"{expected:,}: truncated, or written by another preparation; "
+                            f"{_prepare_hint(data_dir, 're-create')}")
 
     def _starts(self, block_size: int) -> np.ndarray:
         """Valid start positions per shard: i with i + block_size + 1 <= len(shard)."""
@@ -105,7 +149,7 @@ class TokenData:
         # Open the memmaps per batch, as nanoGPT does: a long-lived memmap keeps every page it
         # ever touched in the process's memory, which grows to the size of the dataset.
         for s in np.unique(shard):
-            tokens = np.memmap(self.paths[s], dtype=np.uint16, mode="r")
+            tokens = np.memmap(self.files[s], dtype=np.uint16, mode="r")
             for r in np.flatnonzero(shard == s):
                 rows[r] = tokens[offset[r]:offset[r] + block_size + 1]
             del tokens
@@ -117,8 +161,8 @@ class TokenData:
         block is left out). Shared over world_size ranks: rank gets batches rank,
         rank + world_size, ... of that sequence, and builds no other."""
         k = 0  # the batch's number in the whole sequence
-        for path, n in zip(self.paths, self.lengths):
-            tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        for file, n in zip(self.files, self.lengths):
+            tokens = np.memmap(file, dtype=np.uint16, mode="r")
             starts = range(0, n - block_size, block_size)
             for i in range(0, len(starts), batch_size):
                 if k % world_size == rank:
@@ -134,10 +178,10 @@ class TokenData:
         This reads every token: a second for Shakespeare, but minutes for a web-scale dataset,
         whose writer records its vocab in meta.json; there, trust that and skip this check.
         """
-        for path, n in zip(self.paths, self.lengths):
+        for path, file, n in zip(self.paths, self.files, self.lengths):
             if n == 0:
                 continue
-            top = int(np.memmap(path, dtype=np.uint16, mode="r").max())
+            top = int(np.memmap(file, dtype=np.uint16, mode="r").max())
             if top >= vocab_size:
                 raise DataError(f"{path} holds token id {top}, outside the vocab of {vocab_size}; "
                                 "was it prepared with another tokenizer?")

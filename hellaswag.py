@@ -28,7 +28,7 @@ from checkpoint import CheckpointError, load_model
 from config import ConfigError, check_dtype, run_main
 from data.preparation import download
 from dataset import DataError
-from tokenizer import GPT2Tokenizer
+from tokenizer import TokenizerError, tokenizer_from_meta
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE = Path(__file__).resolve().parent / "data" / "hellaswag" / "hellaswag_val.jsonl"
@@ -133,7 +133,7 @@ def examples_path(cfg, rank, world_size):
     if cfg.input:
         return cfg.input
     if rank == 0 and not CACHE.is_file():
-        download(URL, CACHE)
+        download(URL, CACHE, "python hellaswag.py --input=PATH ...")
     if world_size > 1:
         torch.distributed.barrier()
     return CACHE
@@ -150,7 +150,7 @@ def run(cfg):
                                   f"{meta.get('tokenizer')} tokenizer; HellaSwag needs "
                                   "a model that reads GPT-2 tokens")
         model.eval().to(device)
-        tokenizer = GPT2Tokenizer()
+        tokenizer = tokenizer_from_meta(meta)  # GPT-2's, checked above
         examples = load_examples(examples_path(cfg, rank, world_size), cfg.limit)
         result = evaluate(model, tokenizer, examples, device, autocast, rank, world_size)
     finally:
@@ -165,7 +165,7 @@ def run(cfg):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     return run_main(HellaSwagConfig, run, argv, __doc__,
-                    (DataError, CheckpointError, runtime.DeviceError))
+                    (DataError, CheckpointError, TokenizerError, runtime.DeviceError))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Evaluation rows hold iter, train_loss, val_loss and elapsed_s (seconds since the training loop
 began); training rows hold iter, loss, lr, ms (per iteration), tokens_per_sec and mfu. A resumed
-run appends to the same file. With wandb_log the rows go to Weights & Biases too.
+run appends to the same file, after cutting any partial last line a full disk or a kill left,
+so the file always parses. With wandb_log the rows go to Weights & Biases too.
 """
+import errno
 import json
 import os
 import time
@@ -19,6 +21,31 @@ def format_duration(seconds):
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class MetricsError(RuntimeError):
+    """metrics.jsonl cannot be written, most often because the disk is full."""
+
+
+def _write_error(path, e):
+    if e.errno == errno.ENOSPC:
+        return MetricsError(f"no space left on device: cannot write {path}")
+    return MetricsError(f"cannot write {path}: {e.strerror or e}")
+
+
+def drop_partial_line(path):
+    """Cut path back to its last newline: a row half written when a run died is removed."""
+    with open(path, "rb+") as f:
+        keep = f.seek(0, os.SEEK_END)
+        while keep > 0:  # look back a block at a time: the last row is near the end
+            start = max(0, keep - 4096)
+            f.seek(start)
+            newline = f.read(keep - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            keep = start
+        f.truncate(keep)
+
+
 class MetricsLog:
     """Rank 0 prints and writes; every rank calls step(), which averages the loss over them."""
 
@@ -29,8 +56,14 @@ class MetricsLog:
         self.flops_per_iter = run.raw_model.flops_per_token(cfg.block_size) * self.tokens_per_iter
         self.peak = accounting.peak_flops(run.device, run.dtype)  # None where unknown
         if run.rank == 0:
-            mode = "a" if run.iter_num > 0 else "w"  # a resumed run continues its log
-            self.file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), mode)
+            self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
+            resumed = run.iter_num > 0  # a resumed run continues its log
+            try:
+                if resumed and os.path.exists(self.path):
+                    drop_partial_line(self.path)
+                self.file = open(self.path, "a" if resumed else "w")
+            except OSError as e:
+                raise _write_error(self.path, e) from None
             if cfg.wandb_log:
                 import wandb  # optional: only needed when asked for
                 self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
@@ -40,8 +73,12 @@ class MetricsLog:
     def write(self, **row):
         if self.file is None:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:
+            self.close()  # so that the unwritten row is not tried again at exit
+            raise _write_error(self.path, e) from None
         if self.wandb is not None:
             self.wandb.log(row, step=row["iter"])
 
@@ -71,5 +108,9 @@ class MetricsLog:
                   f"{mfu_text} | eta {format_duration(eta)}", flush=True)
 
     def close(self):
-        if self.file is not None:
-            self.file.close()
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:  # a buffered row that cannot be written: the error was raised
+                pass

@@ -263,16 +263,30 @@ class GPT(nn.Module):
         as a dict, tensors their state dict, in the hub's names ("h.0.attn.c_attn.weight")
         or save_pretrained's ("transformer.h.0..."). ValueError for anything that does not fit.
         """
-        config = GPTConfig(block_size=hf_config["n_positions"], n_layer=hf_config["n_layer"],
-                           n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
-                           vocab_size=hf_config["vocab_size"], dropout=dropout, bias=True)
+        # config.json comes from a folder the user names: check it before allocating anything.
+        if not isinstance(hf_config, dict):
+            raise ValueError("config.json is not a JSON object")
+        for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+            if type(hf_config.get(key)) is not int or hf_config[key] < 1:  # type(): not a bool
+                raise ValueError(f"config.json needs {key} as a positive integer, got "
+                                 f"{hf_config.get(key)!r}")
+        L, H, C, T, V = (hf_config[k] for k in ("n_layer", "n_head", "n_embd", "n_positions",
+                                                  "vocab_size"))
+        if C % H:
+            raise ValueError(f"config.json's n_embd {C} is not divisible by its n_head {H}")
+        params = 12 * L * C * C + (V + T) * C  # blocks, then the two embedding tables
+        if params > 10e9:
+            raise ValueError(f"config.json describes {params:.2g} parameters; GPT-2 XL has 1.6e9 "
+                             "and more than 1e10 is refused as a damaged file")
+        config = GPTConfig(block_size=T, n_layer=L, n_head=H, n_embd=C, vocab_size=V,
+                           dropout=dropout, bias=True)
         model = cls(config)
         state = model.state_dict()
         for key, tensor in tensors.items():
             key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
             if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
                 continue  # causal-mask buffers, and the head that is tied to wte anyway
-            if key not in state:
+            if key not in state or not isinstance(tensor, torch.Tensor):
                 raise ValueError(f"unexpected parameter {key} for a GPT-2 model")
             if key.endswith(CONV1D_WEIGHTS):
                 tensor = tensor.t()  # OpenAI's Conv1D stores (in, out); nn.Linear wants (out, in)
@@ -292,9 +306,14 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
     temperature 0 takes the most likely token. top_k keeps the k most likely tokens; top_p
     keeps the smallest set of most likely tokens whose probabilities sum to at least top_p."""
-    if temperature == 0:
+    # Below float32's smallest normal number a temperature scales every gap between logits
+    # past float32's range, which is greedy decoding; it would also divide by zero in float32.
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # The largest logit is made 0 first, so a small temperature sends the others towards -inf
+    # rather than the largest to inf (softmax of inf is NaN).
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k)
         logits = torch.full_like(logits, -float("inf")).scatter(-1, indices, values)

@@ -1,10 +1,11 @@
 """Sample text from a trained checkpoint or from OpenAI's GPT-2.
 
-    python sample.py --out_dir=out-shakespeare-char
+    python sample.py                               # the model `python train.py` trained
     python sample.py --init_from=gpt2 --start="FILE:prompt.txt" --num_samples=1 --top_p=0.9
 
 Several samples are drawn together as one batch; a single sample streams as it is drawn.
 """
+import codecs
 import sys
 from dataclasses import dataclass
 
@@ -13,13 +14,13 @@ import torch
 import runtime
 from checkpoint import CheckpointError, load_model
 from config import ConfigError, check_dtype, run_main
-from tokenizer import tokenizer_from_meta
+from tokenizer import TokenizerError, tokenizer_from_meta
 
 
 @dataclass
 class SampleConfig:
     init_from: str = "resume"  # resume (the checkpoint in out_dir), gpt2*, or a weights folder
-    out_dir: str = "out"  # where the checkpoint is, with init_from=resume
+    out_dir: str = "out-shakespeare-char"  # with init_from=resume; `python train.py` writes here
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 3  # samples drawn together as one batch
     max_new_tokens: int = 500  # tokens generated per sample
@@ -63,17 +64,17 @@ def read_prompt(start):
 def stream(tokenizer, tokens, out=sys.stdout):
     """Print one sample as its tokens (each of shape (1, 1)) arrive; return their ids.
 
-    A token may end partway through a multi-byte character, so text is printed only up to
-    the last complete character."""
-    ids, shown = [], 0
+    Each token's bytes are decoded once, as they come, so a long sample costs no more per
+    token than a short one. A token may end partway through a multi-byte character (an emoji is
+    several GPT-2 tokens): the incremental decoder holds those bytes back until the character
+    is complete, and prints U+FFFD for bytes that never make one, as decode() does."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    ids = []
     for token in tokens:
         ids.append(token.item())
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):
-            out.write(text[shown:])
-            out.flush()
-            shown = len(text)
-    out.write(tokenizer.decode(ids)[shown:] + "\n")
+        out.write(decoder.decode(tokenizer.token_bytes(ids[-1])))
+        out.flush()
+    out.write(decoder.decode(b"", final=True) + "\n")
     return ids
 
 
@@ -82,6 +83,11 @@ def sample(cfg, out=sys.stdout):
     device = runtime.pick_device(cfg.device)
     dtype = runtime.pick_dtype(cfg.dtype, device)
     model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
+    # A NaN anywhere in the weights makes every logit NaN: without this the sample is silence.
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        source = cfg.init_from if cfg.init_from != "resume" else f"{cfg.out_dir}/ckpt.pt"
+        raise CheckpointError(f"{source}: the model's weights are not all finite (NaN or inf), "
+                              "so it cannot be sampled from")
     tokenizer = tokenizer_from_meta(meta)
     model.eval().to(device)
     prompt = read_prompt(cfg.start)
@@ -116,7 +122,8 @@ def sample(cfg, out=sys.stdout):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    return run_main(SampleConfig, sample, argv, __doc__, (CheckpointError, runtime.DeviceError))
+    return run_main(SampleConfig, sample, argv, __doc__,
+                    (CheckpointError, TokenizerError, runtime.DeviceError))
 
 
 if __name__ == "__main__":

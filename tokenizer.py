@@ -7,9 +7,9 @@ GPT2Tokenizer is OpenAI's byte-pair encoding (50257 tokens) run by tiktoken. Any
 because every byte has a token, and the ids match OpenAI's GPT-2 weights. Offline, point the
 GPT2_VOCAB environment variable at GPT-2's encoder.json and no download is needed.
 
-Both share one interface: encode(text) -> list[int], decode(ids) -> str, vocab_size, eot_token
-and meta(), a JSON-serialisable dict that a dataset stores in meta.json and that
-tokenizer_from_meta() turns back into the same tokenizer.
+Both share one interface: encode(text) -> list[int], decode(ids) -> str, token_bytes(id) ->
+bytes, vocab_size, eot_token and meta(), a JSON-serialisable dict that a dataset stores in
+meta.json and that tokenizer_from_meta() turns back into the same tokenizer.
 """
 import functools
 import json
@@ -19,6 +19,11 @@ import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 
 EOT = "<|endoftext|>"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built: a damaged vocabulary in meta.json, or GPT-2's
+    vocabulary unavailable. Scripts print it as one line."""
 
 
 class CharTokenizer:
@@ -49,6 +54,9 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
+
+    def token_bytes(self, i: int) -> bytes:
+        return self.chars[i].encode("utf-8")
 
     def meta(self) -> dict:
         return {"tokenizer": "char", "vocab_size": self.vocab_size, "chars": self.chars}
@@ -121,22 +129,33 @@ class GPT2Tokenizer:
         # A cut through a multi-byte character decodes to U+FFFD rather than raising.
         return self.encoding.decode(list(ids))
 
+    def token_bytes(self, i: int) -> bytes:
+        """A token's bytes, which may be part of a character: what a stream decodes."""
+        return self.encoding.decode_single_token_bytes(i)
+
     def meta(self) -> dict:
         return {"tokenizer": "gpt2", "vocab_size": self.vocab_size}
 
 
 def tokenizer_from_meta(meta: dict) -> CharTokenizer | GPT2Tokenizer:
-    """The tokenizer described by a dataset's meta.json, as written by its tokenizer's meta()."""
+    """The tokenizer described by a dataset's meta.json, as written by its tokenizer's meta().
+    Any failure, a damaged meta or GPT-2's vocabulary out of reach, is a TokenizerError."""
     kind = meta.get("tokenizer")
-    if kind == "char":
-        tok = CharTokenizer(meta["chars"])
-    elif kind == "gpt2":
-        tok = GPT2Tokenizer()
-    else:
-        raise ValueError(f"unknown tokenizer {kind!r} in meta.json; expected 'char' or 'gpt2'")
+    try:
+        if kind == "char":
+            chars = meta.get("chars")
+            if not (isinstance(chars, list) and all(isinstance(c, str) for c in chars)):
+                raise ValueError("its chars must be a list of characters")
+            tok = CharTokenizer(chars)
+        elif kind == "gpt2":
+            tok = GPT2Tokenizer()
+        else:
+            raise ValueError(f"unknown tokenizer {kind!r}; expected 'char' or 'gpt2'")
+    except (OSError, RuntimeError, ValueError) as e:  # also GPT-2's vocabulary: no network
+        raise TokenizerError(f"cannot build the tokenizer: {e}") from None
     if meta.get("vocab_size", tok.vocab_size) != tok.vocab_size:
-        raise ValueError(f"meta.json says vocab_size {meta['vocab_size']} but its {kind} "
-                         f"tokenizer has {tok.vocab_size} tokens")
+        raise TokenizerError(f"meta.json says vocab_size {meta['vocab_size']} but its {kind} "
+                             f"tokenizer has {tok.vocab_size} tokens")
     return tok
 
 

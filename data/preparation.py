@@ -131,8 +131,11 @@ def prepare_file(input_path, out_dir, tokenizer_kind: str, val_fraction: float =
     return prepare_text(text, out_dir, tokenizer_kind, val_fraction)
 
 
-def download(url: str, path) -> None:
-    """Fetch url into path (standard library only); a progress bar when stderr is a terminal."""
+def download(url: str, path, offline: str) -> None:
+    """Fetch url into path (standard library only); a progress bar when stderr is a terminal.
+
+    offline is the whole command that takes a copy the user fetched themselves, for the error:
+    the script that failed may not be the one with an --input flag (train.py prepares data)."""
     path = Path(path)
     _make_dir(path.parent)
 
@@ -154,16 +157,24 @@ def download(url: str, path) -> None:
     try:
         replace_atomically(path, fetch)
     except OSError as e:  # urllib's URLError and HTTPError are OSErrors
-        raise DataError(f"download of {url} failed: {e}; download it yourself and pass "
-                        "--input PATH") from e
+        raise DataError(f"download of {url} failed: {e}; download it yourself and run "
+                        f"`{offline}`") from e
 
 
-def prepare_shakespeare(out_dir, tokenizer_kind: str, input_path=None) -> dict:
-    """Tiny Shakespeare into out_dir, downloading it to out_dir/input.txt unless given."""
+def _shown(path: Path) -> str:
+    """path as a user would type it: relative to the working folder where it lies below it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def prepare_shakespeare(out_dir, tokenizer_kind: str, input_path=None, script=None) -> dict:
+    """Tiny Shakespeare into out_dir, downloading it to out_dir/input.txt unless given; script
+    is the prepare.py to name if the download fails."""
     if input_path is None:
         input_path = Path(out_dir) / "input.txt"
         if not input_path.is_file():
-            download(SHAKESPEARE_URL, input_path)
+            script = _shown(script or Path(out_dir) / "prepare.py")
+            download(SHAKESPEARE_URL, input_path, f"python {script} --input PATH")
     return prepare_file(input_path, out_dir, tokenizer_kind)
 
 
@@ -177,6 +188,7 @@ def shakespeare_main(argv, tokenizer_kind: str, script_dir) -> dict:
                    help="where to write train.bin, val.bin and meta.json (default: %(default)s)")
     args = p.parse_args(argv)
     try:
-        return prepare_shakespeare(args.out_dir, tokenizer_kind, args.input)
+        return prepare_shakespeare(args.out_dir, tokenizer_kind, args.input,
+                                   Path(script_dir) / "prepare.py")
     except DataError as e:
         raise SystemExit(f"error: {e}") from e

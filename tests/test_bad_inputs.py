@@ -17,8 +17,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from helpers import ROOT, TINY, quiet_env
+from checkpoint import load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
+
+from helpers import ROOT, TINY, hub_state, quiet_env, write_gpt2_folder
 
 STEPS = ["--max_iters=1", "--eval_interval=1", "--eval_iters=1"]
 
@@ -33,11 +37,17 @@ def world(tmp_path_factory, char_data, gpt2_vocab_path):
     trained = root / "trained"
     assert main_of("train.py")([*TINY, *STEPS, f"--data_dir={data}", f"--out_dir={trained}"]) == 0
 
-    def dataset(name, meta=None, train=None, val=None):
+    good_meta = json.loads((data / "meta.json").read_text())
+
+    def dataset(name, meta=None, train=None, val=None, recount=True):
         """A copy of data with its meta.json text, train and val tokens replaced (or removed
-        where given as "")."""
+        where given as ""); meta.json's token counts follow new tokens unless recount=False."""
         folder = root / name
         shutil.copytree(data, folder)
+        if meta is None and recount:
+            counts = {f"{split}_tokens": len(tokens) // 2
+                      for split, tokens in (("train", train), ("val", val)) if tokens}
+            meta = json.dumps({**good_meta, **counts})
         for file, content in (("meta.json", meta), ("train.bin", train), ("val.bin", val)):
             if content == "":
                 (folder / file).unlink()
@@ -46,7 +56,8 @@ def world(tmp_path_factory, char_data, gpt2_vocab_path):
             elif content is not None:
                 (folder / file).write_bytes(content)
 
-    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+    vocab = good_meta["vocab_size"]
+    chars = good_meta["chars"]
     dataset("nometa", meta="")
     dataset("badjson", meta='{"tokenizer": "char", ')
     dataset("novocab", meta='{"tokenizer": "char"}')
@@ -54,8 +65,65 @@ def world(tmp_path_factory, char_data, gpt2_vocab_path):
     dataset("odd", train=(data / "train.bin").read_bytes()[:1001])
     dataset("short", train=np.arange(10, dtype=np.uint16).tobytes())
     dataset("bigid", train=np.full(1000, vocab + 100, dtype=np.uint16).tobytes())
+    dataset("cut", train=(data / "train.bin").read_bytes()[:2000], recount=False)
+    for name, change in [("vocab66", {"vocab_size": vocab + 1}),
+                         ("twice", {"chars": ["a", *chars[:-1]]}),
+                         ("notchars", {"chars": ["ab", *chars[1:]]}),
+                         ("gpt2vocab", {"tokenizer": "gpt2"}),
+                         ("sentencepiece", {"tokenizer": "sentencepiece"})]:
+        dataset(name, meta=json.dumps({**good_meta, **change}))
     prepare_corpus([" the" * 40] * 20, root / "corpus", shard_size=200, val_tokens=50)
+    torch.manual_seed(0)
+    gpt2 = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=1, n_embd=8))
+    write_gpt2_folder(root / "gpt2", hub_state(gpt2), dict(n_layer=1, n_head=1, n_embd=8,
+                                                           n_positions=16, vocab_size=50257))
     (root / "interrupted" / ".old").mkdir(parents=True)  # left by a prepare that was killed
+
+    def checkpoint(name, change):
+        """A copy of the trained checkpoint, its dict changed by change(ckpt)."""
+        ckpt = load_checkpoint(trained / "ckpt.pt")
+        change(ckpt)
+        (root / name).mkdir()
+        save_checkpoint(ckpt, root / name / "ckpt.pt")
+
+    checkpoint("nan", lambda c: c["model"].update((k, torch.full_like(v, float("nan")))
+                                                  for k, v in c["model"].items()))
+    checkpoint("twice_ckpt", lambda c: c["meta"].update(chars=["a", *chars[:-1]]))
+    checkpoint("notchars_ckpt", lambda c: c["meta"].update(chars=["ab", *chars[1:]]))
+
+    def gpt2_files(name, header=None, data=b"", config=None, raw=None):
+        """A folder of GPT-2 files whose config.json has the keys in config changed and whose
+        model.safetensors holds header (JSON, unless bytes) then data, or else raw."""
+        folder = root / name
+        folder.mkdir()
+        config = {"n_layer": 1, "n_head": 1, "n_embd": 8, "n_positions": 16,
+                  "vocab_size": 50257, **(config or {})}
+        (folder / "config.json").write_text(json.dumps(config))
+        head = header if isinstance(header, bytes) else json.dumps(header or {}).encode()
+        (folder / "model.safetensors").write_bytes(
+            raw if raw is not None else len(head).to_bytes(8, "little") + head + data)
+
+    def f32(shape, offsets):
+        return {"dtype": "F32", "shape": shape, "data_offsets": offsets}
+
+    gpt2_files("st_long", raw=(1000).to_bytes(8, "little") + b"{}")
+    gpt2_files("st_list", header=[1, 2])
+    gpt2_files("st_notjson", header=b"{not json")
+    gpt2_files("st_dtype", {"wte.weight": {**f32([1], [0, 1]), "dtype": "F8"}}, bytes(1))
+    gpt2_files("st_shape", {"wte.weight": f32([-1], [0, 4])}, bytes(4))
+    gpt2_files("st_negative", {"wte.weight": f32([1], [-4, 0])}, bytes(4))
+    gpt2_files("st_reversed", {"wte.weight": f32([1], [4, 0])}, bytes(4))
+    gpt2_files("st_beyond", {"wte.weight": f32([100], [0, 400])}, bytes(4))
+    gpt2_files("st_size", {"wte.weight": f32([3], [0, 4])}, bytes(4))
+    gpt2_files("st_overlap", {"a": f32([2], [0, 8]), "b": f32([2], [4, 12])}, bytes(12))
+    gpt2_files("cfg_missing", config={"n_head": None})
+    gpt2_files("cfg_type", config={"n_layer": "2"})
+    gpt2_files("cfg_zero", config={"n_embd": 0})
+    gpt2_files("cfg_negative", config={"n_positions": -5})
+    gpt2_files("cfg_heads", config={"n_embd": 10, "n_head": 3})
+    gpt2_files("cfg_huge", config={"n_layer": 1000, "n_embd": 100_000})
+    gpt2_files("cfg_list")
+    (root / "cfg_list" / "config.json").write_text("[]")
     (root / "good.jsonl").write_text('{"text": "One document."}\n' * 30)
     (root / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "a typo in the key"}\n')
     (root / "text.txt").write_text("First Citizen:\nBefore we proceed any further, hear me.\n")
@@ -104,6 +172,7 @@ def assert_one_line_error(status, stderr, message):
 # these flags, so it resumes the trained checkpoint unless its row says otherwise.
 TRAIN = [*TINY, "--max_iters=2", "--eval_interval=1", "--eval_iters=1", "--init_from=resume",
          "--data_dir={data}", "--out_dir={trained}"]
+SCRATCH = ["--init_from=scratch", "--out_dir={new}"]  # a new run: nothing to compare meta with
 SAMPLE = ["--out_dir={trained}", "--device=cpu", "--max_new_tokens=5", "--num_samples=1"]
 
 CASES = [
@@ -133,11 +202,27 @@ CASES = [
     ("train.py", ["--data_dir={odd}"], "1001 bytes, not a whole number of uint16 tokens"),
     ("train.py", ["--data_dir={short}"], "holds 10 tokens, fewer than block_size + 1 = 33"),
     ("train.py", ["--data_dir={bigid}"], "outside the vocab of"),
+    ("train.py", ["--data_dir={cut}", *SCRATCH],
+     "cut/train.bin holds 1,000 tokens but meta.json records 90,000: truncated, or written by "
+     "another preparation; run `python data/prepare.py --input FILE --out_dir {cut}` to "
+     "re-create it"),
+    ("train.py", ["--data_dir={vocab66}", *SCRATCH],
+     "meta.json says vocab_size 62 but lists 61 characters"),
+    ("train.py", ["--data_dir={twice}", *SCRATCH], "meta.json lists a character twice in chars"),
+    ("train.py", ["--data_dir={notchars}", *SCRATCH],
+     "meta.json has no chars list of single characters"),
+    ("train.py", ["--data_dir={gpt2vocab}", *SCRATCH],
+     "meta.json says vocab_size 61 but GPT-2's tokenizer has 50257 tokens"),
+    ("train.py", ["--data_dir={sentencepiece}", *SCRATCH],
+     "meta.json names an unknown tokenizer 'sentencepiece'; expected 'char' or 'gpt2'"),
     ("train.py", ["--seed=-1"], "seed must not be negative"),
     ("train.py", ["--learning_rate=nan"], "learning_rate must be positive, got nan"),
     ("train.py", ["{latin1_toml}"], "not valid TOML"),
     ("train.py", ["--out_dir={new}", "--init_from={empty}"], "cannot load the model from"),
     ("train.py", ["--wandb_log=true"], "pip install wandb"),
+    ("train.py", ["--out_dir={new}", "--init_from={st_overlap}"], "a and b overlap in the file"),
+    ("train.py", ["--out_dir={new}", "--init_from={cfg_huge}"], "describes 1.2e+14 parameters"),
+    ("train.py", ["--out_dir={new}", "--init_from={st_long}"], "its header says 1000 bytes"),
 
     ("sample.py", ["--tempurature=0.5"], "did you mean 'temperature'"),
     ("sample.py", ["--top_p=0"], "top_p must be in (0, 1], got 0.0"),
@@ -157,6 +242,35 @@ CASES = [
     ("sample.py", ["--out_dir={empty}"], "no checkpoint at"),
     ("sample.py", ["--init_from=gpt3"], "cannot load the model from gpt3: unknown model"),
     ("sample.py", ["--init_from={empty}"], "cannot load the model from"),
+    ("sample.py", ["--out_dir={nan}"],
+     "nan/ckpt.pt: the model's weights are not all finite (NaN or inf)"),
+    ("sample.py", ["--out_dir={twice_ckpt}"],
+     "cannot build the tokenizer: a character vocabulary must be distinct single characters"),
+    ("sample.py", ["--out_dir={notchars_ckpt}"],
+     "cannot build the tokenizer: a character vocabulary must be distinct single characters"),
+    # Crafted GPT-2 files: every field of the safetensors header and of config.json checked.
+    ("sample.py", ["--init_from={st_long}"], "its header says 1000 bytes, the file has 10"),
+    ("sample.py", ["--init_from={st_list}"], "the safetensors header is not a JSON object"),
+    ("sample.py", ["--init_from={st_notjson}"], "the safetensors header is not a JSON object"),
+    ("sample.py", ["--init_from={st_dtype}"], "tensor wte.weight has an unknown dtype 'F8'"),
+    ("sample.py", ["--init_from={st_shape}"], "tensor wte.weight has a bad shape [-1]"),
+    ("sample.py", ["--init_from={st_negative}"],
+     "tensor wte.weight has data_offsets [-4, 0] outside the 4 bytes of data"),
+    ("sample.py", ["--init_from={st_reversed}"], "has data_offsets [4, 0] outside the 4 bytes"),
+    ("sample.py", ["--init_from={st_beyond}"], "has data_offsets [0, 400] outside the 4 bytes"),
+    ("sample.py", ["--init_from={st_size}"],
+     "tensor wte.weight of shape [3] needs 12 bytes, its offsets span 4"),
+    ("sample.py", ["--init_from={st_overlap}"], "tensors a and b overlap in the file"),
+    ("sample.py", ["--init_from={cfg_missing}"],
+     "config.json needs n_head as a positive integer, got None"),
+    ("sample.py", ["--init_from={cfg_type}"],
+     "config.json needs n_layer as a positive integer, got '2'"),
+    ("sample.py", ["--init_from={cfg_zero}"], "needs n_embd as a positive integer, got 0"),
+    ("sample.py", ["--init_from={cfg_negative}"],
+     "needs n_positions as a positive integer, got -5"),
+    ("sample.py", ["--init_from={cfg_heads}"], "n_embd 10 is not divisible by its n_head 3"),
+    ("sample.py", ["--init_from={cfg_huge}"], "config.json describes 1.2e+14 parameters"),
+    ("sample.py", ["--init_from={cfg_list}"], "config.json is not a JSON object"),
 
     ("hellaswag.py", ["--out_dir={trained}", "--device=cpu"],
      "uses the char tokenizer; HellaSwag needs a model that reads GPT-2 tokens"),
@@ -245,3 +359,19 @@ def test_gpt2_weights_unavailable_offline(tmp_path):
                        HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     assert proc.returncode == 2
     assert_one_line_error(proc.returncode, proc.stderr, "cannot load the model from gpt2:")
+
+
+def test_gpt2_vocabulary_unavailable_offline(world, capsys, monkeypatch):
+    # No network and no GPT2_VOCAB: tiktoken cannot fetch GPT-2's vocabulary. The model loads;
+    # the tokenizer then fails, and must say how to work offline in one line.
+    import tokenizer
+
+    def no_network(name):
+        raise OSError("no network")
+    monkeypatch.setattr("tiktoken.get_encoding", no_network)
+    monkeypatch.setattr(tokenizer, "load_gpt2_encoding", tokenizer.load_gpt2_encoding.__wrapped__)
+    monkeypatch.delenv("GPT2_VOCAB")
+    for script, argv in [("sample.py", ["--init_from={gpt2}", "--device=cpu"]),
+                         ("hellaswag.py", ["--init_from={gpt2}", "--input={good_jsonl}"])]:
+        status, stderr = run_main(script, [arg.format(**world) for arg in argv], capsys)
+        assert_one_line_error(status, stderr, "set GPT2_VOCAB to a local copy")

@@ -1,4 +1,5 @@
 """The one batch sampler, and the errors of reading a dataset that is missing or damaged."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,30 @@ def test_load_meta_missing_names_the_file_and_the_fix(tmp_path):
         load_meta(tmp_path)
     with pytest.raises(DataError, match=str(tmp_path / "meta.json")):
         load_meta(tmp_path)
+
+
+def test_token_files_must_hold_the_counts_meta_json_records(tmp_path):
+    meta = {"tokenizer": "char", "vocab_size": 2, "chars": ["a", "b"], "train_tokens": 300}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    write_bin(tmp_path / "train_000000.bin", np.zeros(200))
+    write_bin(tmp_path / "train_000001.bin", np.zeros(100))
+    assert TokenData(tmp_path, "train").lengths.sum() == 300
+    write_bin(tmp_path / "train_000001.bin", np.zeros(99))  # a shard cut short
+    with pytest.raises(DataError, match=r"train_\*\.bin \(2 shards\) holds 299 tokens but "
+                                        r"meta\.json records 300.*to re-create it"):
+        TokenData(tmp_path, "train")
+
+
+def test_a_dataset_prepared_again_under_a_running_training_is_not_seen(tmp_path):
+    from data.preparation import prepare_text
+    prepare_text("abcdefgh" * 100, tmp_path, "char")
+    data = TokenData(tmp_path, "train")
+    before = data.get_batch((0,), 4, 8, "cpu")
+    evaluation = list(data.windows(8, 4, "cpu"))
+    prepare_text("zyxwvuts" * 200, tmp_path, "char")  # renamed over the files the run opened
+    assert read_bin(tmp_path / "train.bin").size == 1440  # the folder holds the new dataset...
+    after = data.get_batch((0,), 4, 8, "cpu")  # ...and the run still reads the old one
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    again = list(data.windows(8, 4, "cpu"))
+    assert all(torch.equal(a, b) for old, new in zip(evaluation, again) for a, b in zip(old, new))
+    data.check_vocab(8)

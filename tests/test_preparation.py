@@ -108,8 +108,27 @@ def test_prepare_script_on_a_user_file(tmp_path, gpt2_vocab_path):
 def test_download_writes_whole_file_or_nothing(tmp_path):
     src = tmp_path / "src.txt"
     src.write_text(TEXT)
-    download(src.as_uri(), tmp_path / "got" / "input.txt")
+    download(src.as_uri(), tmp_path / "got" / "input.txt", "python x.py --input PATH")
     assert (tmp_path / "got" / "input.txt").read_text() == TEXT
     with pytest.raises(DataError, match="nothing.txt"):
-        download((tmp_path / "nothing.txt").as_uri(), tmp_path / "got" / "bad.txt")
+        download((tmp_path / "nothing.txt").as_uri(), tmp_path / "got" / "bad.txt",
+                 "python x.py --input PATH")
     assert sorted(os.listdir(tmp_path / "got")) == ["input.txt"]  # no partial file, no .tmp
+
+
+def test_a_failed_download_under_train_names_the_command_that_takes_input(tmp_path,
+                                                                          monkeypatch):
+    # A bare `python train.py` prepares Shakespeare itself, and train.py has no --input: the
+    # error must name the prepare script that does.
+    import data.preparation
+    import train
+    script = tmp_path / "data" / "shakespeare_char" / "prepare.py"
+    script.parent.mkdir(parents=True)
+    script.write_bytes((ROOT / "data" / "shakespeare_char" / "prepare.py").read_bytes())
+    monkeypatch.setattr(train, "ROOT", tmp_path)
+    monkeypatch.setattr(data.preparation, "SHAKESPEARE_URL", (tmp_path / "none.txt").as_uri())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train.main([])
+    command = "`python data/shakespeare_char/prepare.py --input PATH`"
+    assert f"download it yourself and run {command}" in str(stop.value), stop.value

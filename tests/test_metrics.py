@@ -1,0 +1,50 @@
+"""metrics.jsonl on a bad day: a full disk, and a resumed run after a row was cut in half."""
+import errno
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from config import TrainConfig
+from metrics import MetricsError, MetricsLog
+
+
+def fake_run(out_dir, iter_num):
+    """What MetricsLog reads of train.py's Run, for a CPU run of one process."""
+    return SimpleNamespace(cfg=TrainConfig(out_dir=str(out_dir)), rank=0, world_size=1,
+                           device="cpu", dtype="float32", iter_num=iter_num,
+                           raw_model=SimpleNamespace(flops_per_token=lambda T: 1000))
+
+
+def test_a_resumed_run_drops_a_half_written_row(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"iter": 1, "loss": 4.0}, {"iter": 2, "loss": 3.5}]
+    # Longer than the 4096 bytes metrics.py reads back at a time, so both paths are taken.
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iter": 3, "lo' + "x" * 5000)
+    log = MetricsLog(fake_run(tmp_path, iter_num=2))
+    log.write(iter=3, loss=3.0)
+    log.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        *rows, {"iter": 3, "loss": 3.0}]
+    path.write_text('{"iter": 1, "lo')  # no whole row at all: nothing survives
+    log = MetricsLog(fake_run(tmp_path, iter_num=1))
+    log.close()
+    assert path.read_text() == ""
+
+
+class FullDisk:
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        raise OSError(errno.ENOSPC, "No space left on device")  # the buffered row, again
+
+
+def test_a_full_disk_is_one_clear_error(tmp_path):
+    log = MetricsLog(fake_run(tmp_path, iter_num=0))
+    log.file.close()
+    log.file = FullDisk()
+    with pytest.raises(MetricsError, match=r"^no space left on device: cannot write "
+                                           r".*metrics\.jsonl$"):
+        log.write(iter=1, loss=4.0)
+    log.close()  # train.py closes the log as it unwinds: no second error
