@@ -44,8 +44,12 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError) or isinstance(e.__cause__, OSError):  # a full disk, say
+            reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
+            raise CheckpointError(f"cannot write the checkpoint {path}: {reason}; the "
+                                  "previous checkpoint there is intact") from None
         raise
     # Make the rename itself durable (the directory entry), where the OS allows it.
     if hasattr(os, "O_DIRECTORY"):
@@ -84,23 +88,45 @@ def load_checkpoint(path, map_location="cpu"):
     return state
 
 
-def load_model(init_from, out_dir="out", dropout=0.0):
-    """(model, meta, checkpoint) for init_from: "resume" reads out_dir/ckpt.pt, and checkpoint
-    is then its whole dict (optimizer state, iteration) for train.py to continue from; a GPT-2
-    size or a folder of GPT-2 files gives OpenAI's weights, and checkpoint None. meta describes
-    the model's tokenizer, as a dataset's meta.json does. Any failure is a CheckpointError that
-    names where the model was to come from."""
-    if init_from != "resume":
-        return load_pretrained(init_from, dropout), GPT2_META, None
-    path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path)
+def model_from_checkpoint(ckpt, path, dropout=0.0):
+    """(model, meta): the GPT that a checkpoint of ours holds, and its tokenizer's meta.
+    A checkpoint of another project, or whose weights are not finite, is a CheckpointError."""
     try:
         model = GPT(config_from_dict({**ckpt["model_args"], "dropout": dropout}))
         model.load_state_dict(ckpt["model"])
-        return model, ckpt["meta"], ckpt
+        meta = ckpt["meta"]
     except (ValueError, RuntimeError, KeyError, TypeError) as e:  # another project's file
         reason = " ".join(str(e).split())  # one line, even for load_state_dict's list
         raise CheckpointError(f"{path}: cannot load this checkpoint: {reason}") from None
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise CheckpointError(f"{path}: its weights are not finite (NaN or infinite): it "
+                              "cannot be trained on or sampled from; use an earlier checkpoint")
+    return model, meta
+
+
+def latest_checkpoint(out_dir):
+    """The checkpoint to resume from: ckpt.pt, or last.pt where a stop wrote one later (a run
+    that keeps only its best model in ckpt.pt saves its stopping point beside it)."""
+    best, last = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "last.pt")
+    if not os.path.isfile(last):
+        return best
+    if not os.path.isfile(best):
+        return last
+    newer = load_checkpoint(last)["iter_num"] > load_checkpoint(best)["iter_num"]
+    return last if newer else best
+
+
+def load_model(init_from, out_dir="out", dropout=0.0):
+    """(model, meta, checkpoint) for init_from: "resume" reads out_dir's latest checkpoint,
+    and checkpoint is then its whole dict (optimizer state, iteration) for train.py to
+    continue from; a GPT-2 size or a folder of GPT-2 files gives OpenAI's weights, and
+    checkpoint None. meta describes the model's tokenizer, as a dataset's meta.json does. Any
+    failure is a CheckpointError that names where the model was to come from."""
+    if init_from != "resume":
+        return load_pretrained(init_from, dropout), GPT2_META, None
+    path = latest_checkpoint(out_dir)
+    ckpt = load_checkpoint(path)
+    return (*model_from_checkpoint(ckpt, path, dropout), ckpt)
 
 
 def load_pretrained(name_or_path, dropout=0.0):

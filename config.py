@@ -93,6 +93,8 @@ class TrainConfig:
         # Written as `not x > 0` so that nan fails too.
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.seed >= 2 ** 63:  # torch's generators take a signed 64-bit seed
+            raise ConfigError(f"seed must be below 2**63, got {self.seed}")
         for name in ["seed", "eval_iters", "min_lr", "weight_decay",
                      "grad_clip", "max_iters", "warmup_iters", "lr_decay_iters"]:
             if not getattr(self, name) >= 0:
@@ -117,15 +119,17 @@ class TrainConfig:
         return self
 
 
-def help_text(cls):
-    """One line per setting: name, type, default and the comment beside it in the source."""
+def help_text(cls, defaults=None):
+    """One line per setting: name, default (defaults' value, or the class's) and the comment
+    beside it in the source."""
     comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
     def shown(value):  # as it would be typed: true/false, and strings quoted if odd
         if isinstance(value, bool):
             return str(value).lower()
         return repr(value) if isinstance(value, str) and not value.isprintable() else value
 
-    return "\n".join(f"  {'--' + f.name + '=' + str(shown(f.default)):<32} "
+    value = (lambda f: getattr(defaults, f.name)) if defaults else (lambda f: f.default)
+    return "\n".join(f"  {'--' + f.name + '=' + str(shown(value(f))):<32} "
                      f"{comments.get(f.name, '')}" for f in fields(cls))
 
 
@@ -171,6 +175,11 @@ def parse_config(cls, argv):
     """Build cls from its defaults, then TOML files, then --key=value flags, in argv order.
 
     A bare --flag sets a boolean setting to true."""
+    return cls(**parse_overrides(cls, argv))
+
+
+def parse_overrides(cls, argv):
+    """{setting: value} for every setting that the files and flags of argv name."""
     overrides = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -190,18 +199,19 @@ def parse_config(cls, argv):
                 raise ConfigError(f"{arg}: give a value, as in --{key}=VALUE")
             value = "true"
         overrides[key] = _convert(cls, key, value, arg)
-    return cls(**overrides)
+    return overrides
 
 
-def run_main(cls, action, argv, doc, errors=(), default_argv=list):
-    """The scripts' main(): --help prints doc and every setting of cls; otherwise the settings
-    from argv (default_argv() when it is empty) are validated and handed to action. A
-    ConfigError or one of errors is the user's to fix: one line on stderr and exit code 2."""
+def run_main(cls, action, argv, doc, errors=(), base=()):
+    """The scripts' main(): --help prints doc and every setting of cls with its default;
+    otherwise the settings from base (config files that come first) then argv are validated
+    and handed to action. A ConfigError or one of errors is the user's to fix: one line on
+    stderr and exit code 2."""
     if argv in (["-h"], ["--help"]):
-        print(doc + "\nSettings (defaults shown):\n" + help_text(cls))
+        print(doc + "\nSettings (defaults shown):\n" + help_text(cls, parse_config(cls, base)))
         return 0
     try:
-        action(parse_config(cls, argv or default_argv()).validate())
+        action(parse_config(cls, [*base, *argv]).validate())
     except (ConfigError, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """The run's log: what train.py prints, and metrics.jsonl, one JSON object per line.
 
-Evaluation rows hold iter, train_loss, val_loss and elapsed_s (seconds since the training loop
+Evaluation rows hold iter, train_loss, val_loss and elapsed_s (seconds of training since the
 began); training rows hold iter, loss, lr, ms (per iteration), tokens_per_sec and mfu. A resumed
 run appends to the same file, after cutting any partial last line a full disk or a kill left,
 so the file always parses. With wandb_log the rows go to Weights & Biases too.
@@ -57,7 +57,8 @@ class MetricsLog:
         self.peak = accounting.peak_flops(run.device, run.dtype)  # None where unknown
         if run.rank == 0:
             self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
-            resumed = run.iter_num > 0  # a resumed run continues its log
+            # a fresh run starts its log; a resumed run, or an evaluation, adds to it
+            resumed = run.iter_num > 0 or cfg.eval_only
             try:
                 if resumed and os.path.exists(self.path):
                     drop_partial_line(self.path)
@@ -68,7 +69,13 @@ class MetricsLog:
                 import wandb  # optional: only needed when asked for
                 self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
                                         config=asdict(cfg))
-        self.t_start = self.t_last = time.time()  # the loop starts now
+        # elapsed_s counts training time across resumes; the time left, this process's pace
+        self.t_loop = self.t_last = time.time()
+        self.t_start = self.t_loop - run.elapsed_s
+
+    def elapsed(self):
+        """Seconds of training since the run began, earlier processes included."""
+        return time.time() - self.t_start
 
     def write(self, **row):
         if self.file is None:
@@ -82,8 +89,11 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log(row, step=row["iter"])
 
-    def evaluation(self, iter_num, losses):
-        elapsed = time.time() - self.t_start  # since this process's loop began
+    def evaluation(self, iter_num, losses, seconds):
+        """An evaluation (and its checkpoint) that took seconds: not counted in the time
+        per iteration of the next step line."""
+        self.t_last += seconds
+        elapsed = self.elapsed()
         self.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"],
                    elapsed_s=round(elapsed, 2))
         if self.run.rank == 0:
@@ -98,7 +108,7 @@ class MetricsLog:
         now = time.time()
         dt, self.t_last = (now - self.t_last) / cfg.log_interval, now
         mfu = self.flops_per_iter / dt / (self.peak * self.run.world_size) if self.peak else None
-        eta = (now - self.t_start) / (iter_num - self.run.iter_num) * (cfg.max_iters - iter_num)
+        eta = (now - self.t_loop) / (iter_num - self.run.iter_num) * (cfg.max_iters - iter_num)
         self.write(iter=iter_num, loss=loss, lr=lr, ms=dt * 1000,
                    tokens_per_sec=self.tokens_per_iter / dt, mfu=mfu)
         if self.run.rank == 0:
@@ -106,6 +116,13 @@ class MetricsLog:
             print(f"iter {iter_num}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
                   f"{dt * 1000:.1f} ms | {self.tokens_per_iter / dt:,.0f} tok/s | mfu "
                   f"{mfu_text} | eta {format_duration(eta)}", flush=True)
+
+    def whole_split(self, iter_num, losses):
+        """The validation loss over every token of the split, at the end of a run."""
+        self.write(iter=iter_num, whole_val_loss=losses["val"])
+        if self.run.rank == 0:
+            print(f"final: val loss {losses['val']:.4f} over the whole validation split "
+                  "(the evaluations above estimate it from eval_iters batches)", flush=True)
 
     def close(self):
         file, self.file = self.file, None

@@ -79,6 +79,18 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device_type(device), dtype=dtype)
 
 
+def device_memory(device):
+    """Bytes of memory the device has (the machine's RAM for the CPU), or None if unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    if device == "mps":
+        return torch.mps.recommended_max_memory()
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return None
+
+
 def training_precision(requested, device, deterministic=False):
     """(dtype, autocast context, gradient scaler) for training on device.
 
@@ -117,6 +129,11 @@ def setup_distributed(requested_device="auto", backend="auto", timeout_s=600):
         return 0, 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
+    if sys.platform == "linux" and "TORCHELASTIC_RUN_ID" in os.environ:
+        # If torchrun itself is killed (even by SIGKILL), Linux sends this worker SIGTERM:
+        # it stops with a checkpoint rather than running on, orphaned (prctl PR_SET_PDEATHSIG).
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
     if requested_device.startswith("cuda:"):
         raise DeviceError(f"--device={requested_device} under torchrun would put every "
                           "process on one GPU: each takes the GPU of its local rank with "
@@ -154,19 +171,19 @@ def all_reduce_mean(values, device, world_size):
 
 
 class StopSignals:
-    """Turn SIGINT and SIGTERM (Ctrl-C, a preempted machine) into a request to stop after
-    the current step, with a checkpoint. A second Ctrl-C stops at once."""
+    """Turn SIGINT, SIGTERM and SIGHUP (Ctrl-C, a preempted machine, a closed terminal) into
+    a request to stop soon, with a checkpoint. A second Ctrl-C stops at once."""
 
     def __init__(self):
         self.received = False
         self.previous = {s: signal.signal(s, self._handle)
-                         for s in (signal.SIGINT, signal.SIGTERM)}
+                         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def _handle(self, signum, frame):
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = True
-        print(f"{signal.Signals(signum).name} received: stopping after this step",
+        print(f"{signal.Signals(signum).name} received: stopping with a checkpoint",
               file=sys.stderr, flush=True)
 
     def restore(self):

@@ -110,6 +110,11 @@ class StopCheck:
             self.pending[2].record()
         return stop
 
+    def interrupted(self):
+        """One process asked to stop stops at once, within a micro-step: it has no other
+        rank to agree with."""
+        return self.run.world_size == 1 and self.signals.received
+
     def settle(self):
         """Read the pending flags, waiting for them if need be."""
         if self.pending is None:

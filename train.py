@@ -18,6 +18,7 @@ import os
 import runpy
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -27,10 +28,11 @@ from tqdm import tqdm
 
 import accounting
 import runtime
-from checkpoint import GPT2_SIZES, CheckpointError, load_model, save_checkpoint
-from config import ConfigError, TrainConfig, run_main
+from checkpoint import (GPT2_SIZES, CheckpointError, latest_checkpoint, load_checkpoint,
+                        load_pretrained, model_from_checkpoint, save_checkpoint)
+from config import ConfigError, TrainConfig, parse_overrides, run_main
 from dataset import DataError, TokenData, load_meta
-from metrics import MetricsLog
+from metrics import MetricsError, MetricsLog
 from model import GPT, GPTConfig, config_from_dict
 from step import (StopCheck, TrainingError, clip_gradients, forward_backward, get_lr,
                   make_optimizer)
@@ -42,15 +44,10 @@ TRAIN_BATCHES = 0
 EVAL_BATCHES = {"train": 2, "val": 3}
 
 
-def default_args():
-    """`python train.py` alone: the Shakespeare character model sized for this machine."""
-    gpu = torch.cuda.is_available()
-    name = "train_shakespeare_char" if gpu else "train_shakespeare_char_cpu"
-    if not (ROOT / "data" / "shakespeare_char" / "meta.json").exists():
-        print("data/shakespeare_char is not prepared yet: running "
-              "python data/shakespeare_char/prepare.py", flush=True)
-        script = runpy.run_path(str(ROOT / "data" / "shakespeare_char" / "prepare.py"))
-        script["main"]([])
+def default_config():
+    """What `python train.py` runs: the Shakespeare character model sized for this machine.
+    Flags alone refine it (`python train.py --max_iters=100`); a config file replaces it."""
+    name = "train_shakespeare_char" if torch.cuda.is_available() else "train_shakespeare_char_cpu"
     return [str(ROOT / "config" / f"{name}.toml")]
 
 
@@ -76,38 +73,53 @@ def check_writable(out_dir):
         raise ConfigError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
 
 
-def resolve_init(cfg, ckpt_path, rank, world_size):
-    """init_from as this run takes it (auto: resume if there is a checkpoint, else scratch).
-    A fresh run refuses to overwrite a checkpoint.
+def resolve_init(cfg, rank, world_size):
+    """(init_from, checkpoint path) as this run takes them: auto is resume if out_dir holds a
+    checkpoint, else scratch; --eval_only evaluates the run's checkpoint unless it names
+    pretrained weights. A fresh run refuses to overwrite a checkpoint.
 
     Rank 0 decides from what its disk holds and tells the others: on several machines, a node
     without the checkpoint would otherwise start afresh while the rest resume, and their
     collectives would wait on each other until ddp_timeout. Every rank then checks that it
     can read the checkpoint too, and all fail together, at once, if one cannot."""
-    decision = [cfg.init_from, None]  # (init_from, or the error every rank raises)
+    decision = [cfg.init_from, None, None]  # init_from, path, or the error all ranks raise
     if rank == 0:
-        exists = os.path.exists(ckpt_path)
-        if cfg.init_from == "auto":
+        decision[1] = path = latest_checkpoint(cfg.out_dir)
+        exists = os.path.exists(path)
+        if cfg.init_from == "auto" or (cfg.eval_only and cfg.init_from == "scratch"):
             decision[0] = "resume" if exists else "scratch"
         if decision[0] == "resume" and not exists:
-            decision[1] = f"init_from=resume but there is no checkpoint at {ckpt_path}"
-        if decision[0] != "resume" and exists and not (cfg.overwrite or cfg.eval_only):
-            decision[1] = (f"{ckpt_path} already exists: pass --init_from=resume to continue "
-                           "it, or --overwrite=true to start afresh over it")
+            decision[2] = f"init_from=resume but there is no checkpoint at {path}"
+        elif cfg.eval_only and decision[0] == "scratch":
+            decision[2] = (f"--eval_only evaluates a trained model, and {cfg.out_dir} holds no "
+                           "checkpoint: give the right --out_dir, or --init_from=gpt2 (or a "
+                           "folder of GPT-2 weights)")
+        elif decision[0] != "resume" and exists and not cfg.overwrite:
+            decision[2] = (f"{path} already exists: pass --init_from=resume to continue it, "
+                           "or --overwrite=true to start afresh over it")
     if world_size > 1:
         torch.distributed.broadcast_object_list(decision, src=0)
-    init_from, error = decision
+    init_from, path, error = decision
     if not error and init_from == "resume" and world_size > 1:
         readable = [None] * world_size
-        torch.distributed.all_gather_object(readable, os.path.isfile(ckpt_path))
+        torch.distributed.all_gather_object(readable, os.path.isfile(path))
         missing = [r for r, ok in enumerate(readable) if not ok]
         if missing:
-            error = (f"rank 0 resumes from {ckpt_path}, which rank(s) "
+            error = (f"rank 0 resumes from {path}, which rank(s) "
                      f"{', '.join(map(str, missing))} cannot read: every machine needs the "
                      "checkpoint at that path (a shared filesystem, or a copy of out_dir)")
     if error:
         raise CheckpointError(error)
-    return init_from
+    return init_from, path
+
+
+def resumed_settings(cfg, saved, named):
+    """A resumed run's settings: its own, saved in its checkpoint, except those that this
+    command names (its flags and config files), and where it runs (out_dir, init_from)."""
+    known = {f.name for f in fields(TrainConfig)}
+    settings = {k: v for k, v in saved.items() if k in known}
+    settings.update({k: getattr(cfg, k) for k in (*named, "out_dir", "init_from")})
+    return TrainConfig(**settings).validate()
 
 
 def model_fields(cfg):
@@ -121,34 +133,72 @@ def scratch_config(cfg, meta):
     return config_from_dict({**model_fields(cfg), "vocab_size": vocab})
 
 
-def init_model(cfg, meta):
-    """(model, cfg, checkpoint): a new model, or the checkpoint's (which is returned too, for
-    its optimizer state), or OpenAI's weights; cfg with the shape of the model as built."""
+def init_model(cfg, meta, ckpt, ckpt_path):
+    """(model, cfg): a new model, the checkpoint's, or OpenAI's weights; and cfg with the
+    shape of the model as built (pretrained weights, and a finetuning run, bring their own)."""
     if cfg.init_from == "scratch":
-        return GPT(scratch_config(cfg, meta)), cfg, None
-    if cfg.init_from not in ("resume", *GPT2_SIZES) and not os.path.isdir(cfg.init_from):
-        raise ConfigError(f"init_from={cfg.init_from!r}: expected scratch, resume, auto, "
-                          f"one of {', '.join(GPT2_SIZES)}, or a directory of GPT-2 weights")
-    model, model_meta, ckpt = load_model(cfg.init_from, cfg.out_dir, cfg.dropout)
+        return GPT(scratch_config(cfg, meta)), cfg
     if ckpt is not None:
+        model, model_meta = model_from_checkpoint(ckpt, ckpt_path, cfg.dropout)
         if any(model_meta.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
             raise CheckpointError(f"the checkpoint in {cfg.out_dir} was trained with another "
                                   "tokenizer or vocabulary than this dataset's meta.json")
-        # A run from scratch took its shape from the config, which must still say the same.
+        # A run from scratch took its shape from its settings: this command cannot change it.
         for name, value in model_fields(cfg).items():
             saved = ckpt["model_args"][name]
-            if ckpt["origin"] == "scratch" and name not in ("dropout", "vocab_size") and (
+            if ckpt.get("origin") == "scratch" and name not in ("dropout", "vocab_size") and (
                     saved != value):
-                raise CheckpointError(
-                    f"checkpoint in {cfg.out_dir} has {name}={saved} but the config "
-                    f"says {value}: pass --{name}={saved} or use another out_dir")
-    # Pretrained weights, and a finetuning run resumed, bring their own shape.
+                raise CheckpointError(f"the checkpoint in {cfg.out_dir} has {name}={saved} "
+                                      f"but the config says {value}: drop --{name}, or use "
+                                      "another out_dir")
+    elif cfg.init_from in GPT2_SIZES or os.path.isdir(cfg.init_from):
+        model = load_pretrained(cfg.init_from, cfg.dropout)
+    else:
+        raise ConfigError(f"init_from={cfg.init_from!r}: expected scratch, resume, auto, "
+                          f"one of {', '.join(GPT2_SIZES)}, or a directory of GPT-2 weights")
     shape = {name: getattr(model.config, name)
              for name in ("n_layer", "n_head", "n_embd", "bias", "rope", "qk_norm", "relu2")}
     if cfg.block_size > model.config.block_size:
         raise ConfigError(f"block_size {cfg.block_size} exceeds the pretrained model's "
                           f"{model.config.block_size}")
-    return model, replace(cfg, **shape), ckpt
+    return model, replace(cfg, **shape)
+
+
+def check_memory(cfg, model_config, world_size, device):
+    """Refuse, before allocating anything, a run whose estimated memory per process
+    (accounting.memory_per_rank) exceeds what the device has."""
+    need = sum(accounting.memory_per_rank(cfg, model_config, world_size).values())
+    have = runtime.device_memory(device)
+    if have and need > have:
+        raise ConfigError(f"the run needs about {need / 2**30:,.1f} GiB per process "
+                          f"(accounting.memory_per_rank), more than the {have / 2**30:,.1f} "
+                          f"GiB that {device} has: lower batch_size or block_size, or use a "
+                          "smaller model")
+
+
+def lock_out_dir(out_dir):
+    """Hold out_dir/.lock for as long as this process lives, so that a second run on the
+    same out_dir fails at once instead of overwriting this one's checkpoints and log. The OS
+    releases the lock when the process ends, however it ends."""
+    import fcntl  # Unix only
+    f = open(os.path.join(out_dir, ".lock"), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise ConfigError(f"another run is using out_dir {out_dir}: wait for it to end, or "
+                          "use another out_dir") from None
+    return f
+
+
+def prepare_default_data(rank, world_size):
+    """data/shakespeare_char, the default run's dataset, is prepared on first use."""
+    folder = ROOT / "data" / "shakespeare_char"
+    if rank == 0 and not (folder / "meta.json").exists():
+        print("data/shakespeare_char is not prepared yet: running "
+              "python data/shakespeare_char/prepare.py", flush=True)
+        runpy.run_path(str(folder / "prepare.py"))["main"]([])
+    if world_size > 1:
+        torch.distributed.barrier()
 
 
 def check_vocab(meta, data, vocab_size, data_dir):
@@ -181,36 +231,48 @@ class Run:
     iter_num: int  # the iteration to start from
     best_val_loss: float
     origin: str  # scratch, or the pretrained weights the run began from
-    ckpt_path: str
+    elapsed_s: float  # seconds of training before this process, in earlier processes
+    lock: object  # rank 0's hold on out_dir/.lock
 
 
-def setup(cfg):
+def setup(cfg, named=()):
     """Turn the settings into a ready run: processes, device and precision, data, the model
-    (new, resumed or pretrained) and its optimizer. Rank 0 prints what the run will cost."""
+    (new, resumed or pretrained) and its optimizer. Rank 0 prints what the run will cost.
+    named: the settings that this command names, which a resumed run takes from it."""
     rank, local_rank, world_size, device = runtime.setup_distributed(
         cfg.device, cfg.backend, cfg.ddp_timeout)
-    dtype, ctx, scaler = runtime.training_precision(cfg.dtype, device, cfg.deterministic)
-    check_divisible(cfg, world_size)
+    lock = None
     if rank == 0:
         check_writable(cfg.out_dir)
+        lock = lock_out_dir(cfg.out_dir)
+    init_from, ckpt_path = resolve_init(cfg, rank, world_size)
+    cfg, ckpt = replace(cfg, init_from=init_from), None
+    if init_from == "resume":  # the run goes on with its own settings, from its checkpoint
+        ckpt = load_checkpoint(ckpt_path)
+        cfg = resumed_settings(cfg, ckpt.get("config", {}), named)
+    check_divisible(cfg, world_size)
+    dtype, ctx, scaler = runtime.training_precision(cfg.dtype, device, cfg.deterministic)
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb_log=true needs the wandb package: pip install wandb")
+    if not cfg.data_dir and cfg.dataset == "shakespeare_char":
+        prepare_default_data(rank, world_size)
     data_dir = cfg.data_dir or str(ROOT / "data" / cfg.dataset)
     meta = load_meta(data_dir)
     data = {split: TokenData(data_dir, split) for split in ("train", "val")}
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    cfg = replace(cfg, init_from=resolve_init(cfg, ckpt_path, rank, world_size))
+    if init_from == "scratch":
+        check_memory(cfg, scratch_config(cfg, meta), world_size, device)
     torch.manual_seed(cfg.seed)
-    raw_model, cfg, ckpt = init_model(cfg, meta)
+    raw_model, cfg = init_model(cfg, meta, ckpt, ckpt_path)
     raw_model.to(device)
     check_vocab(meta, data, raw_model.config.vocab_size, data_dir)
     optimizer = make_optimizer(raw_model, cfg)
-    iter_num, best_val_loss, origin = 0, float("inf"), cfg.init_from
+    iter_num, best_val_loss, origin, elapsed_s = 0, float("inf"), cfg.init_from, 0.0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:  # empty when saved without float16: the scale then starts afresh
             scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss, origin = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["origin"]
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        origin, elapsed_s = ckpt.get("origin", "scratch"), ckpt.get("elapsed_s", 0.0)
         del ckpt  # free the CPU copy of the weights and optimizer state
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world_size > 1:
@@ -226,15 +288,36 @@ def setup(cfg):
               f"{raw_model.num_params() / 1e6:.2f}M parameters; "
               f"{accounting.tokens_per_iter(cfg):,} tokens per iteration; starting at "
               f"iteration {iter_num}")
+        if cfg.decay_lr and cfg.lr_decay_iters <= iter_num < cfg.max_iters:
+            print(f"note: the learning-rate schedule ended at iteration {cfg.lr_decay_iters} "
+                  f"(lr_decay_iters): the rate stays at min_lr={cfg.min_lr:g} from here. To "
+                  "train on, raise --lr_decay_iters with --max_iters (README: extending a "
+                  "run)", file=sys.stderr, flush=True)
     return Run(cfg, rank, world_size, device, dtype, ctx, scaler, data, meta, raw_model, model,
                optimizer, cfg.gradient_accumulation_steps // world_size, iter_num,
-               best_val_loss, origin, ckpt_path)
+               best_val_loss, origin, elapsed_s, lock)
 
 
 # ----------------------------------------------------------------------------- the loop's parts
 
+def progress(batches, desc, rank):
+    """batches, reporting progress from rank 0: a bar at a terminal; elsewhere (a log file, a
+    cluster job) a line every 30 seconds, so that a long evaluation is not silent."""
+    if rank != 0:
+        yield from batches
+    elif sys.stderr.isatty():
+        yield from tqdm(batches, desc=desc, leave=False)
+    else:
+        last = time.time()
+        for k, batch in enumerate(batches, 1):
+            yield batch
+            if time.time() - last > 30:
+                print(f"{desc}: {k} batches done", flush=True)
+                last = time.time()
+
+
 @torch.no_grad()
-def estimate_loss(run):
+def estimate_loss(run, splits=("train", "val"), eval_iters=None):
     """Mean loss per split: over the same eval_iters random batches at every evaluation, or,
     with eval_iters=0, over every block of the split, each token predicted once.
 
@@ -242,20 +325,19 @@ def estimate_loss(run):
     (each builds only its own) and average, so the estimate does not depend on the number of
     processes. The losses stay on the device until the end: no wait for the GPU per batch."""
     cfg = run.cfg
+    eval_iters = cfg.eval_iters if eval_iters is None else eval_iters
     run.model.eval()
     out = {}
-    for split in ("train", "val"):
-        if cfg.eval_iters:
+    for split in splits:
+        if eval_iters:
             batches = (run.data[split].get_batch((cfg.seed, EVAL_BATCHES[split], k),
                                                  cfg.batch_size, cfg.block_size, run.device)
-                       for k in range(run.rank, cfg.eval_iters, run.world_size))
+                       for k in range(run.rank, eval_iters, run.world_size))
         else:
             batches = run.data[split].windows(cfg.block_size, cfg.batch_size, run.device,
                                               run.rank, run.world_size)
         losses, counts = [], []
-        # A progress bar for rank 0 at a terminal: a whole-split evaluation takes a while.
-        quiet = not (run.rank == 0 and sys.stderr.isatty())
-        for x, y in tqdm(batches, desc=f"eval {split}", leave=False, disable=quiet):
+        for x, y in progress(batches, f"eval {split}", run.rank):
             with run.ctx:
                 _, loss = run.model(x, y)
             losses.append(loss.detach())
@@ -268,34 +350,39 @@ def estimate_loss(run):
     return out
 
 
-def save(run, iter_num):
-    """Rank 0 writes the checkpoint: everything needed to continue exactly."""
+def save(run, iter_num, log, name="ckpt.pt"):
+    """Rank 0 writes a checkpoint into out_dir: everything needed to continue exactly."""
     if run.rank == 0:
         save_checkpoint({
             "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "config": asdict(run.cfg),
             "model_args": asdict(run.raw_model.config), "meta": run.meta, "origin": run.origin,
-            "iter_num": iter_num, "best_val_loss": run.best_val_loss}, run.ckpt_path)
+            "iter_num": iter_num, "best_val_loss": run.best_val_loss,
+            "elapsed_s": log.elapsed()}, os.path.join(run.cfg.out_dir, name))
 
 
 def evaluate_and_checkpoint(run, iter_num, log):
     """Estimate both losses and log them; save on a new best validation loss, or at every
     evaluation with always_save_checkpoint. Returns the validation loss."""
+    started = time.time()
     losses = estimate_loss(run)
-    log.evaluation(iter_num, losses)
     improved = losses["val"] < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, losses["val"])
     if (improved or run.cfg.always_save_checkpoint) and not run.cfg.eval_only:
-        save(run, iter_num)
+        save(run, iter_num, log)
+    log.evaluation(iter_num, losses, seconds=time.time() - started)
     return losses["val"]
 
 
-def train_batches(run, iter_num):
+def train_batches(run, iter_num, stop_check):
     """This rank's micro-batches of iteration iter_num. Micro-steps are numbered across all
     ranks, and the ranks take consecutive slices, so the global batch is the same for any
-    number of processes."""
+    number of processes. One process asked to stop gets no more: it stops within a
+    micro-step (ranks stop together, at the end of a step: see StopCheck)."""
     cfg = run.cfg
     for micro in range(run.micro_steps):
+        if stop_check.interrupted():
+            return
         key = (cfg.seed, TRAIN_BATCHES, iter_num, run.rank * run.micro_steps + micro)
         yield run.data["train"].get_batch(key, cfg.batch_size, cfg.block_size, run.device)
 
@@ -307,9 +394,9 @@ def step_seed(*numbers):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg):
+def train(cfg, named=()):
     """Run the training that cfg describes; returns the last validation loss."""
-    run = setup(cfg)
+    run = setup(cfg, named)
     cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
     log, stop_check = MetricsLog(run), StopCheck(run)
     iter_num, val_loss, stopping = run.iter_num, None, False
@@ -325,13 +412,17 @@ def train(cfg):
                 stopping = stop_check.settle() or stopping
             if (due or cfg.eval_only) and iter_num != already_evaluated and not stopping:
                 val_loss = evaluate_and_checkpoint(run, iter_num, log)
-            if stopping:
-                save(run, iter_num)
+            if stopping:  # saved beside the best model when ckpt.pt keeps only the best
+                name = "ckpt.pt" if cfg.always_save_checkpoint else "last.pt"
+                save(run, iter_num, log, name)
                 if run.rank == 0:
-                    print(f"stopped by a signal after iteration {iter_num}; checkpoint saved "
-                          f"to {run.ckpt_path}: resume with --init_from=resume", flush=True)
+                    print(f"stopped by a signal at iteration {iter_num}; checkpoint saved to "
+                          f"{os.path.join(cfg.out_dir, name)}: resume with --init_from=resume",
+                          flush=True)
                 break
             if iter_num >= cfg.max_iters or cfg.eval_only:
+                if not cfg.eval_only and cfg.eval_iters:  # the figure the README quotes
+                    log.whole_split(iter_num, estimate_loss(run, ("val",), eval_iters=0))
                 break
 
             # the learning rate of this iteration
@@ -342,8 +433,12 @@ def train(cfg):
             # run draws the same masks as the uninterrupted one without saving generator state.
             torch.manual_seed(step_seed(cfg.seed, iter_num, run.rank))
             # forward and backward over the micro-steps, then clip the gradients
-            loss = forward_backward(model, train_batches(run, iter_num), run.ctx, scaler,
-                                    run.micro_steps)
+            loss = forward_backward(model, train_batches(run, iter_num, stop_check), run.ctx,
+                                    scaler, run.micro_steps)
+            if stop_check.interrupted():  # this iteration is dropped, and redone on resume
+                optimizer.zero_grad(set_to_none=True)
+                stopping = True
+                continue
             norm = clip_gradients(model, optimizer, scaler, cfg.grad_clip)
             stopping = stop_check.should_stop(iter_num, loss, norm)  # raises if diverged
             # the update, skipped on the device if this step's gradients are not finite
@@ -376,9 +471,14 @@ def print_estimate(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    return run_main(TrainConfig, lambda cfg: print_estimate(cfg) if cfg.estimate else train(cfg),
-                    argv, __doc__, (DataError, CheckpointError, TrainingError,
-                                    runtime.DeviceError), default_argv=default_args)
+    # Flags alone refine the default run; a config file given replaces it.
+    base = [] if any(not arg.startswith("-") for arg in argv) else default_config()
+
+    def action(cfg):  # a resumed run takes from this command only the settings it names
+        return print_estimate(cfg) if cfg.estimate else train(
+            cfg, set(parse_overrides(TrainConfig, argv)))
+    return run_main(TrainConfig, action, argv, __doc__, (DataError, CheckpointError,
+                    TrainingError, MetricsError, runtime.DeviceError), base)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 # A 2-layer, 32-wide model that trains in a fraction of a second per step on a CPU.
+# Flags alone refine the default run (the CPU recipe): these make it GPT-2's architecture and
+# AdamW settings again, so that runs export to transformers and compare with its reference.
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--learning_rate=3e-3", "--warmup_iters=2",
         "--lr_decay_iters=20", "--min_lr=3e-4", "--eval_iters=4", "--log_interval=1",
-        "--device=cpu", "--dtype=float32", "--bias=true"]
+        "--device=cpu", "--dtype=float32", "--bias=true", "--rope=false", "--qk_norm=false",
+        "--relu2=false", "--schedule=cosine", "--beta1=0.9", "--beta2=0.95",
+        "--eval_interval=2000", "--max_iters=600000"]
 
 
 def train_cmd(args, data_dir, out_dir, launcher=(sys.executable,), script="train.py"):
