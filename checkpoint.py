@@ -98,10 +98,16 @@ def model_from_checkpoint(ckpt, path, dropout=0.0):
     except (ValueError, RuntimeError, KeyError, TypeError) as e:  # another project's file
         reason = " ".join(str(e).split())  # one line, even for load_state_dict's list
         raise CheckpointError(f"{path}: cannot load this checkpoint: {reason}") from None
+    return check_finite(model, path), meta
+
+
+def check_finite(model, source):
+    """model, refused if a weight is NaN or infinite: every logit would be NaN, and training
+    would seem to diverge at its first step, blaming the learning rate."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise CheckpointError(f"{path}: its weights are not finite (NaN or infinite): it "
-                              "cannot be trained on or sampled from; use an earlier checkpoint")
-    return model, meta
+        raise CheckpointError(f"{source}: the model's weights are not all finite (NaN or inf), "
+                              "so it cannot be trained on or sampled from")
+    return model
 
 
 def latest_checkpoint(out_dir):
@@ -133,10 +139,11 @@ def load_pretrained(name_or_path, dropout=0.0):
     """load_gpt2, with every failure (an unknown name, a folder without the files, no
     network, damaged weights) a one-line CheckpointError naming the source."""
     try:
-        return load_gpt2(name_or_path, dropout)
+        model = load_gpt2(name_or_path, dropout)
     except (ValueError, OSError, ImportError, RuntimeError, KeyError) as e:
         reason = " ".join(str(e).split())
         raise CheckpointError(f"cannot load the model from {name_or_path}: {reason}") from None
+    return check_finite(model, name_or_path)
 
 
 def load_gpt2(name_or_path, dropout=0.0):

@@ -1,0 +1,220 @@
+"""What a newcomer meets first and what a bad day brings: flags refine the default run, a
+resumed run keeps its own settings, documented commands run as written, stops are quick and
+keep the best model, one out_dir serves one run, and errors are one line."""
+import errno
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+import train
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from config import TrainConfig, parse_config
+from helpers import ROOT, TORCHRUN, quiet_env, read_metrics, run_train, train_cmd
+
+CPU_RECIPE = ROOT / "config" / "train_shakespeare_char_cpu.toml"
+
+
+def test_flags_refine_the_default_run_and_help_shows_its_values(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seen = []
+    monkeypatch.setattr(train, "train", lambda cfg, named: seen.append((cfg, named)))
+    assert train.main(["--max_iters=20"]) == 0
+    cfg, named = seen[0]
+    assert cfg == parse_config(TrainConfig, [str(CPU_RECIPE), "--max_iters=20"])
+    assert cfg.n_layer == 4 and cfg.block_size == 64 and named == {"max_iters"}
+    assert train.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--n_layer=4 " in text and "--out_dir=out-shakespeare-char " in text
+
+
+def test_a_resumed_run_keeps_its_settings_and_says_when_its_schedule_has_ended(char_data,
+                                                                               tmp_path):
+    out = tmp_path / "out"
+    run_train(["--max_iters=2", "--eval_interval=2", "--n_layer=3"], char_data, out)
+
+    def resume(*flags):  # no shape or data flags: the run's own come from its checkpoint
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), "--init_from=resume",
+                               f"--out_dir={out}", "--eval_interval=100", *flags],
+                              capture_output=True, text=True, env=quiet_env(), cwd=tmp_path)
+    proc = resume("--max_iters=24")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == 24 and ckpt["model_args"]["n_layer"] == 3
+    assert ckpt["config"]["data_dir"] == str(char_data)
+    assert "schedule ended" not in proc.stderr
+    proc = resume("--max_iters=30")  # lr_decay_iters is 20: its schedule has ended
+    assert proc.returncode == 0 and "the learning-rate schedule ended at iteration 20" in (
+        proc.stderr)
+    proc = resume("--max_iters=32", "--n_layer=2")  # a flag that contradicts the checkpoint
+    assert proc.returncode == 2 and "has n_layer=3 but the config says 2" in proc.stderr
+
+
+def test_the_readme_laptop_ddp_command_runs_as_written(char_data, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    line = next(line.split() for line in readme.splitlines()
+                if line.strip().startswith("torchrun --standalone --nproc_per_node=2"))
+    args = line[line.index("train.py") + 1:]
+    proc = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *args, f"--data_dir={char_data}",
+                           f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_iters=2"],
+                          capture_output=True, text=True, env=quiet_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 2
+
+
+def test_a_run_ends_with_the_whole_split_loss_and_eval_only_reads_the_checkpoint(char_data,
+                                                                                 tmp_path):
+    out = tmp_path / "out"
+    rows = run_train(["--max_iters=4", "--eval_interval=4"], char_data, out)
+    before, whole = len(rows), rows[-1]["whole_val_loss"]
+    # --eval_only without --init_from evaluates the run's checkpoint, and only adds to the log
+    rows = run_train(["--eval_only", "--eval_iters=0"], char_data, out)
+    assert len(rows) == before + 1 and rows[-1]["val_loss"] == pytest.approx(whole, abs=1e-6)
+    proc = run_train(["--eval_only"], char_data, tmp_path / "empty", expect_ok=False)
+    assert proc.returncode == 2 and "holds no checkpoint" in proc.stderr
+
+
+def start(args, char_data, out):
+    return subprocess.Popen(train_cmd(args, char_data, out), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=quiet_env())
+
+
+def wait_for_rows(out, n, proc):
+    deadline = time.time() + 90
+    while True:
+        try:
+            if len(read_metrics(out)) >= n:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        assert time.time() < deadline and proc.poll() is None, "the run did not get going"
+        time.sleep(0.05)
+
+
+def test_a_stop_keeps_the_best_model_and_resumes_from_where_it_stopped(char_data, tmp_path):
+    out = tmp_path / "out"
+    # The best model is the one evaluated at iteration 0, the only evaluation before the stop.
+    args = ["--max_iters=400", "--eval_interval=1000", "--always_save_checkpoint=false"]
+    proc = start(args, char_data, out)
+    wait_for_rows(out, 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    best, last = load_checkpoint(out / "ckpt.pt"), load_checkpoint(out / "last.pt")
+    assert best["iter_num"] == 0 < last["iter_num"]  # the stop did not overwrite the best
+    rows = run_train(["--init_from=resume", f"--max_iters={last['iter_num'] + 2}"], char_data,
+                     out)
+    assert max(r["iter"] for r in rows) == last["iter_num"] + 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_comes_within_a_micro_step_even_in_a_long_iteration(char_data, tmp_path, signum):
+    # 400 micro-steps make an iteration of tens of seconds here; the stop must not wait for it.
+    out = tmp_path / "out"
+    proc = start(["--max_iters=5", "--gradient_accumulation_steps=400"], char_data, out)
+    wait_for_rows(out, 1, proc)  # the first evaluation is written: the iteration has begun
+    time.sleep(1)
+    sent = time.time()
+    proc.send_signal(signum)
+    assert proc.wait(timeout=60) == 0
+    assert time.time() - sent < 10
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 0  # the unfinished one is redone
+
+
+def test_a_second_run_on_the_same_out_dir_stops_at_once(char_data, tmp_path):
+    out = tmp_path / "out"
+    first = start(["--max_iters=400"], char_data, out)
+    wait_for_rows(out, 1, first)
+    second = run_train(["--max_iters=2", "--overwrite=true"], char_data, out, expect_ok=False)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0
+    assert second.returncode == 2 and "another run is using out_dir" in second.stderr
+
+
+def test_workers_do_not_outlive_a_killed_torchrun(char_data, tmp_path):
+    from test_robustness import children
+    out = tmp_path / "out"
+    launcher = subprocess.Popen(train_cmd(["--max_iters=4000"], char_data, out,
+                                          launcher=TORCHRUN), env=quiet_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_rows(out, 2, launcher)
+    workers = children(launcher.pid)
+    assert len(workers) == 2
+    launcher.kill()  # SIGKILL: torchrun cannot pass anything on
+    launcher.wait()
+    deadline = time.time() + 60
+    while any(_alive(pid) for pid in workers):
+        assert time.time() < deadline, "orphaned workers still running"
+        time.sleep(0.2)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_full_disk_is_one_error_and_the_old_checkpoint_stays(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "iter_num": 1}, path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="No space left on device; the previous"):
+        save_checkpoint({"model": {}, "iter_num": 2}, path)
+    assert load_checkpoint(path)["iter_num"] == 1
+    assert not list(tmp_path.glob(".ckpt-*.tmp"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nanogpt", "cannot load this checkpoint"), ("nan", "weights are not all finite")])
+def test_a_foreign_or_broken_checkpoint_is_one_line_on_resume(char_data, tmp_path, damage,
+                                                            message):
+    out = tmp_path / "out"
+    run_train(["--max_iters=1", "--eval_interval=1"], char_data, out)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    if damage == "nanogpt":  # nanoGPT's keys: no meta, no scaler, no origin; compiled names
+        ckpt = {k: ckpt[k] for k in ("optimizer", "model_args", "iter_num", "best_val_loss",
+                                     "config")} | {"model": {
+            "_orig_mod." + k: v for k, v in ckpt["model"].items()}}
+    else:
+        ckpt["model"] = {k: torch.full_like(v, float("nan")) for k, v in ckpt["model"].items()}
+    torch.save(ckpt, out / "ckpt.pt")
+    proc = run_train(["--max_iters=2", "--init_from=resume"], char_data, out, expect_ok=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluations_are_not_counted_in_the_next_step_and_elapsed_spans_a_resume(char_data,
+                                                                                 tmp_path):
+    from metrics import MetricsLog
+    fake = types.SimpleNamespace(
+        cfg=TrainConfig(out_dir=str(tmp_path), log_interval=1, max_iters=10), rank=0,
+        world_size=1, device="cpu", dtype=torch.float32, iter_num=0, elapsed_s=100.0,
+        raw_model=types.SimpleNamespace(flops_per_token=lambda T: 1))
+    log = MetricsLog(fake)
+    assert log.elapsed() >= 100  # the time of the processes before this one
+    time.sleep(0.6)  # an evaluation of 0.6 s
+    log.evaluation(0, {"train": 1.0, "val": 1.0}, seconds=0.6)
+    log.step(1, torch.tensor(1.0), 1e-3)
+    log.close()
+    assert read_metrics(tmp_path)[-1]["ms"] < 300  # not the 600 ms of the evaluation
+    out = tmp_path / "run"
+    first = run_train(["--max_iters=2", "--eval_interval=2"], char_data, out)
+    second = run_train(["--max_iters=4", "--eval_interval=2", "--init_from=resume"], char_data,
+                       out)
+    elapsed = [r["elapsed_s"] for r in second if "elapsed_s" in r]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > first[-2]["elapsed_s"]
+
+
+def test_progress_is_shown_off_a_terminal_every_30_seconds(monkeypatch, capsys):
+    clock = iter(range(0, 1000, 11))  # each reading 11 s after the last
+    monkeypatch.setattr(train.time, "time", lambda: next(clock))
+    assert list(train.progress(range(8), "eval val", rank=0)) == list(range(8))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("eval val: ") for line in lines) and len(lines) < 8
