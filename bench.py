@@ -14,6 +14,7 @@ max_new_tokens. Past block_size the cached sampler rebuilds its cache for every 
 positions shift under it): a full forward, as uncached, so the speed-up shrinks. Both are shown.
 Tables go to the terminal, the results to json_out.
 """
+import contextlib
 import json
 import os
 import platform
@@ -126,8 +127,18 @@ def train_step(model, optimizer, scaler, ctx, batches, grad_clip):
     optimizer.zero_grad(set_to_none=True)
 
 
-def warm_up(cfg, model_config, device, dtype_name, compiled, batches):
-    """Build a model and its optimizer for one variant and run its warm-up iterations.
+def state_bytes(model, optimizer):
+    """Bytes of weights and AdamW moments held by this process: its shards under FSDP. On a
+    CPU the peak RSS is dominated by transient buffers; this shows what sharding divides."""
+    local = [getattr(t, "_local_tensor", t) for t in model.parameters()]
+    local += [getattr(t, "_local_tensor", t) for state in optimizer.state.values()
+              for t in state.values() if torch.is_tensor(t) and t.dim() > 0]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def warm_up(cfg, model_config, device, world_size, dtype_name, compiled, batches):
+    """Build a model and its optimizer for one variant and run its warm-up iterations; under
+    torchrun the model is spread over the ranks as train.py spreads it (DDP, or FSDP).
 
     Returns (the arguments of train_step, the variant's result so far)."""
     dtype, ctx, scaler = runtime.training_precision(dtype_name, device)
@@ -138,7 +149,16 @@ def warm_up(cfg, model_config, device, dtype_name, compiled, batches):
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.fsdp:
+        runtime.check_fsdp(dtype)
+        runtime.shard(model, dtype)
+        ctx = contextlib.nullcontext()  # FSDP's own policy casts
     optimizer = make_optimizer(model, cfg)
+    if world_size > 1 and not cfg.fsdp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if cuda else None, gradient_as_bucket_view=True,
+            broadcast_buffers=False)
     step_args = (torch.compile(model) if compiled else model, optimizer, scaler, ctx, batches,
                  cfg.grad_clip)
     t0 = time.perf_counter()
@@ -147,13 +167,18 @@ def warm_up(cfg, model_config, device, dtype_name, compiled, batches):
     sync(device)
     warmup_s = time.perf_counter() - t0
     memory, measured = peak_memory(device)
+    state = state_bytes(model, optimizer)
+    if world_size > 1:  # the largest over the ranks
+        memory = int(runtime.all_reduce_max(memory, device))
+        state = int(runtime.all_reduce_max(state, device))
     return step_args, dict(dtype=str(dtype).removeprefix("torch."), compile=compiled,
                            warmup_s=warmup_s, peak_memory_bytes=memory - base,
+                           state_bytes=state,
                            peak_memory_what=measured,
                            peak_flops=accounting.peak_flops(device, dtype))
 
 
-def bench_training(cfg, model_config, device):
+def bench_training(cfg, model_config, device, world_size=1):
     """Median time per iteration of each (dtype, compile) variant, with throughput and MFU.
 
     Every variant stays in memory until the end, so that they can take turns."""
@@ -161,8 +186,8 @@ def bench_training(cfg, model_config, device):
     shape = (cfg.batch_size, cfg.block_size)
     batches = [(torch.randint(model_config.vocab_size, shape, generator=g).to(device),
                 torch.randint(model_config.vocab_size, shape, generator=g).to(device))
-               for _ in range(cfg.gradient_accumulation_steps)]
-    variants = [warm_up(cfg, model_config, device, dtype_name, compiled, batches)
+               for _ in range(cfg.gradient_accumulation_steps // world_size)]
+    variants = [warm_up(cfg, model_config, device, world_size, dtype_name, compiled, batches)
                 for dtype_name in variant_dtypes(cfg) for compiled in variant_compiles(cfg)]
     times = [[] for _ in variants]
     for _ in range(cfg.timed_steps):  # round-robin: every variant sees the same load
@@ -177,7 +202,7 @@ def bench_training(cfg, model_config, device):
         results.append(dict(result, ms_per_iter=median_s * 1000, ms_per_iter_all=ms,
                             tokens_per_iter=tokens_per_iter,
                             tokens_per_s=tokens_per_iter / median_s,
-                            mfu=flops_per_iter / median_s / result["peak_flops"]
+                            mfu=flops_per_iter / median_s / (result["peak_flops"] * world_size)
                             if result["peak_flops"] else None))
     return results
 
@@ -200,20 +225,33 @@ def bench_sampling(model, prompt, new_tokens, device, ctx, repeats=1):
 
 
 def bench(cfg):
-    """Run the benchmarks cfg asks for; return the results as a JSON-ready dict."""
-    device = runtime.pick_device(cfg.device)
+    """Run the benchmarks cfg asks for; return the results as a JSON-ready dict.
+
+    Under torchrun, training is measured as train.py spreads it over the ranks (DDP, or FSDP
+    with --fsdp=true), with the largest peak memory of any rank; sampling is not."""
+    rank, _, world_size, device = runtime.setup_distributed(cfg.device, cfg.backend,
+                                                            cfg.ddp_timeout)
+    if cfg.gradient_accumulation_steps % world_size:
+        raise ConfigError("gradient_accumulation_steps must be divisible by the number of "
+                          f"processes ({world_size})")
     vocab, vocab_source = vocab_size(cfg)
     model_config = config_from_dict({**asdict(cfg), "vocab_size": vocab})
     results = dict(
         machine=dict(device=device, device_name=device_name(device), torch=torch.__version__,
-                     threads=torch.get_num_threads()),
+                     threads=torch.get_num_threads(), processes=world_size,
+                     parallel=("FSDP" if cfg.fsdp else "DDP" if world_size > 1 else "none")
+                     + (" + activation checkpointing" if cfg.activation_checkpointing else "")),
         settings=asdict(cfg), vocab_size=vocab, vocab_source=vocab_source,
         params=accounting.num_params(model_config, non_embedding=False),
         flops_per_token=accounting.flops_per_token(model_config, cfg.block_size),
         train=None, sample=None)
     if cfg.train:
-        results["train"] = bench_training(cfg, model_config, device)
-    if cfg.sample:
+        results["train"] = bench_training(cfg, model_config, device, world_size)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+        if rank > 0:
+            return None  # rank 0 reports
+    if cfg.sample and world_size == 1:
         dtype = runtime.pick_dtype(cfg.dtype, device)
         ctx = runtime.autocast(device, dtype)
         torch.manual_seed(cfg.seed)
@@ -247,7 +285,8 @@ def device_name(device):
 def tables(results):
     """The results as text tables for the terminal."""
     s, m = results["settings"], results["machine"]
-    lines = [f"{m['device']} ({m['device_name']}), {m['threads']} threads, torch {m['torch']}",
+    lines = [f"{m['device']} ({m['device_name']}), {m['threads']} threads, torch {m['torch']}, "
+             f"{m['processes']} process(es), parallel: {m['parallel']}",
              f"model: {s['n_layer']} layers, {s['n_head']} heads, {s['n_embd']} wide, block "
              f"{s['block_size']}, vocab {results['vocab_size']} ({results['vocab_source']}), "
              f"{results['params']:,} parameters"]
@@ -258,13 +297,14 @@ def tables(results):
                   f"tokens per iteration; median of {s['timed_steps']} after "
                   f"{s['warmup_steps']} warm-up",
                   f"{'dtype':<10}{'compile':<9}{'warm-up s':>10}{'ms/iter':>9}{'min':>8}"
-                  f"{'max':>8}{'tokens/s':>10}{'MFU':>9}  peak memory"]
+                  f"{'max':>8}{'tokens/s':>10}{'MFU':>9}{'state MiB':>11}  peak memory"]
         for r in results["train"]:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "unknown"
             lines.append(f"{r['dtype']:<10}{str(r['compile']).lower():<9}{r['warmup_s']:>10.1f}"
                          f"{r['ms_per_iter']:>9.1f}{min(r['ms_per_iter_all']):>8.1f}"
                          f"{max(r['ms_per_iter_all']):>8.1f}{r['tokens_per_s']:>10,.0f}"
-                         f"{mfu:>9}  {r['peak_memory_bytes'] / 2 ** 20:,.0f} MiB "
+                         f"{mfu:>9}{r['state_bytes'] / 2 ** 20:>11,.0f}  "
+                         f"{r['peak_memory_bytes'] / 2 ** 20:,.0f} MiB "
                          f"({r['peak_memory_what']})")
     if results["sample"]:
         r = results["sample"]
@@ -295,6 +335,8 @@ def main(argv=None):
     except (ConfigError, runtime.DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if results is None:  # a rank other than 0
+        return 0
     print(tables(results))
     with open(cfg.json_out, "w") as f:
         json.dump(results, f, indent=1)

@@ -52,12 +52,15 @@ def forward_backward(model, batches, ctx, scaler, micro_steps):
     add up over them, each loss divided by micro_steps, so the sum is the gradient of the
     mean loss over the whole batch. Returns that mean loss, as a tensor (no device sync).
 
-    Under DDP (model wrapped) only the last backward all-reduces the gradients: the ranks
-    exchange them once per iteration, not once per micro-step."""
+    Under DDP (model wrapped) or FSDP (model sharded) only the last backward reduces the
+    gradients: the ranks exchange them once per iteration, not once per micro-step."""
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    fsdp = hasattr(model, "set_requires_gradient_sync")  # a module that fully_shard made
     loss_sum = 0.0
     for micro, (x, y) in enumerate(batches):
         last = micro == micro_steps - 1
+        if fsdp:  # until the last micro-step, each rank adds up its own full gradients
+            model.set_requires_gradient_sync(last)
         with (model.no_sync() if ddp and not last else nullcontext()), ctx:
             _, loss = model(x, y)
             loss = loss / micro_steps
@@ -70,7 +73,9 @@ def clip_gradients(model, optimizer, scaler, grad_clip):
     """Undo the float16 loss scaling, then scale the gradients down so that their global
     norm is at most grad_clip (0: no limit). Returns the norm before clipping, as a tensor."""
     scaler.unscale_(optimizer)
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    # Under FSDP the gradients are sharded DTensors; their norm is reduced over the ranks.
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 class TrainingError(RuntimeError):

@@ -12,6 +12,7 @@ The batch each (iteration, micro-step) sees is a pure function of the seed, so a
 repeats exactly what the uninterrupted run would have done, and the global batch does not
 depend on the number of processes.
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -29,7 +30,8 @@ from tqdm import tqdm
 import accounting
 import runtime
 from checkpoint import (GPT2_SIZES, CheckpointError, latest_checkpoint, load_checkpoint,
-                        load_pretrained, model_from_checkpoint, save_checkpoint)
+                        load_optimizer_state, load_pretrained, model_from_checkpoint,
+                        save_checkpoint, training_state)
 from config import ConfigError, TrainConfig, parse_overrides, run_main
 from dataset import DataError, TokenData, load_meta
 from metrics import MetricsError, MetricsLog
@@ -177,17 +179,18 @@ def check_memory(cfg, model_config, world_size, device):
 
 
 def lock_out_dir(out_dir):
-    """Hold out_dir/.lock for as long as this process lives, so that a second run on the
+    """Hold a lock on out_dir for as long as this process lives, so that a second run on the
     same out_dir fails at once instead of overwriting this one's checkpoints and log. The OS
-    releases the lock when the process ends, however it ends."""
+    releases the lock when the process ends, however it ends; no file is left behind."""
     import fcntl  # Unix only
-    f = open(os.path.join(out_dir, ".lock"), "w")
+    fd = os.open(out_dir, os.O_RDONLY)  # a lock on the folder itself
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        os.close(fd)
         raise ConfigError(f"another run is using out_dir {out_dir}: wait for it to end, or "
                           "use another out_dir") from None
-    return f
+    return fd
 
 
 def prepare_default_data(rank, world_size):
@@ -232,7 +235,7 @@ class Run:
     best_val_loss: float
     origin: str  # scratch, or the pretrained weights the run began from
     elapsed_s: float  # seconds of training before this process, in earlier processes
-    lock: object  # rank 0's hold on out_dir/.lock
+    lock: object  # rank 0's hold on out_dir (a file descriptor)
 
 
 def setup(cfg, named=()):
@@ -252,6 +255,9 @@ def setup(cfg, named=()):
         cfg = resumed_settings(cfg, ckpt.get("config", {}), named)
     check_divisible(cfg, world_size)
     dtype, ctx, scaler = runtime.training_precision(cfg.dtype, device, cfg.deterministic)
+    if cfg.fsdp:
+        runtime.check_fsdp(dtype)
+        ctx = contextlib.nullcontext()  # FSDP's own policy casts, see runtime.shard
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb_log=true needs the wandb package: pip install wandb")
     if not cfg.data_dir and cfg.dataset == "shakespeare_char":
@@ -264,18 +270,21 @@ def setup(cfg, named=()):
     torch.manual_seed(cfg.seed)
     raw_model, cfg = init_model(cfg, meta, ckpt, ckpt_path)
     raw_model.to(device)
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
     check_vocab(meta, data, raw_model.config.vocab_size, data_dir)
+    if cfg.fsdp:
+        runtime.shard(raw_model, dtype)
     optimizer = make_optimizer(raw_model, cfg)
     iter_num, best_val_loss, origin, elapsed_s = 0, float("inf"), cfg.init_from, 0.0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], cfg.fsdp)
         if ckpt["scaler"]:  # empty when saved without float16: the scale then starts afresh
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         origin, elapsed_s = ckpt.get("origin", "scratch"), ckpt.get("elapsed_s", 0.0)
         del ckpt  # free the CPU copy of the weights and optimizer state
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    if world_size > 1:
+    if world_size > 1 and not cfg.fsdp:
         # Gradients live in DDP's all-reduce buckets (no second copy); the model's only
         # buffers are rotary tables that never change, so nothing is broadcast per step.
         model = torch.nn.parallel.DistributedDataParallel(
@@ -347,14 +356,18 @@ def estimate_loss(run, splits=("train", "val"), eval_iters=None):
         total, count = runtime.all_reduce_mean([total, sum(counts)], run.device, run.world_size)
         out[split] = total / count
     run.model.train()
+    if run.cfg.fsdp:  # FSDP's root keeps its weights gathered after a forward without backward
+        run.raw_model.reshard()
     return out
 
 
 def save(run, iter_num, log, name="ckpt.pt"):
-    """Rank 0 writes a checkpoint into out_dir: everything needed to continue exactly."""
+    """Rank 0 writes a checkpoint into out_dir: everything needed to continue exactly. Every
+    rank calls this: under FSDP each contributes its shards to the whole tensors saved."""
+    model_state, optimizer_state = training_state(run.raw_model, run.optimizer, run.cfg.fsdp)
     if run.rank == 0:
         save_checkpoint({
-            "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "model": model_state, "optimizer": optimizer_state,
             "scaler": run.scaler.state_dict(), "config": asdict(run.cfg),
             "model_args": asdict(run.raw_model.config), "meta": run.meta, "origin": run.origin,
             "iter_num": iter_num, "best_val_loss": run.best_val_loss,

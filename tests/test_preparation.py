@@ -129,6 +129,6 @@ def test_a_failed_download_under_train_names_the_command_that_takes_input(tmp_pa
     monkeypatch.setattr(data.preparation, "SHAKESPEARE_URL", (tmp_path / "none.txt").as_uri())
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
-        train.main([])
+        train.prepare_default_data(rank=0, world_size=1)
     command = "`python data/shakespeare_char/prepare.py --input PATH`"
     assert f"download it yourself and run {command}" in str(stop.value), stop.value

@@ -130,9 +130,9 @@ def test_compiled_training_checkpoints_resumes_and_samples(char_data, tmp_path):
 
 def test_no_arguments_prepare_the_data_and_pick_the_cpu_recipe(tmp_path, monkeypatch,
                                                                shakespeare_path):
-    # `python train.py` alone runs default_args: prepare data/shakespeare_char when it is
-    # not there (from its input.txt, which the download would have fetched), then train the
-    # recipe for this machine. The training itself is the CPU recipe, timed elsewhere.
+    # `python train.py` alone runs the recipe for this machine (default_config), and its
+    # dataset is prepared on first use (from its input.txt, which the download would have
+    # fetched). The training itself is the CPU recipe, timed elsewhere.
     import train
     script = tmp_path / "data" / "shakespeare_char" / "prepare.py"
     script.parent.mkdir(parents=True)
@@ -142,11 +142,12 @@ def test_no_arguments_prepare_the_data_and_pick_the_cpu_recipe(tmp_path, monkeyp
     monkeypatch.setattr(train, "ROOT", tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     seen = []
-    monkeypatch.setattr(train, "train", seen.append)
+    monkeypatch.setattr(train, "train", lambda cfg, named: seen.append(cfg))
     assert train.main([]) == 0
-    meta = json.loads((script.parent / "meta.json").read_text())
-    assert meta["vocab_size"] == 65 and meta["train_tokens"] == 1_003_854
     assert seen[0] == parse_config(TrainConfig, [str(ROOT / "config" /
                                                      "train_shakespeare_char_cpu.toml")])
+    train.prepare_default_data(rank=0, world_size=1)
+    meta = json.loads((script.parent / "meta.json").read_text())
+    assert meta["vocab_size"] == 65 and meta["train_tokens"] == 1_003_854
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert train.default_args() == [str(tmp_path / "config" / "train_shakespeare_char.toml")]
+    assert train.default_config() == [str(tmp_path / "config" / "train_shakespeare_char.toml")]

@@ -1,0 +1,66 @@
+"""FSDP (fully_shard) and activation checkpointing, on the CPU with two gloo ranks: the same
+run as one process, and checkpoints that move between one process, DDP and FSDP."""
+import subprocess
+import sys
+
+import pytest
+
+from checkpoint import load_checkpoint
+from helpers import ROOT, TORCHRUN, run_train, train_losses
+
+# Four micro-steps (two per rank) and a clip that bites: norms here are about 1.
+ARGS = ["--gradient_accumulation_steps=4", "--grad_clip=0.5", "--eval_interval=3"]
+FSDP = ["--fsdp=true"]
+
+
+def assert_same_run(a, b, iters):
+    assert [it for it in a if it in iters] == [it for it in b if it in iters] == list(iters)
+    for it in iters:
+        assert a[it] == pytest.approx(b[it], abs=1e-5), (it, a[it], b[it])
+
+
+@pytest.fixture(scope="module")
+def straight(char_data, tmp_path_factory):
+    """Six iterations in one process: the run the others must reproduce."""
+    out = tmp_path_factory.mktemp("straight")
+    return train_losses(run_train(ARGS + ["--max_iters=6"], char_data, out))
+
+
+def test_fsdp_on_two_ranks_is_the_same_run_as_one_process(straight, char_data, tmp_path):
+    sharded = train_losses(run_train(ARGS + FSDP + ["--max_iters=6"], char_data, tmp_path / "f",
+                                     launcher=TORCHRUN))
+    assert_same_run(straight, sharded, range(1, 7))
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process_and_samples(straight, char_data, tmp_path):
+    out = tmp_path / "out"
+    run_train(ARGS + FSDP + ["--max_iters=3"], char_data, out, launcher=TORCHRUN)
+    ckpt = load_checkpoint(out / "ckpt.pt")  # one file, whole tensors, our usual keys
+    assert ckpt["iter_num"] == 3 and not any("_fsdp" in k for k in ckpt["model"])
+    resumed = train_losses(run_train(ARGS + ["--max_iters=6", "--init_from=resume",
+                                             "--fsdp=false"], char_data, out))
+    assert_same_run(straight, resumed, range(4, 7))
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={out}",
+                           "--num_samples=1", "--max_new_tokens=10", "--start=A"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("A"), proc.stderr
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp(straight, char_data, tmp_path):
+    out = tmp_path / "out"
+    run_train(ARGS + ["--max_iters=3"], char_data, out, launcher=TORCHRUN)
+    resumed = train_losses(run_train(ARGS + FSDP + ["--max_iters=6", "--init_from=resume"],
+                                     char_data, out, launcher=TORCHRUN))
+    assert_same_run(straight, resumed, range(4, 7))
+
+
+def test_activation_checkpointing_changes_no_loss(straight, char_data, tmp_path):
+    args = ARGS + ["--max_iters=6", "--activation_checkpointing=true"]
+    assert train_losses(run_train(args, char_data, tmp_path / "one")) == straight  # exactly
+    sharded = train_losses(run_train(args + FSDP, char_data, tmp_path / "f", launcher=TORCHRUN))
+    assert_same_run(straight, sharded, range(1, 7))
+
+
+def test_fsdp_needs_torchrun(char_data, tmp_path):
+    proc = run_train(FSDP + ["--max_iters=1"], char_data, tmp_path / "o", expect_ok=False)
+    assert proc.returncode == 2 and "torchrun" in proc.stderr and "Traceback" not in proc.stderr
