@@ -2,7 +2,7 @@
 import pytest
 
 from config import TrainConfig
-from train import get_lr
+from lr_schedule import get_lr
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():
