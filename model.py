@@ -275,7 +275,7 @@ class GPT(nn.Module):
                 continue  # causal-mask buffers, and the head that is tied to wte anyway
             if key not in state:
                 raise ValueError(f"{folder}: unexpected parameter {key} for a GPT-2 model")
-            if key.endswith(_CONV1D_WEIGHTS):
+            if key.endswith(CONV1D_WEIGHTS):
                 tensor = tensor.t()  # OpenAI's Conv1D stores (in, out); nn.Linear wants (out, in)
             if tensor.shape != state[key].shape:
                 raise ValueError(f"{folder}: {key} has shape {tuple(tensor.shape)}, "
@@ -310,7 +310,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                    "mlp.c_proj.weight")
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "F64": torch.float64, "I64": torch.int64, "U8": torch.uint8,
