@@ -5,6 +5,7 @@
 
 Several samples are drawn together as one batch; a single sample streams as it is drawn.
 """
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -55,7 +56,16 @@ def load_model(cfg):
 
     Any failure is a CheckpointError that names where the model was to come from."""
     if cfg.init_from != "resume":
-        return load_pretrained(cfg.init_from), GPT2Tokenizer()
+        # export.py writes a character model's vocabulary beside its weights as meta.json.
+        meta_path = os.path.join(cfg.init_from, "meta.json")
+        if not os.path.isfile(meta_path):
+            return load_pretrained(cfg.init_from), GPT2Tokenizer()
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                tokenizer = tokenizer_from_meta(json.load(f))
+        except (OSError, ValueError, KeyError) as e:  # JSON errors are ValueErrors
+            raise CheckpointError(f"{meta_path}: cannot read the tokenizer: {e}") from None
+        return load_pretrained(cfg.init_from), tokenizer
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(path)
     try:
