@@ -230,6 +230,7 @@ def bench_sampling(model, prompt, new_tokens, device, ctx, repeats=1):
                 identical=torch.equal(cached, uncached))
 
 
+@torch.no_grad()
 def cached_steps(model, idx, caches, steps=1):
     """steps greedy steps of GPT.generate_tokens: the first feeds idx (B, T), which continues
     what the caches hold, each later one the token just chosen. Returns the last, (B, 1)."""
