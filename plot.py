@@ -111,7 +111,7 @@ def draw(runs, schedule, out):
         ax.set(xlabel="iteration", ylabel="learning rate", title=title)
         ax.title.set_fontsize("small")
         ax.grid(alpha=0.3)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=80)  # small files, still readable
     return fig
 
 
