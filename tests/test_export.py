@@ -99,14 +99,10 @@ def test_character_model_keeps_its_vocabulary_and_loads_back(exported, char_data
     assert config["model_type"] == "gpt2" and config["eos_token_id"] is None
     # sample.py from the folder (with meta.json's characters) writes what it writes from the
     # checkpoint: zero biases change nothing.
-    flags = ["--start=ROMEO:", "--num_samples=1", "--max_new_tokens=30", "--temperature=0",
-             "--device=cpu"]
-    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--init_from={folder}",
-                           *flags], capture_output=True, text=True, env=quiet_env())
-    assert proc.returncode == 0, proc.stderr
-    cfg = sample.SampleConfig(out_dir=str(run), start="ROMEO:", num_samples=1,
-                              max_new_tokens=30, temperature=0, device="cpu")
-    assert proc.stdout == sample.sample(cfg, io.StringIO())[0] + "\n"
+    flags = dict(start="ROMEO:", num_samples=1, max_new_tokens=30, temperature=0, device="cpu")
+    from_folder = sample.sample(sample.SampleConfig(init_from=str(folder), **flags), io.StringIO())
+    from_run = sample.sample(sample.SampleConfig(out_dir=str(run), **flags), io.StringIO())
+    assert from_folder == from_run and len(from_run[0]) == len("ROMEO:") + 30
     # train.py from the folder starts where the run ended: its first evaluation (the same
     # batches, seeded) gives the run's last validation loss.
     rows = run_train(["--max_iters=2", "--eval_interval=2", f"--init_from={folder}"],

@@ -1,5 +1,6 @@
 """plot.py on real runs of train.py: a valid PNG from two runs, a resumed run drawn as one
 curve, the learning-rate schedule of a config, and the message when matplotlib is missing."""
+import shutil
 import sys
 
 import pytest
@@ -15,14 +16,14 @@ CPU_RECIPE = ROOT / "config" / "train_shakespeare_char_cpu.toml"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, char_data):
-    """Two runs of 8 iterations: one straight, one stopped at 4 and resumed (its metrics.jsonl
-    appended to). Training is deterministic, so both log the same losses."""
+    """Two real runs: one that stopped after 4 iterations, and a copy of it resumed to 8,
+    whose metrics.jsonl the second process appended to."""
     root = tmp_path_factory.mktemp("runs")
     steps = ["--eval_interval=4", "--log_interval=2"]
-    run_train(steps + ["--max_iters=8"], char_data, root / "straight")
-    run_train(steps + ["--max_iters=4"], char_data, root / "resumed")
+    run_train(steps + ["--max_iters=4"], char_data, root / "stopped")
+    shutil.copytree(root / "stopped", root / "resumed")
     run_train(steps + ["--max_iters=8", "--init_from=resume"], char_data, root / "resumed")
-    return root / "straight", root / "resumed"
+    return root / "stopped", root / "resumed"
 
 
 def assert_png(path):
@@ -33,29 +34,29 @@ def assert_png(path):
 
 
 def test_two_runs_make_a_png(runs, capsys):
-    straight, resumed = runs
-    assert plot.main([str(straight), str(resumed)]) == 0
-    assert_png(straight / "loss.png")  # the default: beside the first run's metrics
-    assert capsys.readouterr().out == f"wrote {straight / 'loss.png'}\n"
+    stopped, resumed = runs
+    assert plot.main([str(stopped), str(resumed)]) == 0
+    assert_png(stopped / "loss.png")  # the default: beside the first run's metrics
+    assert capsys.readouterr().out == f"wrote {stopped / 'loss.png'}\n"
 
 
 def test_a_resumed_run_is_one_curve(runs):
-    straight, resumed = runs
-    # The second process appended its rows after the first's (it does not evaluate again
-    # where it resumed): the same rows as the straight run's, and the same losses.
+    stopped, resumed = runs
+    # The second process appended its rows after the first's; it does not evaluate again
+    # where it resumed.
     assert [r["iter"] for r in read_metrics(resumed)] == [0, 2, 4, 4, 6, 8, 8]
-    (train_s, val_s), (train_r, val_r) = plot.read_curves(straight), plot.read_curves(resumed)
-    for curve_s, curve_r in ((train_s, train_r), (val_s, val_r)):
-        assert [p[0] for p in curve_r] == [p[0] for p in curve_s]
-        assert [p[2] for p in curve_r] == [p[2] for p in curve_s]  # bit-identical resume
-        seconds = [p[1] for p in curve_r]
-        assert seconds == sorted(seconds) and seconds[-1] > 0
+    (train_s, val_s), (train_r, val_r) = plot.read_curves(stopped), plot.read_curves(resumed)
     assert [p[0] for p in train_r] == [2, 4, 6, 8] and [p[0] for p in val_r] == [0, 4, 8]
+    # Up to iteration 4 it is the stopped run, clock and all; from there its clock goes on.
+    assert train_r[:2] == train_s and val_r[:2] == val_s
+    for curve in (train_r, val_r):
+        seconds = [p[1] for p in curve]
+        assert seconds == sorted(seconds) and seconds[-1] > seconds[1] > 0
     # The clock reaches an evaluation just before it runs; elapsed_s is taken after it.
-    elapsed = {r["iter"]: r["elapsed_s"] for r in read_metrics(straight) if "elapsed_s" in r}
+    elapsed = {r["iter"]: r["elapsed_s"] for r in read_metrics(stopped) if "elapsed_s" in r}
     assert all(seconds <= elapsed[it] + 0.01 for it, seconds, _ in val_s)
-    fig = plot.draw({"straight": (train_s, val_s), "resumed": (train_r, val_r)}, None,
-                    straight / "check.png")
+    fig = plot.draw({"stopped": (train_s, val_s), "resumed": (train_r, val_r)}, None,
+                    stopped / "check.png")
     by_iter, by_time = fig.axes
     assert len(by_iter.lines) == len(by_time.lines) == 4  # train and validation per run
 
