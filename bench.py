@@ -1,7 +1,7 @@
 """Measure training and sampling speed on random tokens: no dataset needed.
 
     python bench.py config/train_shakespeare_char_cpu.toml --dtypes=float32,bfloat16
-    python bench.py config/train_shakespeare_char.toml --train=false --max_new_tokens=500
+    python bench.py config/train_shakespeare_char.toml --train=false --batch_sizes=1,8,32,128
 
 Training: each variant (every dtype in dtypes with every choice in compiles) runs warmup_steps
 untimed iterations (torch.compile compiles there), then timed_steps timed ones, each a whole
@@ -12,6 +12,10 @@ Sampling: the KV-cached sampler against the uncached one, greedy, from the same 
 turns sample_repeats times; first for the new tokens that fit in one block, then for
 max_new_tokens. Past block_size the cached sampler rebuilds its cache for every token (learned
 positions shift under it): a full forward, as uncached, so the speed-up shrinks. Both are shown.
+
+What inference costs, at each of batch_sizes: prefill (one forward over a whole prompt of
+prefill_tokens, filling the KV caches) and decode (decode_tokens more steps of one token per
+sequence), in the cached sampler's own steps, greedy; with the memory the KV caches hold.
 Tables go to the terminal, the results to json_out.
 """
 import contextlib
@@ -30,7 +34,7 @@ import accounting
 import runtime
 from config import ConfigError, TrainConfig, help_text, parse_config
 from dataset import DataError, load_meta
-from model import GPT, config_from_dict
+from model import GPT, KVCache, config_from_dict, sample_next
 from step import clip_gradients, forward_backward, make_optimizer
 
 ROOT = Path(__file__).resolve().parent
@@ -48,6 +52,9 @@ class BenchConfig(TrainConfig):
     prompt_tokens: int = 1  # length of the random sampling prompt
     max_new_tokens: int = 500  # tokens sampled in the second sampling measurement
     sample_repeats: int = 1  # sample this many times each way; the fastest run counts
+    batch_sizes: str = "1,8,32"  # inference cost at these batch sizes; empty: not measured
+    prefill_tokens: int = 0  # inference cost: prompt length; 0: half of block_size
+    decode_tokens: int = 0  # inference cost: tokens decoded after it; 0: to the block's end
     json_out: str = "bench.json"  # where the results are written
 
     def validate(self):
@@ -63,6 +70,12 @@ class BenchConfig(TrainConfig):
         for dtype in variant_dtypes(self):
             TrainConfig.validate(replace(self, dtype=dtype))
         variant_compiles(self)
+        if self.sample and batch_sizes(self):
+            prefill, decode = inference_lengths(self)
+            if prefill < 1 or decode < 1 or prefill + decode > self.block_size:
+                raise ConfigError(f"prefill_tokens ({prefill}) and decode_tokens ({decode}) "
+                                  f"must be at least 1 and fit in block_size "
+                                  f"({self.block_size}) together")
         return self
 
 
@@ -77,6 +90,22 @@ def variant_compiles(cfg):
     if not set(words) <= {"true", "false"}:
         raise ConfigError(f"compiles must list true and/or false, got {cfg.compiles!r}")
     return [w == "true" for w in words]
+
+
+def batch_sizes(cfg):
+    try:
+        sizes = [int(b) for b in cfg.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        sizes = [0]
+    if any(b < 1 for b in sizes):
+        raise ConfigError(f"batch_sizes must list positive integers, got {cfg.batch_sizes!r}")
+    return sizes
+
+
+def inference_lengths(cfg):
+    """(prompt tokens, decoded tokens) of the inference-cost measurement."""
+    prefill = cfg.prefill_tokens or cfg.block_size // 2
+    return prefill, cfg.decode_tokens or cfg.block_size - prefill
 
 
 def vocab_size(cfg):
@@ -224,6 +253,46 @@ def bench_sampling(model, prompt, new_tokens, device, ctx, repeats=1):
                 identical=torch.equal(cached, uncached))
 
 
+@torch.no_grad()
+def cached_steps(model, idx, caches, steps=1):
+    """steps greedy steps of GPT.generate_tokens: the first feeds idx (B, T), which continues
+    what the caches hold, each later one the token just chosen. Returns the last, (B, 1)."""
+    for _ in range(steps):
+        logits = model.lm_head(model.hidden_states(idx, caches)[:, -1, :])
+        idx = sample_next(logits, temperature=0)
+    return idx
+
+
+def bench_inference(model, cfg, device, ctx):
+    """Prefill and decode throughput, decode latency and KV-cache memory at each batch size:
+    the best of sample_repeats runs each. A batch that does not fit in memory ends the list."""
+    prefill, decode = inference_lengths(cfg)
+    g = torch.Generator().manual_seed(cfg.seed)
+    rows = []
+    for batch in batch_sizes(cfg):
+        prompt = torch.randint(model.config.vocab_size, (batch, prefill), generator=g)
+        prompt = prompt.to(device)
+        t_prefill = t_decode = float("inf")
+        try:
+            with ctx:
+                for _ in range(cfg.sample_repeats):
+                    caches = [KVCache(cfg.block_size) for _ in range(model.config.n_layer)]
+                    t, token = timed(lambda: cached_steps(model, prompt, caches), device)
+                    t_prefill = min(t_prefill, t)
+                    t, _ = timed(lambda: cached_steps(model, token, caches, decode), device)
+                    t_decode = min(t_decode, t)
+        except torch.OutOfMemoryError:
+            print(f"batch {batch}: out of memory; larger batches not measured", flush=True)
+            break
+        rows.append(dict(batch=batch, prefill_tokens_per_s=batch * prefill / t_prefill,
+                         decode_tokens_per_s=batch * decode / t_decode,
+                         ms_per_token=t_decode / decode * 1000,
+                         # The caches are allocated whole, for block_size positions.
+                         kv_cache_bytes=sum(c.k.nbytes + c.v.nbytes for c in caches)))
+    return dict(prefill_tokens=prefill, decode_tokens=decode, repeats=cfg.sample_repeats,
+                weight_bytes=sum(p.nbytes for p in model.parameters()), rows=rows)
+
+
 def bench(cfg):
     """Run the benchmarks cfg asks for; return the results as a JSON-ready dict.
 
@@ -267,7 +336,8 @@ def bench(cfg):
             repeats=cfg.sample_repeats,
             within_block=bench_sampling(model, prompt, within, device, ctx, cfg.sample_repeats),
             requested=bench_sampling(model, prompt, cfg.max_new_tokens, device, ctx,
-                                     cfg.sample_repeats))
+                                     cfg.sample_repeats),
+            inference=bench_inference(model, cfg, device, ctx) if batch_sizes(cfg) else None)
     return results
 
 
@@ -317,6 +387,17 @@ def tables(results):
             lines.append(f"{label:<14}{row['new_tokens']:>11}{row['cached_tokens_per_s']:>14.1f}"
                          f"{row['uncached_tokens_per_s']:>16.1f}{row['speedup']:>9.1f}x  "
                          f"{'yes' if row['identical'] else 'NO'}")
+    if results["sample"] and results["sample"]["inference"]:
+        r, dtype = results["sample"]["inference"], results["sample"]["dtype"]
+        lines += ["", f"inference cost: prefill {r['prefill_tokens']} prompt tokens, then decode "
+                  f"{r['decode_tokens']} more one at a time; greedy, KV cache, {dtype}; best of "
+                  f"{r['repeats']}; weights {r['weight_bytes'] / 2 ** 20:,.1f} MiB",
+                  f"{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/token':>10}"
+                  f"{'KV cache':>12}"]
+        for row in r["rows"]:
+            lines.append(f"{row['batch']:>6}{row['prefill_tokens_per_s']:>15,.0f}"
+                         f"{row['decode_tokens_per_s']:>14,.1f}{row['ms_per_token']:>10.2f}"
+                         f"{row['kv_cache_bytes'] / 2 ** 20:>8,.2f} MiB")
     return "\n".join(lines)
 
 

@@ -170,10 +170,26 @@ def load_model(init_from, out_dir="out", dropout=0.0):
     checkpoint None. meta describes the model's tokenizer, as a dataset's meta.json does. Any
     failure is a CheckpointError that names where the model was to come from."""
     if init_from != "resume":
-        return load_pretrained(init_from, dropout), GPT2_META, None
+        return load_pretrained(init_from, dropout), pretrained_meta(init_from), None
     path = latest_checkpoint(out_dir)
     ckpt = load_checkpoint(path)
     return (*model_from_checkpoint(ckpt, path, dropout), ckpt)
+
+
+def pretrained_meta(name_or_path):
+    """The tokenizer of GPT-2 weights: GPT-2's own, unless their folder holds a meta.json,
+    which export.py writes beside a character model."""
+    path = os.path.join(name_or_path, "meta.json")
+    if not os.path.isfile(path):
+        return GPT2_META
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # JSON errors are ValueErrors
+        raise CheckpointError(f"{path}: cannot read the tokenizer: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a tokenizer's meta.json")
+    return meta
 
 
 def load_pretrained(name_or_path, dropout=0.0):

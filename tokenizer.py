@@ -111,6 +111,31 @@ def load_gpt2_encoding(vocab_path: str | None) -> tiktoken.Encoding:
     )
 
 
+def gpt2_merges(encoder: dict[str, int]) -> list[tuple[str, str]]:
+    """GPT-2's 50,000 merges in rank order (the lines of its merges.txt), rebuilt from
+    encoder.json alone, for tools that want both files. A token's id is its merge rank, so
+    byte-pair encoding its characters with only the merges ranked below it must stop at
+    exactly the two halves that GPT-2 joined to make it. Takes about half a second."""
+    def bpe(word: str, max_rank: int) -> list[str]:
+        parts = list(word)  # encoder.json spells each byte as one character
+        while len(parts) > 1:
+            rank, i = min((encoder.get(a + b, max_rank), i)
+                          for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            if rank >= max_rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return parts
+
+    merges = []
+    for token, rank in sorted(encoder.items(), key=lambda item: item[1]):
+        if rank < 256 or token == EOT:  # single bytes and the special token are not merges
+            continue
+        parts = bpe(token, rank)
+        assert len(parts) == 2, f"token {token!r} (rank {rank}) is not one merge: {parts}"
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
 class GPT2Tokenizer:
     """GPT-2's byte-level BPE, with the vocabulary from vocab_path or GPT2_VOCAB if set."""
 

@@ -35,7 +35,25 @@ def test_bench_writes_sane_json(tmp_path, capsys):
     for row in (sample["within_block"], sample["requested"]):
         assert row["identical"] is True
         assert row["cached_tokens_per_s"] > 0 and row["uncached_tokens_per_s"] > 0
+    assert [row["batch"] for row in sample["inference"]["rows"]] == [1, 8, 32]  # the default
     assert "unknown" in capsys.readouterr().out  # the MFU column
+
+
+def test_bench_inference_cost_table(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench.main(TINY + ["--train=false", "--batch_sizes=1,3", "--prefill_tokens=5",
+                              "--decode_tokens=4", "--dtype=bfloat16", f"--json_out={out}"]) == 0
+    inference = json.loads(out.read_text())["sample"]["inference"]
+    assert (inference["prefill_tokens"], inference["decode_tokens"]) == (5, 4)
+    assert [row["batch"] for row in inference["rows"]] == [1, 3]
+    for row in inference["rows"]:
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["ms_per_token"] > 0
+        # Keys and values: 2 x 2 layers x batch x 2 heads x 16 positions (the caches are
+        # allocated for the whole block) x 16 channels per head x 2 bytes, as autocast made
+        # them bfloat16.
+        assert row["kv_cache_bytes"] == 2 * 2 * row["batch"] * 2 * 16 * 16 * 2
+    assert "prefill tok/s" in capsys.readouterr().out
 
 
 def test_bench_can_skip_parts(tmp_path):
@@ -51,6 +69,8 @@ def test_bench_can_skip_parts(tmp_path):
     ("--compiles=maybe", "compiles"),
     ("--prompt_tokens=16", "prompt_tokens"),
     ("--timed_step=3", "did you mean 'timed_steps'"),
+    ("--batch_sizes=1,0", "batch_sizes"),
+    ("--decode_tokens=9", "decode_tokens"),  # 8 (half the block) + 9 > 16
 ])
 def test_bench_rejects_bad_settings(flag, message, capsys):
     assert bench.main(TINY + [flag]) == 2

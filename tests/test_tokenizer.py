@@ -2,9 +2,9 @@
 
 Offline we cannot fetch tiktoken's own gpt2 files, so the reference is Hugging Face's GPT-2
 tokenizer (transformers 5 runs it on the Rust `tokenizers` BPE, a separate implementation with
-the original GPT-2 regex). It needs merges.txt, which we do not have, so we recover the merges
-from encoder.json: a token's id is its merge rank, so BPE of its characters using only the
-lower ranks must stop at exactly the two halves that GPT-2 merged to make it.
+the original GPT-2 regex). It needs merges.txt, which we do not have, so tokenizer.gpt2_merges
+recovers the merges from encoder.json: a token's id is its merge rank, so BPE of its
+characters using only the lower ranks must stop at exactly the two halves GPT-2 merged.
 """
 import json
 
@@ -13,7 +13,7 @@ from transformers import GPT2Tokenizer as HFGPT2Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode as hf_bytes_to_unicode
 
 from tokenizer import (CharTokenizer, GPT2Tokenizer, bytes_to_unicode, get_tokenizer,
-                       load_gpt2_encoding, tokenizer_from_meta)
+                       gpt2_merges, load_gpt2_encoding, tokenizer_from_meta)
 
 EOT = "<|endoftext|>"
 TEXTS = [
@@ -91,33 +91,10 @@ def test_get_tokenizer():
 
 # ---------------------------------------------------------------------------- GPT-2 BPE
 
-def recover_merges(encoder: dict[str, int]) -> list[tuple[str, str]]:
-    """GPT-2's merges in rank order, rebuilt from encoder.json alone (about half a second)."""
-    def bpe(word: str, max_rank: int) -> list[str]:
-        parts = list(word)  # encoder.json spells each byte as one character
-        while len(parts) > 1:
-            pairs = [(encoder.get(a + b, max_rank), i) for i, (a, b) in
-                     enumerate(zip(parts, parts[1:]))]
-            rank, i = min(pairs)
-            if rank >= max_rank:
-                break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        return parts
-
-    merges = []
-    for token, rank in sorted(encoder.items(), key=lambda item: item[1]):
-        if rank < 256 or token == EOT:  # single bytes and the special token are not merges
-            continue
-        parts = bpe(token, rank)
-        assert len(parts) == 2, f"token {token!r} (rank {rank}) is not one merge: {parts}"
-        merges.append((parts[0], parts[1]))
-    return merges
-
-
 @pytest.fixture(scope="session")
 def reference(gpt2_vocab_path):
     encoder = json.loads(gpt2_vocab_path.read_text(encoding="utf-8"))
-    merges = recover_merges(encoder)
+    merges = gpt2_merges(encoder)
     assert len(merges) == 50000  # GPT-2's merges.txt has 50000 lines after its header
     # vocab and merges passed in memory: nothing is looked up on the Hub, so this runs offline.
     return HFGPT2Tokenizer(vocab=encoder, merges=merges)
