@@ -86,3 +86,9 @@ def test_option_costs_script_times_every_variant():
                                                 "recipe without rope", "recipe without qk_norm",
                                                 "recipe without relu2 (GELU)"]
     assert all(float(r.split()[-6]) > 0 for r in rows)  # ms per step
+
+
+def test_same_tokens_counts_the_agreement_before_the_first_difference():
+    import torch
+    assert bench.agreeing(torch.tensor([[5, 1, 2, 3]]), torch.tensor([[5, 1, 2, 4]])) == 3
+    assert bench.agreeing(torch.tensor([[5, 1]]), torch.tensor([[5, 1]])) == 2
