@@ -10,9 +10,9 @@ import torch
 
 import export
 import sample
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, read_safetensors, save_checkpoint
 from helpers import ROOT, quiet_env, read_metrics, run_train
-from model import GPT, config_from_dict, read_safetensors
+from model import GPT, config_from_dict
 from tokenizer import GPT2Tokenizer
 
 STEPS = ["--max_iters=3", "--eval_interval=3"]
@@ -21,7 +21,7 @@ STEPS = ["--max_iters=3", "--eval_interval=3"]
 @pytest.fixture(scope="module")
 def gpt2_data(tmp_path_factory, shakespeare_path):
     """A GPT-2-tokenized dataset of the first 20,000 characters of Tiny Shakespeare."""
-    from dataset import prepare_text
+    from data.preparation import prepare_text
     folder = tmp_path_factory.mktemp("shakespeare_gpt2")
     prepare_text(shakespeare_path.read_text()[:20_000], folder, "gpt2")
     return folder

@@ -43,8 +43,8 @@ def test_two_runs_make_a_png(runs, capsys):
 def test_a_resumed_run_is_one_curve(runs):
     stopped, resumed = runs
     # The second process appended its rows after the first's; it does not evaluate again
-    # where it resumed.
-    assert [r["iter"] for r in read_metrics(resumed)] == [0, 2, 4, 4, 6, 8, 8]
+    # where it resumed. (Each run ends with a row of its whole-split validation loss.)
+    assert [r["iter"] for r in read_metrics(resumed)] == [0, 2, 4, 4, 4, 6, 8, 8, 8]
     (train_s, val_s), (train_r, val_r) = plot.read_curves(stopped), plot.read_curves(resumed)
     assert [p[0] for p in train_r] == [2, 4, 6, 8] and [p[0] for p in val_r] == [0, 4, 8]
     # Up to iteration 4 it is the stopped run, clock and all; from there its clock goes on.
