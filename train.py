@@ -178,19 +178,27 @@ def check_memory(cfg, model_config, world_size, device):
                           "smaller model")
 
 
-def lock_out_dir(out_dir):
-    """Hold a lock on out_dir for as long as this process lives, so that a second run on the
-    same out_dir fails at once instead of overwriting this one's checkpoints and log. The OS
-    releases the lock when the process ends, however it ends; no file is left behind."""
+@contextlib.contextmanager
+def out_dir_lock(out_dir):
+    """One run per out_dir: rank 0 holds a lock on the folder while the run lasts, so that a
+    second run on it fails at once instead of overwriting this one's checkpoints and log.
+    The OS drops the lock when the process ends, however it ends; no file is left behind."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
     import fcntl  # Unix only
-    fd = os.open(out_dir, os.O_RDONLY)  # a lock on the folder itself
+    check_writable(out_dir)
+    fd = os.open(out_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise ConfigError(f"another run is using out_dir {out_dir}: wait for it to end, or "
                           "use another out_dir") from None
-    return fd
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def prepare_default_data(rank, world_size):
@@ -235,7 +243,6 @@ class Run:
     best_val_loss: float
     origin: str  # scratch, or the pretrained weights the run began from
     elapsed_s: float  # seconds of training before this process, in earlier processes
-    lock: object  # rank 0's hold on out_dir (a file descriptor)
 
 
 def setup(cfg, named=()):
@@ -244,10 +251,8 @@ def setup(cfg, named=()):
     named: the settings that this command names, which a resumed run takes from it."""
     rank, local_rank, world_size, device = runtime.setup_distributed(
         cfg.device, cfg.backend, cfg.ddp_timeout)
-    lock = None
     if rank == 0:
         check_writable(cfg.out_dir)
-        lock = lock_out_dir(cfg.out_dir)
     init_from, ckpt_path = resolve_init(cfg, rank, world_size)
     cfg, ckpt = replace(cfg, init_from=init_from), None
     if init_from == "resume":  # the run goes on with its own settings, from its checkpoint
@@ -304,7 +309,7 @@ def setup(cfg, named=()):
                   "run)", file=sys.stderr, flush=True)
     return Run(cfg, rank, world_size, device, dtype, ctx, scaler, data, meta, raw_model, model,
                optimizer, cfg.gradient_accumulation_steps // world_size, iter_num,
-               best_val_loss, origin, elapsed_s, lock)
+               best_val_loss, origin, elapsed_s)
 
 
 # ----------------------------------------------------------------------------- the loop's parts
@@ -488,8 +493,10 @@ def main(argv=None):
     base = [] if any(not arg.startswith("-") for arg in argv) else default_config()
 
     def action(cfg):  # a resumed run takes from this command only the settings it names
-        return print_estimate(cfg) if cfg.estimate else train(
-            cfg, set(parse_overrides(TrainConfig, argv)))
+        if cfg.estimate:
+            return print_estimate(cfg)
+        with out_dir_lock(cfg.out_dir):
+            return train(cfg, set(parse_overrides(TrainConfig, argv)))
     return run_main(TrainConfig, action, argv, __doc__, (DataError, CheckpointError,
                     TrainingError, MetricsError, runtime.DeviceError), base)
 
