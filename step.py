@@ -12,7 +12,6 @@ import torch
 import runtime
 
 
-
 def make_optimizer(model, cfg):
     """AdamW decaying the 2-D weights (matmuls, embeddings) but not biases or norms."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -83,7 +82,7 @@ class TrainingError(RuntimeError):
 
 
 class StopCheck:
-    """Whether to stop: after a signal (SIGINT, SIGTERM) to any rank, every rank stops after
+    """Whether to stop: after a signal (SIGINT, SIGTERM, SIGHUP) to any rank, all ranks stop after
     the same iteration; after a loss or gradient norm that is not finite on any rank, every
     rank raises TrainingError, and that step's update never reaches the weights.
 
