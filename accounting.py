@@ -1,15 +1,13 @@
-"""What a training run costs: parameters, FLOPs, tokens, memory, and time and energy on GPUs.
+"""What a training run costs: parameters, FLOPs, tokens, memory, and the GPUs' peak throughput.
 
     print(accounting.report(cfg, world_size, raw_model.config))  # at the start of training
-    print(accounting.estimate(cfg, world_size, model_config))    # train.py --estimate
 
-cfg holds the run's settings (a TrainConfig); model_config the model's shape (a GPTConfig, or
-anything with its fields), which the config alone does not fix: the vocabulary comes from the
-dataset, padded, and a pretrained model brings its own. All of it is arithmetic on these
-numbers and on a model of that shape that holds no data, and on the table of GPUs below.
+cfg holds the run's settings (a TrainConfig); m, the model's shape (a GPTConfig), which the
+config alone does not fix: the vocabulary comes from the dataset, padded, and a pretrained model
+brings its own. All of it is arithmetic on these numbers, on a model of that shape that holds no
+data, and on the table of GPUs below. estimate.py prints the time and energy it implies.
 """
 import re
-from dataclasses import replace
 
 import torch
 
@@ -20,8 +18,14 @@ GIB = 2 ** 30
 
 def padded_vocab_size(vocab_size):
     """A large vocabulary padded up to a multiple of 64 (GPT-2's 50257 to 50304) for faster
-    matmuls, as train.py's init_model pads it; a character vocabulary is kept as it is."""
+    matmuls, as model_shape pads it; a character vocabulary is kept as it is."""
     return -(-vocab_size // 64) * 64 if vocab_size > 256 else vocab_size
+
+
+def model_shape(cfg, vocab_size):
+    """The GPTConfig of a model trained from scratch with cfg's settings on a dataset of
+    vocab_size tokens; the padding ids are never targets."""
+    return config_from_dict({**vars(cfg), "vocab_size": padded_vocab_size(vocab_size)})
 
 
 def shape_model(m):
@@ -96,10 +100,9 @@ def memory_per_rank(cfg, m, world_size=1):
     log-probabilities (10 bytes each; 8 in float32).
     Not counted: the CUDA context, allocator fragmentation, autocast's cached weight copies,
     FSDP's padding of each shard to equal sizes, communication buffers of a few MB."""
-    fsdp = getattr(cfg, "fsdp", False)  # old callers' settings may not have these fields
-    checkpointing = getattr(cfg, "activation_checkpointing", False)
+    fsdp, checkpointing = cfg.fsdp, cfg.activation_checkpointing
     n = num_params(m, non_embedding=False)
-    act_bytes = _activation_bytes(cfg)  # the compute dtype's size: 2 or 4
+    act_bytes = activation_bytes(cfg)  # the compute dtype's size: 2 or 4
     tokens = cfg.batch_size * cfg.block_size
     if fsdp:
         n_block = sum(p.numel() for p in shape_model(m).transformer.h[0].parameters())
@@ -147,11 +150,11 @@ def report(cfg, world_size=1, model_config=None):
     n, n_body = num_params(m, non_embedding=False), num_params(m)
     tpi = tokens_per_iter(cfg)
     memory = memory_per_rank(cfg, m, world_size)
-    act_bytes = _activation_bytes(cfg)
+    act_bytes = activation_bytes(cfg)
     scores = (m.n_layer * cfg.batch_size * cfg.block_size * 5 * m.n_head * cfg.block_size
               * act_bytes // 2)
     state = [name for name in memory if name not in ("activations", "logits")]
-    checkpointing = getattr(cfg, "activation_checkpointing", False)
+    checkpointing = cfg.activation_checkpointing
     return "\n".join([
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
         f"vocab {m.vocab_size}, biases {'on' if m.bias else 'off'}",
@@ -162,7 +165,7 @@ def report(cfg, world_size=1, model_config=None):
         f"x {cfg.gradient_accumulation_steps} micro-steps, over {world_size} process(es)",
         f"whole run: {cfg.max_iters:,} iterations, {tpi * cfg.max_iters:.3g} tokens, "
         f"{total_flops(cfg, m):.3g} FLOPs",
-        f"memory per process ({_strategy(cfg, world_size)}), an estimate (see "
+        f"memory per process ({strategy(cfg, world_size)}), an estimate (see "
         f"accounting.memory_per_rank): {_size(sum(memory.values()))}",
         "  " + " + ".join(f"{name} {_size(memory[name])}" for name in state),
         f"  activations {_size(memory['activations'])}, one micro-batch: {34 * act_bytes // 2} "
@@ -173,31 +176,6 @@ def report(cfg, world_size=1, model_config=None):
         f"{_size(scores)} of scores, which SDPA does not store",
         f"  {_fits_text(memory)}",
     ])
-
-
-def memory_table(cfg, world_size=1, model_config=None):
-    """Memory per GPU with DDP and with FSDP (one process alone: without), each with and
-    without activation checkpointing, and the GPU sizes each fits: for train.py --estimate."""
-    m = _model_shape(cfg, model_config)
-    strategies = [False, True] if world_size > 1 else [False]
-    lines = [f"memory per GPU on {world_size} GPU(s) in GiB, {cfg.batch_size} x "
-             f"{cfg.block_size} tokens per micro-step, {_activation_bytes(cfg) * 8}-bit "
-             "activations;",
-             "state: weights, gradients, AdamW moments, and what DDP or FSDP adds to them",
-             f"{'':<6}{'checkpointing':<15}{'state':>7}{'activations':>13}{'logits':>8}"
-             f"{'total':>8}  fits GPUs of (GB)"]
-    for fsdp in strategies:
-        for checkpointing in (False, True):
-            run = replace(cfg, fsdp=fsdp, activation_checkpointing=checkpointing)
-            parts = memory_per_rank(run, m, world_size)
-            state = sum(v for k, v in parts.items() if k not in ("activations", "logits"))
-            sizes = fits(sum(parts.values()))
-            lines.append(f"{_strategy(run, world_size).split()[0]:<6}"
-                         f"{'on' if checkpointing else 'off':<15}"
-                         f"{state / GIB:>7.1f}{parts['activations'] / GIB:>13.1f}"
-                         f"{parts['logits'] / GIB:>8.1f}{sum(parts.values()) / GIB:>8.1f}  "
-                         f"{', '.join(map(str, sizes)) or 'none'}")
-    return "\n".join(lines)
 
 
 # Dense (no sparsity) peak tensor throughput in FLOP/s, by board and autocast dtype, float32
@@ -223,15 +201,6 @@ PEAK_FLOPS = {
     "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
 }
 
-# Rated board power in watts (the form factor's maximum TDP), for energy estimates. Sources:
-# the same datasheets; V100 is the SXM2 board; the RTX 4090's is its total graphics power.
-# A10G, an AWS-only part with no public datasheet: the 300 W power limit nvidia-smi shows on
-# EC2 G5 instances.
-BOARD_WATTS = {"A100": 400, "A100 PCIe": 300, "H100": 700, "H100 PCIe": 350, "H100 NVL": 400,
-               "H200": 700, "H200 NVL": 600, "L4": 72, "L40": 300, "L40S": 350,
-               "RTX 4090": 450, "A10G": 300, "V100": 300, "T4": 70}
-
-
 def board(device_name):
     """The key of PEAK_FLOPS that names this device, or None. Names match as whole words,
     the most specific first: "NVIDIA H100 PCIe" is the H100 PCIe, "NVIDIA H100 80GB HBM3" the
@@ -249,35 +218,6 @@ def peak_flops(device, dtype):
     return PEAK_FLOPS[key].get(dtype) if key else None
 
 
-def estimate(cfg, world_size=1, model_config=None, mfu=0.4):
-    """A table of the run's wall-clock time, GPU-hours and energy on each GPU in
-    PEAK_FLOPS, at bfloat16 where the board has it, else float16; then memory_table's
-    memory per GPU, with DDP and FSDP, with and without activation checkpointing.
-
-    time = total FLOPs / (world_size * peak FLOP/s * mfu). Energy is the GPUs' rated board
-    power times GPU-hours: no CPUs, memory, network or cooling."""
-    if not 0 < mfu <= 1:
-        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
-    m = _model_shape(cfg, model_config)
-    total = total_flops(cfg, m)
-    lines = [
-        f"{total:.3g} FLOPs ({cfg.max_iters:,} iterations of {tokens_per_iter(cfg):,} tokens) "
-        f"on {world_size} GPU(s) at {mfu:.0%} MFU",
-        "energy: the GPUs' rated board power x GPU-hours; no CPUs, memory, network or cooling",
-        f"{'GPU':<10}{'dtype':<10}{'peak TFLOP/s':>13}{'board W':>9}{'wall clock':>12}"
-        f"{'GPU-hours':>11}{'kWh':>10}",
-    ]
-    for name, peaks in PEAK_FLOPS.items():
-        dtype = torch.bfloat16 if torch.bfloat16 in peaks else torch.float16
-        seconds = total / (world_size * peaks[dtype] * mfu)
-        gpu_hours = world_size * seconds / 3600
-        watts = BOARD_WATTS[name]
-        lines.append(f"{name:<10}{str(dtype).removeprefix('torch.'):<10}"
-                     f"{peaks[dtype] / 1e12:>13.0f}{watts:>9}{_duration(seconds):>12}"
-                     f"{_amount(gpu_hours):>11}{_amount(gpu_hours * watts / 1000):>10}")
-    return "\n".join(lines + [memory_table(cfg, world_size, m)])
-
-
 def _model_shape(cfg, model_config):
     m = cfg if model_config is None else model_config
     if not hasattr(m, "vocab_size"):
@@ -286,8 +226,8 @@ def _model_shape(cfg, model_config):
     return m
 
 
-def _strategy(cfg, world_size):
-    if getattr(cfg, "fsdp", False):
+def strategy(cfg, world_size):
+    if cfg.fsdp:
         return f"FSDP over {world_size}"
     return f"DDP over {world_size}" if world_size > 1 else "one process"
 
@@ -301,23 +241,12 @@ def _fits_text(memory):
             + (f", not {', '.join(too_small)}" if too_small else ""))
 
 
-def _activation_bytes(cfg):
+def activation_bytes(cfg):
     """2 under 16-bit autocast, 4 in float32; dtype auto is 16-bit unless the device is
     set to the CPU or MPS (runtime.pick_dtype's rule, taking device auto as a GPU)."""
     if cfg.dtype == "auto":
         return 4 if cfg.device.startswith(("cpu", "mps")) else 2
     return 4 if cfg.dtype == "float32" else 2
-
-
-def _duration(seconds):
-    for unit, size, limit in (("s", 1, 60), ("min", 60, 3600), ("h", 3600, 48 * 3600)):
-        if seconds < limit:
-            return f"{seconds / size:.3g} {unit}"
-    return f"{seconds / 86400:.1f} days"
-
-
-def _amount(x):
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def _size(n_bytes):

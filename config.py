@@ -33,9 +33,6 @@ class TrainConfig:
     eval_iters: int = 200  # batches per split for each loss estimate; 0: the whole split
     eval_only: bool = False  # evaluate once, then exit without training
     always_save_checkpoint: bool = True  # checkpoint at every eval, not only on a new best
-    estimate: bool = False  # print what the run would cost on the GPUs we know, then exit
-    estimate_gpus: int = 8  # with --estimate: how many GPUs share the run
-    estimate_mfu: float = 0.4  # with --estimate: the model FLOPs utilisation to assume
     init_from: str = "scratch"  # scratch, resume, auto (resume if a checkpoint exists), or gpt2*
     overwrite: bool = False  # allow a fresh run to replace a checkpoint already in out_dir
     # logging
@@ -85,8 +82,7 @@ class TrainConfig:
     def validate(self):
         """Reject values no run can use; the message names the setting."""
         positive = ["eval_interval", "log_interval", "batch_size", "block_size",
-                    "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "ddp_timeout",
-                    "estimate_gpus"]
+                    "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "ddp_timeout"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -99,8 +95,6 @@ class TrainConfig:
                      "grad_clip", "max_iters", "warmup_iters", "lr_decay_iters"]:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not 0 < self.estimate_mfu <= 1:
-            raise ConfigError(f"estimate_mfu must be in (0, 1], got {self.estimate_mfu}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -121,8 +115,9 @@ class TrainConfig:
 
 def help_text(cls, defaults=None):
     """One line per setting: name, default (defaults' value, or the class's) and the comment
-    beside it in the source."""
-    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
+    beside it in the source (of cls, or of the class it extends)."""
+    source = "".join(inspect.getsource(c) for c in cls.__mro__ if c is not object)
+    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", source, re.M))
     def shown(value):  # as it would be typed: true/false, and strings quoted if odd
         if isinstance(value, bool):
             return str(value).lower()

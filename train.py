@@ -35,7 +35,7 @@ from checkpoint import (GPT2_SIZES, CheckpointError, latest_checkpoint, load_che
 from config import ConfigError, TrainConfig, parse_overrides, run_main
 from dataset import DataError, TokenData, load_meta
 from metrics import MetricsError, MetricsLog
-from model import GPT, GPTConfig, config_from_dict
+from model import GPT, GPTConfig
 from step import (StopCheck, TrainingError, clip_gradients, forward_backward, get_lr,
                   make_optimizer)
 
@@ -124,30 +124,19 @@ def resumed_settings(cfg, saved, named):
     return TrainConfig(**settings).validate()
 
 
-def model_fields(cfg):
-    return {f.name: getattr(cfg, f.name) for f in fields(GPTConfig) if hasattr(cfg, f.name)}
-
-
-def scratch_config(cfg, meta):
-    """The shape of a model trained from scratch on the dataset that meta describes; the
-    padding ids of its vocabulary (see accounting.padded_vocab_size) are never targets."""
-    vocab = accounting.padded_vocab_size(meta["vocab_size"])
-    return config_from_dict({**model_fields(cfg), "vocab_size": vocab})
-
-
 def init_model(cfg, meta, ckpt, ckpt_path):
     """(model, cfg): a new model, the checkpoint's, or OpenAI's weights; and cfg with the
     shape of the model as built (pretrained weights, and a finetuning run, bring their own)."""
     if cfg.init_from == "scratch":
-        return GPT(scratch_config(cfg, meta)), cfg
+        return GPT(accounting.model_shape(cfg, meta["vocab_size"])), cfg
     if ckpt is not None:
         model, model_meta = model_from_checkpoint(ckpt, ckpt_path, cfg.dropout)
         if any(model_meta.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
             raise CheckpointError(f"the checkpoint in {cfg.out_dir} was trained with another "
                                   "tokenizer or vocabulary than this dataset's meta.json")
         # A run from scratch took its shape from its settings: this command cannot change it.
-        for name, value in model_fields(cfg).items():
-            saved = ckpt["model_args"][name]
+        for name in (f.name for f in fields(GPTConfig)):
+            saved, value = ckpt["model_args"][name], getattr(cfg, name)
             if ckpt.get("origin") == "scratch" and name not in ("dropout", "vocab_size") and (
                     saved != value):
                 raise CheckpointError(f"the checkpoint in {cfg.out_dir} has {name}={saved} "
@@ -271,7 +260,7 @@ def setup(cfg, named=()):
     meta = load_meta(data_dir)
     data = {split: TokenData(data_dir, split) for split in ("train", "val")}
     if init_from == "scratch":
-        check_memory(cfg, scratch_config(cfg, meta), world_size, device)
+        check_memory(cfg, accounting.model_shape(cfg, meta["vocab_size"]), world_size, device)
     torch.manual_seed(cfg.seed)
     raw_model, cfg = init_model(cfg, meta, ckpt, ckpt_path)
     raw_model.to(device)
@@ -475,26 +464,12 @@ def train(cfg, named=()):
     return val_loss
 
 
-def print_estimate(cfg):
-    """--estimate: the run's cost, from the config and the dataset's vocabulary, no training."""
-    try:
-        meta = load_meta(cfg.data_dir or str(ROOT / "data" / cfg.dataset))
-    except DataError:
-        meta = {"vocab_size": 50257}
-        print(f"(dataset {cfg.dataset} not prepared: assuming GPT-2's vocabulary)")
-    model_config = scratch_config(cfg, meta)
-    print(accounting.report(cfg, cfg.estimate_gpus, model_config))
-    print(accounting.estimate(cfg, cfg.estimate_gpus, model_config, cfg.estimate_mfu))
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # Flags alone refine the default run; a config file given replaces it.
     base = [] if any(not arg.startswith("-") for arg in argv) else default_config()
 
     def action(cfg):  # a resumed run takes from this command only the settings it names
-        if cfg.estimate:
-            return print_estimate(cfg)
         with out_dir_lock(cfg.out_dir):
             return train(cfg, set(parse_overrides(TrainConfig, argv)))
     return run_main(TrainConfig, action, argv, __doc__, (DataError, CheckpointError,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import accounting
+import estimate
 import runtime
 from config import TrainConfig, parse_config
 from model import GPT, GPTConfig
@@ -50,19 +51,19 @@ def test_gpt2_estimate_on_8_a100_by_hand():
     # 8 A100 at 40% of 312 TFLOP/s: 8 * 312e12 * 0.4 = 9.984e14 FLOP/s
     # 2.52198852e20 / 9.984e14 = 252,603 s = 70.17 h = 2.92 days; 8 GPUs: 561.3 GPU-hours
     # energy at the SXM board's 400 W: 561.34 h * 0.4 kW = 224.54 kWh, printed as 225
-    table = accounting.estimate(RUN, 8, GPT2, mfu=0.4)
+    table = estimate.cost(RUN, 8, GPT2, mfu=0.4)
     a100 = next(line for line in table.splitlines() if line.startswith("A100"))
     assert a100.split() == ["A100", "bfloat16", "312", "400", "2.9", "days", "561", "225"]
-    assert accounting.BOARD_WATTS["A100"] == 400
+    assert estimate.BOARD_WATTS["A100"] == 400
 
 
 def test_estimate_lists_every_board_with_its_power():
-    assert set(accounting.BOARD_WATTS) == set(accounting.PEAK_FLOPS)
-    rows = accounting.estimate(RUN, 1, GPT2).splitlines()[3:3 + len(accounting.PEAK_FLOPS)]
+    assert set(estimate.BOARD_WATTS) == set(accounting.PEAK_FLOPS)
+    rows = estimate.cost(RUN, 1, GPT2).splitlines()[3:3 + len(accounting.PEAK_FLOPS)]
     assert [row.split()[0] for row in rows] == [b.split()[0] for b in accounting.PEAK_FLOPS]
     assert "float16" in next(row for row in rows if row.startswith("V100"))  # no bfloat16
     with pytest.raises(ValueError, match="mfu"):
-        accounting.estimate(RUN, 1, GPT2, mfu=0)
+        estimate.cost(RUN, 1, GPT2, mfu=0)
 
 
 def test_gpt2_memory_by_hand():
@@ -76,7 +77,7 @@ def test_gpt2_memory_by_hand():
     assert accounting.memory_per_rank(RUN, GPT2, world_size=8)["DDP buckets"] == 497_759_232
 
 
-# GPT-2 XL with the vocabulary padded to 50304, as --estimate and a run from scratch have it,
+# GPT-2 XL with the vocabulary padded to 50304, as estimate.py and a run from scratch have it,
 # finetuned as config/finetune_gpt2_xl_fsdp.toml does: on 8 GPUs, 4 sequences x 1024 tokens
 # per GPU, 8 micro-steps in all (one per GPU), bfloat16.
 XL = GPTConfig(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50304,
@@ -166,8 +167,8 @@ def test_report_and_estimate_give_memory_for_the_run_as_configured():
     ddp_report = accounting.report(replace(XL_RUN, activation_checkpointing=True), 8, XL)
     assert "(DDP over 8)" in ddp_report and "checkpointed" in ddp_report
     assert "fits GPUs of 40, 80, 141 GB, not 24 GB (RTX 4090, A10G, L4)" in ddp_report
-    # --estimate: DDP and FSDP, each without and with checkpointing, on the same lines
-    rows = accounting.estimate(XL_RUN, 8, XL).splitlines()[-4:]
+    # estimate.py: DDP and FSDP, each without and with checkpointing, on the same lines
+    rows = estimate.memory_table(XL_RUN, 8, XL).splitlines()[-4:]
     assert [row.split()[:2] for row in rows] == [["DDP", "off"], ["DDP", "on"],
                                                  ["FSDP", "off"], ["FSDP", "on"]]
     assert [row.split()[5] for row in rows] == ["40.9", "32.3", "15.4", "6.2"]  # GiB
@@ -220,14 +221,23 @@ def test_memory_is_float32_on_the_cpu_config():
     assert torch.float32 == runtime.pick_dtype(cfg.dtype, cfg.device)
 
 
-def test_train_estimate_prints_the_cost_and_trains_nothing(tmp_path, capsys):
-    import train
+def test_estimate_prints_the_cost_and_trains_nothing(tmp_path, capsys):
     config = Path(__file__).resolve().parent.parent / "config" / "train_gpt2.toml"
     out = tmp_path / "out"
-    assert train.main([str(config), "--estimate", "--estimate_gpus=8", "--estimate_mfu=0.4",
-                       f"--out_dir={out}", f"--data_dir={tmp_path / 'none'}"]) == 0
+    assert estimate.main([str(config), "--gpus=8", "--mfu=0.4",
+                          f"--out_dir={out}", f"--data_dir={tmp_path / 'none'}"]) == 0
     text = capsys.readouterr().out
     assert "assuming GPT-2's vocabulary" in text  # no dataset prepared: 50257, padded
     assert "2.52e+20 FLOPs" in text and "on 8 GPU(s) at 40% MFU" in text
     assert any(line.startswith("A100") and "2.9 days" in line for line in text.splitlines())
     assert not out.exists()  # nothing written, nothing trained
+    assert "memory per process (one process)" not in text  # the report is for the 8 GPUs
+    assert estimate.main([str(config), "--mfu=0"]) == 2  # one line, the setting named
+    assert "mfu must be in (0, 1], got 0.0" in capsys.readouterr().err
+
+
+def test_estimate_help_lists_its_settings_and_train_py_s(capsys):
+    assert estimate.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--mfu=0.4" in text and "model FLOPs utilisation" in text
+    assert "--batch_size=12" in text and "sequences per micro-step" in text

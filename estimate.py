@@ -1,0 +1,123 @@
+"""What a run would cost, before it starts: time, GPU-hours and energy on each GPU we know, and
+memory per GPU with DDP and FSDP, with and without activation checkpointing.
+
+    python estimate.py config/train_gpt2.toml --gpus=8 --mfu=0.4
+
+It reads train.py's config files and flags, prints the report train.py prints at its start,
+then the tables. It is arithmetic on the settings (accounting.py): nothing is trained or written.
+"""
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+import accounting
+from accounting import GIB, PEAK_FLOPS
+from config import ConfigError, TrainConfig, run_main
+from dataset import DataError, load_meta
+
+# Rated board power in watts (the form factor's maximum TDP), for energy estimates. Sources:
+# the datasheets of accounting.PEAK_FLOPS; V100 is the SXM2 board; the RTX 4090's is its total
+# graphics power. A10G, an AWS-only part with no public datasheet: the 300 W power limit
+# nvidia-smi shows on EC2 G5 instances.
+BOARD_WATTS = {"A100": 400, "A100 PCIe": 300, "H100": 700, "H100 PCIe": 350, "H100 NVL": 400,
+               "H200": 700, "H200 NVL": 600, "L4": 72, "L40": 300, "L40S": 350,
+               "RTX 4090": 450, "A10G": 300, "V100": 300, "T4": 70}
+
+
+@dataclass
+class EstimateConfig(TrainConfig):
+    gpus: int = 8  # how many GPUs share the run
+    mfu: float = 0.4  # the model FLOPs utilisation to assume
+
+    def validate(self):
+        if self.gpus < 1:
+            raise ConfigError(f"gpus must be at least 1, got {self.gpus}")
+        if not 0 < self.mfu <= 1:
+            raise ConfigError(f"mfu must be in (0, 1], got {self.mfu}")
+        return super().validate()
+
+
+def cost(cfg, world_size, m, mfu=0.4):
+    """A table of the run's wall-clock time, GPU-hours and energy on each GPU in PEAK_FLOPS,
+    at bfloat16 where the board has it, else float16. m is the model's shape (a GPTConfig).
+
+    time = total FLOPs / (world_size * peak FLOP/s * mfu). Energy is the GPUs' rated board
+    power times GPU-hours: no CPUs, memory, network or cooling."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+    total = accounting.total_flops(cfg, m)
+    lines = [
+        f"{total:.3g} FLOPs ({cfg.max_iters:,} iterations of "
+        f"{accounting.tokens_per_iter(cfg):,} tokens) on {world_size} GPU(s) at {mfu:.0%} MFU",
+        "energy: the GPUs' rated board power x GPU-hours; no CPUs, memory, network or cooling",
+        f"{'GPU':<10}{'dtype':<10}{'peak TFLOP/s':>13}{'board W':>9}{'wall clock':>12}"
+        f"{'GPU-hours':>11}{'kWh':>10}",
+    ]
+    for name, peaks in PEAK_FLOPS.items():
+        dtype = torch.bfloat16 if torch.bfloat16 in peaks else torch.float16
+        seconds = total / (world_size * peaks[dtype] * mfu)
+        gpu_hours = world_size * seconds / 3600
+        watts = BOARD_WATTS[name]
+        lines.append(f"{name:<10}{str(dtype).removeprefix('torch.'):<10}"
+                     f"{peaks[dtype] / 1e12:>13.0f}{watts:>9}{_duration(seconds):>12}"
+                     f"{_amount(gpu_hours):>11}{_amount(gpu_hours * watts / 1000):>10}")
+    return "\n".join(lines)
+
+
+def memory_table(cfg, world_size, m):
+    """Memory per GPU with DDP and with FSDP (one process alone: without), each with and
+    without activation checkpointing, and the GPU sizes each fits."""
+    lines = [f"memory per GPU on {world_size} GPU(s) in GiB, {cfg.batch_size} x "
+             f"{cfg.block_size} tokens per micro-step, "
+             f"{accounting.activation_bytes(cfg) * 8}-bit activations;",
+             "state: weights, gradients, AdamW moments, and what DDP or FSDP adds to them",
+             f"{'':<6}{'checkpointing':<15}{'state':>7}{'activations':>13}{'logits':>8}"
+             f"{'total':>8}  fits GPUs of (GB)"]
+    for fsdp in ([False, True] if world_size > 1 else [False]):
+        for checkpointing in (False, True):
+            run = replace(cfg, fsdp=fsdp, activation_checkpointing=checkpointing)
+            parts = accounting.memory_per_rank(run, m, world_size)
+            state = sum(v for k, v in parts.items() if k not in ("activations", "logits"))
+            lines.append(f"{accounting.strategy(run, world_size).split()[0]:<6}"
+                         f"{'on' if checkpointing else 'off':<15}"
+                         f"{state / GIB:>7.1f}{parts['activations'] / GIB:>13.1f}"
+                         f"{parts['logits'] / GIB:>8.1f}{sum(parts.values()) / GIB:>8.1f}  "
+                         f"{', '.join(map(str, accounting.fits(sum(parts.values())))) or 'none'}")
+    return "\n".join(lines)
+
+
+def _duration(seconds):
+    for unit, size, limit in (("s", 1, 60), ("min", 60, 3600), ("h", 3600, 48 * 3600)):
+        if seconds < limit:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _amount(x):
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def print_estimate(cfg):
+    """The model's shape comes from the settings and the dataset's vocabulary, padded as a run
+    from scratch pads it; a dataset not prepared yet is taken to use GPT-2's."""
+    data_dir = cfg.data_dir or str(Path(__file__).resolve().parent / "data" / cfg.dataset)
+    try:
+        vocab_size = load_meta(data_dir)["vocab_size"]
+    except DataError:
+        vocab_size = 50257
+        print(f"(dataset {cfg.dataset} not prepared: assuming GPT-2's vocabulary)")
+    m = accounting.model_shape(cfg, vocab_size)
+    print(accounting.report(cfg, cfg.gpus, m))
+    print(cost(cfg, cfg.gpus, m, cfg.mfu))
+    print(memory_table(cfg, cfg.gpus, m))
+
+
+def main(argv=None):
+    return run_main(EstimateConfig, print_estimate, sys.argv[1:] if argv is None else argv,
+                    __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
