@@ -198,8 +198,9 @@ def warm_up(cfg, model_config, device, world_size, dtype_name, compiled, batches
     memory, measured = peak_memory(device)
     state = state_bytes(model, optimizer)
     if world_size > 1:  # the largest over the ranks
-        memory = int(runtime.all_reduce_max(memory, device))
-        state = int(runtime.all_reduce_max(state, device))
+        largest = torch.tensor([memory, state], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+        memory, state = map(int, largest.tolist())
     return step_args, dict(dtype=str(dtype).removeprefix("torch."), compile=compiled,
                            warmup_s=warmup_s, peak_memory_bytes=memory - base,
                            state_bytes=state,

@@ -183,13 +183,6 @@ def shard(model, dtype):
     fully_shard(model, mp_policy=policy)
 
 
-def all_reduce_max(value, device):
-    """The largest of one number over all ranks (every rank must call this)."""
-    t = torch.tensor(float(value), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.item()
-
-
 def all_reduce_mean(values, device, world_size):
     """Average a list of numbers (floats, or tensors of one element) over all ranks; every
     rank must call this. One process needs no tensor, which spares a device round trip (and
