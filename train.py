@@ -4,301 +4,35 @@
     python train.py config/train_gpt2.toml --batch_size=8   # any config, flags override it
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.toml
 
-The page reads as a run goes: setup() turns the settings into a ready run (processes, device,
-data, model, optimizer), then train() loops: evaluate and checkpoint when due, set the
+The page reads as a run goes: startup.setup() turns the settings into a ready run (processes,
+device, data, model, optimizer), then train() loops: evaluate and checkpoint when due, set the
 learning rate, forward and backward over the micro-steps, clip, step, log.
 
 The batch each (iteration, micro-step) sees is a pure function of the seed, so a resumed run
 repeats exactly what the uninterrupted run would have done, and the global batch does not
 depend on the number of processes.
 """
-import contextlib
-import importlib.util
-import json
 import os
-import runpy
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import accounting
 import runtime
-from checkpoint import (GPT2_SIZES, CheckpointError, latest_checkpoint, load_checkpoint,
-                        load_optimizer_state, load_pretrained, model_from_checkpoint,
-                        save_checkpoint, training_state)
-from config import ConfigError, TrainConfig, parse_overrides, run_main
-from dataset import DataError, TokenData, load_meta
+from checkpoint import CheckpointError, save_checkpoint, training_state
+from config import TrainConfig, parse_overrides, run_main
+from dataset import DataError
 from metrics import MetricsError, MetricsLog
-from model import GPT, GPTConfig
-from step import (StopCheck, TrainingError, clip_gradients, forward_backward, get_lr,
-                  make_optimizer)
+from startup import default_config, out_dir_lock, setup
+from step import StopCheck, TrainingError, clip_gradients, forward_backward, get_lr
 
-ROOT = Path(__file__).resolve().parent
 # The second number of every batch's random key names its stream: the training batches, or
 # the fixed batches that every evaluation draws from each split.
 TRAIN_BATCHES = 0
 EVAL_BATCHES = {"train": 2, "val": 3}
-
-
-def default_config():
-    """What `python train.py` runs: the Shakespeare character model sized for this machine.
-    Flags alone refine it (`python train.py --max_iters=100`); a config file replaces it."""
-    name = "train_shakespeare_char" if torch.cuda.is_available() else "train_shakespeare_char_cpu"
-    return [str(ROOT / "config" / f"{name}.toml")]
-
-
-# ----------------------------------------------------------------------------- setting up
-
-def check_divisible(cfg, world_size):
-    """The micro-steps of an iteration are shared out evenly over the processes."""
-    steps = cfg.gradient_accumulation_steps
-    if steps % world_size:
-        below, above = steps // world_size * world_size, (steps // world_size + 1) * world_size
-        options = " or ".join(str(n) for n in (below, above) if n)
-        raise ConfigError(f"gradient_accumulation_steps ({steps}) must be divisible by the "
-                          f"number of processes ({world_size}): try {options}, with "
-                          "batch_size scaled to keep the tokens per iteration")
-
-
-def check_writable(out_dir):
-    """Create out_dir and prove a file can be written there, before any work is done."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise ConfigError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
-
-
-def resolve_init(cfg, rank, world_size):
-    """(init_from, checkpoint path) as this run takes them: auto is resume if out_dir holds a
-    checkpoint, else scratch; --eval_only evaluates the run's checkpoint unless it names
-    pretrained weights. A fresh run refuses to overwrite a checkpoint.
-
-    Rank 0 decides from what its disk holds and tells the others: on several machines, a node
-    without the checkpoint would otherwise start afresh while the rest resume, and their
-    collectives would wait on each other until ddp_timeout. Every rank then checks that it
-    can read the checkpoint too, and all fail together, at once, if one cannot."""
-    decision = [cfg.init_from, None, None]  # init_from, path, or the error all ranks raise
-    if rank == 0:
-        decision[1] = path = latest_checkpoint(cfg.out_dir)
-        exists = os.path.exists(path)
-        if cfg.init_from == "auto" or (cfg.eval_only and cfg.init_from == "scratch"):
-            decision[0] = "resume" if exists else "scratch"
-        if decision[0] == "resume" and not exists:
-            decision[2] = f"init_from=resume but there is no checkpoint at {path}"
-        elif cfg.eval_only and decision[0] == "scratch":
-            decision[2] = (f"--eval_only evaluates a trained model, and {cfg.out_dir} holds no "
-                           "checkpoint: give the right --out_dir, or --init_from=gpt2 (or a "
-                           "folder of GPT-2 weights)")
-        elif decision[0] != "resume" and exists and not cfg.overwrite:
-            decision[2] = (f"{path} already exists: pass --init_from=resume to continue it, "
-                           "or --overwrite=true to start afresh over it")
-    if world_size > 1:
-        torch.distributed.broadcast_object_list(decision, src=0)
-    init_from, path, error = decision
-    if not error and init_from == "resume" and world_size > 1:
-        readable = [None] * world_size
-        torch.distributed.all_gather_object(readable, os.path.isfile(path))
-        missing = [r for r, ok in enumerate(readable) if not ok]
-        if missing:
-            error = (f"rank 0 resumes from {path}, which rank(s) "
-                     f"{', '.join(map(str, missing))} cannot read: every machine needs the "
-                     "checkpoint at that path (a shared filesystem, or a copy of out_dir)")
-    if error:
-        raise CheckpointError(error)
-    return init_from, path
-
-
-def resumed_settings(cfg, saved, named):
-    """A resumed run's settings: its own, saved in its checkpoint, except those that this
-    command names (its flags and config files), and where it runs (out_dir, init_from)."""
-    known = {f.name for f in fields(TrainConfig)}
-    settings = {k: v for k, v in saved.items() if k in known}
-    settings.update({k: getattr(cfg, k) for k in (*named, "out_dir", "init_from")})
-    return TrainConfig(**settings).validate()
-
-
-def init_model(cfg, meta, ckpt, ckpt_path):
-    """(model, cfg): a new model, the checkpoint's, or OpenAI's weights; and cfg with the
-    shape of the model as built (pretrained weights, and a finetuning run, bring their own)."""
-    if cfg.init_from == "scratch":
-        return GPT(accounting.model_shape(cfg, meta["vocab_size"])), cfg
-    if ckpt is not None:
-        model, model_meta = model_from_checkpoint(ckpt, ckpt_path, cfg.dropout)
-        if any(model_meta.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
-            raise CheckpointError(f"the checkpoint in {cfg.out_dir} was trained with another "
-                                  "tokenizer or vocabulary than this dataset's meta.json")
-        # A run from scratch took its shape from its settings: this command cannot change it.
-        for name in (f.name for f in fields(GPTConfig)):
-            saved, value = ckpt["model_args"][name], getattr(cfg, name)
-            if ckpt.get("origin") == "scratch" and name not in ("dropout", "vocab_size") and (
-                    saved != value):
-                raise CheckpointError(f"the checkpoint in {cfg.out_dir} has {name}={saved} "
-                                      f"but the config says {value}: drop --{name}, or use "
-                                      "another out_dir")
-    elif cfg.init_from in GPT2_SIZES or os.path.isdir(cfg.init_from):
-        model = load_pretrained(cfg.init_from, cfg.dropout)
-    else:
-        raise ConfigError(f"init_from={cfg.init_from!r}: expected scratch, resume, auto, "
-                          f"one of {', '.join(GPT2_SIZES)}, or a directory of GPT-2 weights")
-    shape = {name: getattr(model.config, name)
-             for name in ("n_layer", "n_head", "n_embd", "bias", "rope", "qk_norm", "relu2")}
-    if cfg.block_size > model.config.block_size:
-        raise ConfigError(f"block_size {cfg.block_size} exceeds the pretrained model's "
-                          f"{model.config.block_size}")
-    return model, replace(cfg, **shape)
-
-
-def check_memory(cfg, model_config, world_size, device):
-    """Refuse, before allocating anything, a run whose estimated memory per process
-    (accounting.memory_per_rank) exceeds what the device has."""
-    need = sum(accounting.memory_per_rank(cfg, model_config, world_size).values())
-    have = runtime.device_memory(device)
-    if have and need > have:
-        raise ConfigError(f"the run needs about {need / 2**30:,.1f} GiB per process "
-                          f"(accounting.memory_per_rank), more than the {have / 2**30:,.1f} "
-                          f"GiB that {device} has: lower batch_size or block_size, or use a "
-                          "smaller model")
-
-
-@contextlib.contextmanager
-def out_dir_lock(out_dir):
-    """One run per out_dir: rank 0 holds a lock on the folder while the run lasts, so that a
-    second run on it fails at once instead of overwriting this one's checkpoints and log.
-    The OS drops the lock when the process ends, however it ends; no file is left behind."""
-    if os.environ.get("RANK", "0") != "0":
-        yield
-        return
-    import fcntl  # Unix only
-    check_writable(out_dir)
-    fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise ConfigError(f"another run is using out_dir {out_dir}: wait for it to end, or "
-                          "use another out_dir") from None
-    try:
-        yield
-    finally:
-        os.close(fd)
-
-
-def prepare_default_data(rank, world_size):
-    """data/shakespeare_char, the default run's dataset, is prepared on first use."""
-    folder = ROOT / "data" / "shakespeare_char"
-    if rank == 0 and not (folder / "meta.json").exists():
-        print("data/shakespeare_char is not prepared yet: running "
-              "python data/shakespeare_char/prepare.py", flush=True)
-        runpy.run_path(str(folder / "prepare.py"))["main"]([])
-    if world_size > 1:
-        torch.distributed.barrier()
-
-
-def check_vocab(meta, data, vocab_size, data_dir):
-    """The dataset's token ids must fit the model's vocabulary."""
-    if meta["vocab_size"] > vocab_size:
-        raise DataError(f"{data_dir} uses a vocabulary of {meta['vocab_size']} tokens, more "
-                        f"than the model's {vocab_size}")
-    # Scanning every token costs a second per 500M tokens: do it where that is cheap.
-    if sum(int(split.lengths.sum()) for split in data.values()) < 500_000_000:
-        for split in data.values():
-            split.check_vocab(vocab_size)
-
-
-@dataclass
-class Run:
-    """What setup() decided, for the loop to use."""
-    cfg: TrainConfig  # the settings as this run uses them (init_from resolved, model shape)
-    rank: int  # this process among world_size; rank 0 prints, logs and saves
-    world_size: int
-    device: str
-    dtype: torch.dtype
-    ctx: object  # autocast for the forward pass (a no-op in float32)
-    scaler: torch.amp.GradScaler  # float16's loss scaling (disabled otherwise)
-    data: dict  # "train" and "val": TokenData
-    meta: dict  # the dataset's meta.json, saved with each checkpoint
-    raw_model: GPT  # the model itself, whose state_dict is saved
-    model: torch.nn.Module  # what the loop runs: raw_model, compiled and DDP-wrapped as asked
-    optimizer: torch.optim.Optimizer
-    micro_steps: int  # forward/backward passes per iteration on each rank
-    iter_num: int  # the iteration to start from
-    best_val_loss: float
-    origin: str  # scratch, or the pretrained weights the run began from
-    elapsed_s: float  # seconds of training before this process, in earlier processes
-
-
-def setup(cfg, named=()):
-    """Turn the settings into a ready run: processes, device and precision, data, the model
-    (new, resumed or pretrained) and its optimizer. Rank 0 prints what the run will cost.
-    named: the settings that this command names, which a resumed run takes from it."""
-    rank, local_rank, world_size, device = runtime.setup_distributed(
-        cfg.device, cfg.backend, cfg.ddp_timeout)
-    if rank == 0:
-        check_writable(cfg.out_dir)
-    init_from, ckpt_path = resolve_init(cfg, rank, world_size)
-    cfg, ckpt = replace(cfg, init_from=init_from), None
-    if init_from == "resume":  # the run goes on with its own settings, from its checkpoint
-        ckpt = load_checkpoint(ckpt_path)
-        cfg = resumed_settings(cfg, ckpt.get("config", {}), named)
-    check_divisible(cfg, world_size)
-    dtype, ctx, scaler = runtime.training_precision(cfg.dtype, device, cfg.deterministic)
-    if cfg.fsdp:
-        runtime.check_fsdp(dtype)
-        ctx = contextlib.nullcontext()  # FSDP's own policy casts, see runtime.shard
-    if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("wandb_log=true needs the wandb package: pip install wandb")
-    if not cfg.data_dir and cfg.dataset == "shakespeare_char":
-        prepare_default_data(rank, world_size)
-    data_dir = cfg.data_dir or str(ROOT / "data" / cfg.dataset)
-    meta = load_meta(data_dir)
-    data = {split: TokenData(data_dir, split) for split in ("train", "val")}
-    if init_from == "scratch":
-        check_memory(cfg, accounting.model_shape(cfg, meta["vocab_size"]), world_size, device)
-    torch.manual_seed(cfg.seed)
-    raw_model, cfg = init_model(cfg, meta, ckpt, ckpt_path)
-    raw_model.to(device)
-    raw_model.activation_checkpointing = cfg.activation_checkpointing
-    check_vocab(meta, data, raw_model.config.vocab_size, data_dir)
-    if cfg.fsdp:
-        runtime.shard(raw_model, dtype)
-    optimizer = make_optimizer(raw_model, cfg)
-    iter_num, best_val_loss, origin, elapsed_s = 0, float("inf"), cfg.init_from, 0.0
-    if ckpt is not None:
-        load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], cfg.fsdp)
-        if ckpt["scaler"]:  # empty when saved without float16: the scale then starts afresh
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        origin, elapsed_s = ckpt.get("origin", "scratch"), ckpt.get("elapsed_s", 0.0)
-        del ckpt  # free the CPU copy of the weights and optimizer state
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if world_size > 1 and not cfg.fsdp:
-        # Gradients live in DDP's all-reduce buckets (no second copy); the model's only
-        # buffers are rotary tables that never change, so nothing is broadcast per step.
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.startswith("cuda") else None,
-            gradient_as_bucket_view=True, broadcast_buffers=False)
-    if rank == 0:
-        print(json.dumps(asdict(cfg), indent=1))
-        print(accounting.report(cfg, world_size, raw_model.config))
-        print(f"{world_size} process(es) on {device} in {str(dtype).removeprefix('torch.')}; "
-              f"{raw_model.num_params() / 1e6:.2f}M parameters; "
-              f"{accounting.tokens_per_iter(cfg):,} tokens per iteration; starting at "
-              f"iteration {iter_num}")
-        if cfg.decay_lr and cfg.lr_decay_iters <= iter_num < cfg.max_iters:
-            print(f"note: the learning-rate schedule ended at iteration {cfg.lr_decay_iters} "
-                  f"(lr_decay_iters): the rate stays at min_lr={cfg.min_lr:g} from here. To "
-                  "train on, raise --lr_decay_iters with --max_iters (README: extending a "
-                  "run)", file=sys.stderr, flush=True)
-    return Run(cfg, rank, world_size, device, dtype, ctx, scaler, data, meta, raw_model, model,
-               optimizer, cfg.gradient_accumulation_steps // world_size, iter_num,
-               best_val_loss, origin, elapsed_s)
 
 
 # ----------------------------------------------------------------------------- the loop's parts

@@ -106,10 +106,10 @@ def test_the_kv_cache_holds_keys_and_values_in_the_compute_dtype(monkeypatch):
 
 
 def test_gradient_accumulation_error_says_which_values_work():
-    import train
+    import startup
     with pytest.raises(ConfigError, match=r"\(16\): try 32 or 48"):
-        train.check_divisible(TrainConfig(gradient_accumulation_steps=40), 16)
-    train.check_divisible(TrainConfig(gradient_accumulation_steps=32), 16)
+        startup.check_divisible(TrainConfig(gradient_accumulation_steps=40), 16)
+    startup.check_divisible(TrainConfig(gradient_accumulation_steps=32), 16)
 
 
 def test_the_readme_multi_node_example_divides_evenly():

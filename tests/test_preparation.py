@@ -121,14 +121,14 @@ def test_a_failed_download_under_train_names_the_command_that_takes_input(tmp_pa
     # A bare `python train.py` prepares Shakespeare itself, and train.py has no --input: the
     # error must name the prepare script that does.
     import data.preparation
-    import train
+    import startup
     script = tmp_path / "data" / "shakespeare_char" / "prepare.py"
     script.parent.mkdir(parents=True)
     script.write_bytes((ROOT / "data" / "shakespeare_char" / "prepare.py").read_bytes())
-    monkeypatch.setattr(train, "ROOT", tmp_path)
+    monkeypatch.setattr(startup, "ROOT", tmp_path)
     monkeypatch.setattr(data.preparation, "SHAKESPEARE_URL", (tmp_path / "none.txt").as_uri())
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
-        train.prepare_default_data(rank=0, world_size=1)
+        startup.prepare_default_data(rank=0, world_size=1)
     command = "`python data/shakespeare_char/prepare.py --input PATH`"
     assert f"download it yourself and run {command}" in str(stop.value), stop.value

@@ -133,21 +133,22 @@ def test_no_arguments_prepare_the_data_and_pick_the_cpu_recipe(tmp_path, monkeyp
     # `python train.py` alone runs the recipe for this machine (default_config), and its
     # dataset is prepared on first use (from its input.txt, which the download would have
     # fetched). The training itself is the CPU recipe, timed elsewhere.
+    import startup
     import train
     script = tmp_path / "data" / "shakespeare_char" / "prepare.py"
     script.parent.mkdir(parents=True)
     shutil.copy(ROOT / "data" / "shakespeare_char" / "prepare.py", script)
     shutil.copy(shakespeare_path, script.parent / "input.txt")
     (tmp_path / "config").symlink_to(ROOT / "config")
-    monkeypatch.setattr(train, "ROOT", tmp_path)
+    monkeypatch.setattr(startup, "ROOT", tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     seen = []
     monkeypatch.setattr(train, "train", lambda cfg, named: seen.append(cfg))
     assert train.main([]) == 0
     assert seen[0] == parse_config(TrainConfig, [str(ROOT / "config" /
                                                      "train_shakespeare_char_cpu.toml")])
-    train.prepare_default_data(rank=0, world_size=1)
+    startup.prepare_default_data(rank=0, world_size=1)
     meta = json.loads((script.parent / "meta.json").read_text())
     assert meta["vocab_size"] == 65 and meta["train_tokens"] == 1_003_854
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert train.default_config() == [str(tmp_path / "config" / "train_shakespeare_char.toml")]
+    assert startup.default_config() == [str(tmp_path / "config" / "train_shakespeare_char.toml")]
