@@ -10,7 +10,7 @@ from metrics import MetricsError, MetricsLog
 
 
 def fake_run(out_dir, iter_num):
-    """What MetricsLog reads of train.py's Run, for a CPU run of one process."""
+    """What MetricsLog reads of startup.py's Run, for a CPU run of one process."""
     return SimpleNamespace(cfg=TrainConfig(out_dir=str(out_dir)), rank=0, world_size=1,
                            device="cpu", dtype="float32", iter_num=iter_num, elapsed_s=0.0,
                            raw_model=SimpleNamespace(flops_per_token=lambda T: 1000))
