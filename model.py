@@ -66,9 +66,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-        self.qk_norm = config.qk_norm
+        self.n_head, self.dropout, self.qk_norm = config.n_head, config.dropout, config.qk_norm
 
     def forward(self, x, rotary=None, kv_cache=None):
         B, T, C = x.size()
@@ -206,12 +204,10 @@ class GPT(nn.Module):
         return logits, loss
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token: 6 per parameter plus attention's score and value matmuls.
-
-        Follows the PaLM paper's appendix B: 6N + 12 * n_layer * n_embd * seq_len."""
-        cfg = self.config
-        seq_len = seq_len or cfg.block_size
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        """Training FLOPs per token, 6N + 12 * n_layer * n_embd * seq_len (PaLM, appendix B):
+        6 per parameter, plus attention's score and value matmuls."""
+        seq_len = seq_len or self.config.block_size
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -241,16 +237,14 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  generator=None):
         """Return idx (B, T) followed by max_new_tokens sampled tokens; temperature 0 is greedy."""
-        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p,
-                                        generator))
-        return torch.cat([idx] + new, dim=1)
+        new = self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, generator)
+        return torch.cat([idx, *new], dim=1)
 
     @torch.no_grad()
     def generate_uncached(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                           generator=None):
-        """The textbook loop: rerun the whole (cropped) context for every new token.
-
-        Kept as the reference that tests and benchmarks compare the cached sampler with."""
+        """The textbook loop: rerun the whole (cropped) context for every new token. Kept as
+        the reference that tests and benchmarks compare the cached sampler with."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
@@ -259,10 +253,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_gpt2(cls, hf_config, tensors, dropout=0.0):
-        """GPT-2 from OpenAI's (or transformers') parameters: hf_config is their config.json
-        as a dict, tensors their state dict, in the hub's names ("h.0.attn.c_attn.weight")
-        or save_pretrained's ("transformer.h.0..."). ValueError for anything that does not fit.
-        """
+        """GPT-2 from OpenAI's (or transformers') parameters: hf_config is their config.json as
+        a dict, tensors their state dict, in the hub's names ("h.0.attn.c_attn.weight") or
+        save_pretrained's ("transformer.h.0..."). ValueError for anything that does not fit."""
         # config.json comes from a folder the user names: check it before allocating anything.
         if not isinstance(hf_config, dict):
             raise ValueError("config.json is not a JSON object")
