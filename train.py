@@ -115,6 +115,17 @@ def evaluate_and_checkpoint(run, iter_num, log):
     return losses["val"]
 
 
+def save_on_stop(run, iter_num, log):
+    """A stopped run's checkpoint: ckpt.pt, or last.pt beside it where ckpt.pt keeps only the
+    best model (resuming takes the newer of the two: checkpoint.latest_checkpoint)."""
+    name = "ckpt.pt" if run.cfg.always_save_checkpoint else "last.pt"
+    save(run, iter_num, log, name)
+    if run.rank == 0:
+        print(f"stopped by a signal at iteration {iter_num}; checkpoint saved to "
+              f"{os.path.join(run.cfg.out_dir, name)}: resume with --init_from=resume",
+              flush=True)
+
+
 def train_batches(run, iter_num, stop_check):
     """This rank's micro-batches of iteration iter_num. Micro-steps are numbered across all
     ranks, and the ranks take consecutive slices, so the global batch is the same for any
@@ -153,13 +164,8 @@ def train(cfg, named=()):
                 stopping = stop_check.settle() or stopping
             if (due or cfg.eval_only) and iter_num != already_evaluated and not stopping:
                 val_loss = evaluate_and_checkpoint(run, iter_num, log)
-            if stopping:  # saved beside the best model when ckpt.pt keeps only the best
-                name = "ckpt.pt" if cfg.always_save_checkpoint else "last.pt"
-                save(run, iter_num, log, name)
-                if run.rank == 0:
-                    print(f"stopped by a signal at iteration {iter_num}; checkpoint saved to "
-                          f"{os.path.join(cfg.out_dir, name)}: resume with --init_from=resume",
-                          flush=True)
+            if stopping:
+                save_on_stop(run, iter_num, log)
                 break
             if iter_num >= cfg.max_iters or cfg.eval_only:
                 if not cfg.eval_only and cfg.eval_iters:  # the figure the README quotes
