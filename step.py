@@ -20,8 +20,8 @@ def make_optimizer(model, cfg):
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     # The fused kernel (CUDA, MPS and the CPU have it) updates every parameter in one launch,
-    # and skips the whole update on the device when its found_inf flag is set: train.py's
-    # StopCheck relies on that.
+    # and skips the whole update on the device when its found_inf flag is set: StopCheck,
+    # below, relies on that.
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=True)
 
