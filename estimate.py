@@ -15,7 +15,7 @@ import torch
 import accounting
 from accounting import GIB, PEAK_FLOPS
 from config import ConfigError, TrainConfig, run_main
-from dataset import DataError, load_meta
+from dataset import GPT2_VOCAB_SIZE, DataError, load_meta
 
 # Rated board power in watts (the form factor's maximum TDP), for energy estimates. Sources:
 # the datasheets of accounting.PEAK_FLOPS; V100 is the SXM2 board; the RTX 4090's is its total
@@ -106,7 +106,7 @@ def print_estimate(cfg):
     try:
         vocab_size = load_meta(data_dir)["vocab_size"]
     except DataError:
-        vocab_size = 50257
+        vocab_size = GPT2_VOCAB_SIZE
         print(f"(dataset {cfg.dataset} not prepared: assuming GPT-2's vocabulary)")
     m = accounting.model_shape(cfg, vocab_size)
     print(accounting.report(cfg, cfg.gpus, m))
