@@ -1,0 +1,80 @@
+"""docs/gpu_check.py, the script a lent GPU runs, rehearsed on the CPU at tiny sizes: every
+part runs its real command and reports every figure, so that the one call on a GPU is not
+where a typo is found. The test suite's own part is not run from inside the test suite; its
+command is still reported."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+from helpers import ROOT, quiet_env
+
+SCRIPT = ROOT / "docs" / "gpu_check.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cpu_rehearsal_reports_every_figure_against_its_target(tmp_path):
+    peak, bandwidth = 1e12, 1e10  # stand-ins for a board's: the CPU has none in the tables
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device=cpu", f"--out={tmp_path}",
+         "--parts=mfu,char,decode,parallel", f"--peak_flops={peak}", f"--bandwidth={bandwidth}"],
+        capture_output=True, text=True, env=quiet_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    parts = report["parts"]
+    assert list(parts) == ["mfu", "char", "decode", "tests", "parallel"]
+
+    mfu = parts["mfu"]
+    assert mfu["status"] == "ok" and mfu["tokens_per_s"] > 0
+    assert mfu["mfu"] == mfu["tokens_per_s"] * mfu["flops_per_token"] / peak
+    assert mfu["met"] == (mfu["mfu"] >= 0.5)
+
+    char = parts["char"]  # stopped at its (rehearsal) target, read from metrics.jsonl
+    assert char["status"] == "reached" and char["best_val_loss"] <= char["target_loss"]
+    assert 0 < char["steps_only_s"] and 0 < char["time_to_target_s"]
+    assert char["iter"] > 0 and char["met"] == (char["time_to_target_s"] <= 60)
+    assert (tmp_path / "char_metrics.jsonl").is_file()
+
+    decode = parts["decode"]
+    eager = decode["eager"]
+    assert eager["status"] == "ok" and [r["batch"] for r in eager["rows"]] == [1, 32]
+    for row in eager["rows"]:
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+    # bench.py measures a compiled decode, or the report says that it did not
+    compiled = decode["compiled"]
+    assert compiled["rows"] or compiled["status"].startswith("not measured")
+    assert decode["floor_ms"] == decode["weight_bytes_bf16"] / bandwidth * 1000
+    assert decode["target_ms"] == 3 * decode["floor_ms"]
+    assert decode["met"] == (decode["batch1_ms_per_token"] <= decode["target_ms"])
+
+    tests = parts["tests"]
+    assert tests["status"] == "skipped" and "-m 'not slow or cuda'" in tests["command"]
+    assert parts["parallel"]["status"] == "skipped" and "FSDP" in parts["parallel"]["reason"]
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "$ " in log and "bench.py" in log and "train.py" in log  # the commands, as run
+    summary = [line.split() for line in log.splitlines()]  # the table at the end
+    met = "yes" if mfu["met"] else "NO"
+    assert ["mfu", "MFU", f"{mfu['mfu']:.1%}", ">=", "50%", met, "ok"] in summary
+
+
+def test_time_to_target_starts_at_the_first_iteration_and_steps_exclude_evaluations():
+    rows = [dict(iter=0, train_loss=4.2, val_loss=4.2, elapsed_s=3.0),  # evaluation: 3 s
+            dict(iter=10, loss=3.0, ms=100.0), dict(iter=20, loss=2.0, ms=200.0),
+            dict(iter=20, train_loss=1.9, val_loss=1.5, elapsed_s=9.0),
+            dict(iter=30, loss=1.5, ms=100.0), dict(iter=40, loss=1.4, ms=100.0),
+            dict(iter=40, train_loss=1.4, val_loss=1.46, elapsed_s=14.0)]
+    gpu_check = load_script()
+    # 10 steps of 100 ms, 10 of 200 ms, 20 of 100 ms, to iteration 40
+    assert gpu_check.crossing(rows, 1.47) == (11.0, 40, 5.0)
+    assert gpu_check.crossing(rows, 1.0) == (None, None, None)
+
+
+def test_an_unknown_part_is_a_one_line_error(tmp_path, capsys):
+    assert load_script().main([f"--out={tmp_path}", "--parts=mfu,fsdp"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown part(s) ['fsdp']")
