@@ -148,7 +148,7 @@ class Log:
     """Each line to the terminal and to the log file, as it comes."""
 
     def __init__(self, path):
-        self.file = open(path, "a")
+        self.file = open(path, "w")
         self.lock = threading.Lock()
 
     def __call__(self, line):
@@ -164,13 +164,14 @@ def run_command(cmd, budget, log, env=None, stop_when=None):
 
     The command gets a process group of its own, and stopping sends SIGTERM to the whole
     group (torch.compile's workers too): train.py then saves and exits, as it would on a
-    preempted machine. Whatever is left 20 s later is killed."""
+    preempted machine. Whatever is left 20 s later is killed. The group stays in this
+    script's session, so that whoever stops the script stops it too."""
     log(f"$ {shlex.join(cmd)}    # budget {budget} s")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace",
-                            start_new_session=True)
+                            process_group=0)
 
     def pump():  # the output into the log, line by line, while the command runs
         for line in proc.stdout:
@@ -179,13 +180,27 @@ def run_command(cmd, budget, log, env=None, stop_when=None):
     reader = threading.Thread(target=pump)
     reader.start()
     status = None
-    while proc.poll() is None and status is None:
-        if time.time() - t0 > budget:
-            status = "timeout"
-        elif stop_when is not None and stop_when():
-            status = "stopped"
-        else:
-            time.sleep(0.5)
+    try:
+        while proc.poll() is None and status is None:
+            if time.time() - t0 > budget:
+                status = "timeout"
+            elif stop_when is not None and stop_when():
+                status = "stopped"
+            else:
+                time.sleep(0.5)
+    finally:  # also when this script is interrupted: nothing of the part runs on
+        stop_group(proc)
+    reader.join(10)
+    seconds = round(time.time() - t0, 1)
+    if status is None:
+        status = "ok" if proc.returncode == 0 else f"failed (exit code {proc.returncode})"
+    log(f"# {status} after {seconds} s")
+    return status, seconds
+
+
+def stop_group(proc):
+    """SIGTERM to proc's process group if proc still runs, SIGKILL after 20 s; then SIGKILL to
+    whatever is left of the group (compile workers)."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -193,14 +208,8 @@ def run_command(cmd, budget, log, env=None, stop_when=None):
         except subprocess.TimeoutExpired:
             pass
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group: compile workers
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    reader.join(10)
-    seconds = round(time.time() - t0, 1)
-    if status is None:
-        status = "ok" if proc.returncode == 0 else f"failed (exit code {proc.returncode})"
-    log(f"# {status} after {seconds} s")
-    return status, seconds
 
 
 def extra(text):
@@ -495,6 +504,9 @@ def main(argv=None):
         from config import help_text
         print(__doc__ + "\nSettings (defaults shown):\n" + help_text(CheckConfig))
         return 0
+    # A SIGTERM (a tool's time limit) ends the script as Ctrl-C does: through run_command's
+    # finally, which stops the part that is running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         check(parse_config(CheckConfig, argv).validate())
     except ConfigError as e:
