@@ -46,11 +46,13 @@ brings back what was measured. With the machine's start, that leaves about 5 min
 gpu_shared/, then ../shared, so a developer with ../shared can run the script as it is.
 """
 import contextlib
+import importlib.util
 import json
 import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,10 +61,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import accounting  # noqa: E402
-from config import ConfigError, parse_config  # noqa: E402
+from config import ConfigError, help_text, parse_config  # noqa: E402
 
 PARTS = ("mfu", "char", "decode", "tests", "parallel")
 TARGET_MFU = 0.5
@@ -236,6 +240,7 @@ def board_of(results, cfg):
 def part_mfu(cfg, run):
     """GPT-2 124M's training step in bench.py: tokens/s and MFU."""
     out = run.out / "bench_mfu.json"
+    out.unlink(missing_ok=True)  # a file left by an earlier run must not pass for this one's
     cmd = [sys.executable, "bench.py", *SIZES[cfg.device]["mfu"], f"--device={cfg.device}",
            "--sample=false", f"--json_out={out}", *extra(cfg.extra_mfu)]
     status, seconds = run_command(cmd, cfg.budget_mfu, run.log)
@@ -315,7 +320,7 @@ def part_char(cfg, run):
                 time_to_target_s=to_target, iter=at_iter, steps_only_s=steps_s,
                 best_val_loss=min((r["val_loss"] for r in evals), default=None),
                 last_iter=max((r["iter"] for r in rows), default=None),
-                median_ms_per_iter=sorted(steps)[len(steps) // 2] if steps else None,
+                median_ms_per_iter=statistics.median(steps) if steps else None,
                 met=None if to_target is None else to_target <= TARGET_SECONDS)
 
 
@@ -333,6 +338,7 @@ def part_decode(cfg, run):
     for name, flags, budget in (("eager", ["--compile=false"], cfg.budget_decode),
                                 ("compiled", COMPILED_DECODE, cfg.budget_decode_compiled)):
         out = run.out / f"bench_decode_{name}.json"
+        out.unlink(missing_ok=True)
         cmd = [sys.executable, "bench.py", *SIZES[cfg.device]["decode"],
                f"--device={cfg.device}", "--train=false", "--batch_sizes=1,32",
                "--max_new_tokens=1", *flags, f"--json_out={out}", *extra(cfg.extra_decode)]
@@ -370,7 +376,6 @@ def part_decode(cfg, run):
 
 def pytest_command(cfg):
     """The fast tier, with a per-test hang guard and in parallel where the plugins exist."""
-    import importlib.util
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow or cuda", "--durations=25"]
     if importlib.util.find_spec("xdist"):
         cmd += ["-n", str(min(12, os.cpu_count() or 1))]
@@ -389,7 +394,6 @@ def part_tests(cfg, run):
 
 
 def part_parallel(cfg, run):
-    import torch
     gpus = torch.cuda.device_count() if cfg.device == "cuda" else 0
     return dict(status="skipped", reason=f"FSDP and TP need two GPUs or more; this machine "
                 f"has {gpus}, and the loan gives one")
@@ -398,7 +402,6 @@ def part_parallel(cfg, run):
 # ----------------------------------------------------------------------------- the report
 
 def machine(cfg):
-    import torch
     info = dict(device=cfg.device, torch=torch.__version__, python=sys.version.split()[0],
                 cpus=os.cpu_count(), load_average=os.getloadavg())
     if cfg.device == "cuda" and torch.cuda.is_available():
@@ -445,7 +448,7 @@ def summary(parts):
     for name, p in parts.items():
         rows = [] if p["status"] == "skipped" else list(figures(name, p))
         for k, (figure, value, target, ok) in enumerate(rows or [("", "", "", None)]):
-            status = "" if k else p["status"]  # once a part
+            status = "" if k else p["status"] + (f": {p['reason']}" if "reason" in p else "")
             lines.append(f"{name:<10}{figure:<34}{value:>14}  {target:<18}{met[ok]:<6}{status}")
     return "\n".join(lines)
 
@@ -478,11 +481,13 @@ def check(cfg):
     out = Path(cfg.out or os.environ["OUT"]).resolve()
     out.mkdir(parents=True, exist_ok=True)
     shared = find_shared(cfg)
-    import torch
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device=cuda, but CUDA is not available here: rehearse on the CPU "
                           "with --device=cpu")
     log = Log(out / "gpu_check.log")
+    # A SIGTERM (a tool's time limit) ends the script as Ctrl-C does: through run_command's
+    # finally, which stops the part that is running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     report = dict(machine=machine(cfg), settings=asdict(cfg),
                   targets=dict(mfu=TARGET_MFU, char_loss=TARGET_LOSS, char_s=TARGET_SECONDS,
                                decode_vs_floor=TARGET_DECODE), parts={})
@@ -506,12 +511,8 @@ def check(cfg):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv in (["-h"], ["--help"]):
-        from config import help_text
         print(__doc__ + "\nSettings (defaults shown):\n" + help_text(CheckConfig))
         return 0
-    # A SIGTERM (a tool's time limit) ends the script as Ctrl-C does: through run_command's
-    # finally, which stops the part that is running.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         check(parse_config(CheckConfig, argv).validate())
     except ConfigError as e:
