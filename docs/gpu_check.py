@@ -166,7 +166,8 @@ class Log:
 
 def run_command(cmd, budget, log, env=None, stop_when=None):
     """Run cmd from the repository root, its output into the log, for at most budget seconds;
-    stop_when() (polled each half second) true stops it early. Returns (status, seconds).
+    stop_when() (polled each half second) true stops it early. Returns (status, seconds, the
+    last line it printed).
 
     The command gets a process group of its own, and stopping sends SIGTERM to the whole
     group (torch.compile's workers too): train.py then saves and exits, as it would on a
@@ -179,9 +180,12 @@ def run_command(cmd, budget, log, env=None, stop_when=None):
                             stderr=subprocess.STDOUT, text=True, errors="replace",
                             process_group=0)
 
+    last = [""]
+
     def pump():  # the output into the log, line by line, while the command runs
         for line in proc.stdout:
             log(line.rstrip("\n"))
+            last[0] = line.strip() or last[0]
 
     reader = threading.Thread(target=pump)
     reader.start()
@@ -201,7 +205,7 @@ def run_command(cmd, budget, log, env=None, stop_when=None):
     if status is None:
         status = "ok" if proc.returncode == 0 else f"failed (exit code {proc.returncode})"
     log(f"# {status} after {seconds} s")
-    return status, seconds
+    return status, seconds, last[0]
 
 
 def stop_group(proc):
@@ -243,7 +247,7 @@ def part_mfu(cfg, run):
     out.unlink(missing_ok=True)  # a file left by an earlier run must not pass for this one's
     cmd = [sys.executable, "bench.py", *SIZES[cfg.device]["mfu"], f"--device={cfg.device}",
            "--sample=false", f"--json_out={out}", *extra(cfg.extra_mfu)]
-    status, seconds = run_command(cmd, cfg.budget_mfu, run.log)
+    status, seconds, _ = run_command(cmd, cfg.budget_mfu, run.log)
     part = dict(status=status, seconds=seconds, command=shlex.join(cmd), target=TARGET_MFU)
     results = read_json(out)
     if not results or not results.get("train"):
@@ -299,7 +303,7 @@ def part_char(cfg, run):
     data, out_dir = scratch / "shakespeare_char", scratch / "char"
     prepare = [sys.executable, "data/shakespeare_char/prepare.py", f"--input={text}",
                f"--out_dir={data}"]
-    status, _ = run_command(prepare, 30, run.log)  # a few seconds; the budget guards a hang
+    status, _, _ = run_command(prepare, 30, run.log)  # a few seconds; the budget guards a hang
     target = size["target_loss"]
     cmd = [sys.executable, "train.py", *size["char"], f"--device={cfg.device}",
            f"--data_dir={data}", f"--out_dir={out_dir}", "--eval_iters=0",
@@ -309,7 +313,7 @@ def part_char(cfg, run):
         return dict(part, status=f"data preparation {status}", time_to_target_s=None, met=None)
     metrics = out_dir / "metrics.jsonl"
     reached = lambda: crossing(metrics_rows(metrics), target)[0] is not None  # noqa: E731
-    status, seconds = run_command(cmd, cfg.budget_char, run.log, stop_when=reached)
+    status, seconds, _ = run_command(cmd, cfg.budget_char, run.log, stop_when=reached)
     if metrics.exists():
         shutil.copy(metrics, run.out / "char_metrics.jsonl")
     rows = metrics_rows(metrics)
@@ -342,7 +346,7 @@ def part_decode(cfg, run):
         cmd = [sys.executable, "bench.py", *SIZES[cfg.device]["decode"],
                f"--device={cfg.device}", "--train=false", "--batch_sizes=1,32",
                "--max_new_tokens=1", *flags, f"--json_out={out}", *extra(cfg.extra_decode)]
-        status, seconds = run_command(cmd, budget, run.log)
+        status, seconds, _ = run_command(cmd, budget, run.log)
         results = read_json(out)
         variant = dict(status=status, seconds=seconds, command=shlex.join(cmd), rows=None)
         if name == "compiled" and results and not compiled_decode(results):
@@ -388,9 +392,9 @@ def part_tests(cfg, run):
     cmd = pytest_command(cfg)
     # One thread per torch process: the workers share the cores.
     env = {"NANOGPT_SHARED": str(run.shared), "OMP_NUM_THREADS": "1"}
-    status, seconds = run_command(cmd, cfg.budget_tests, run.log, env=env)
+    status, seconds, outcome = run_command(cmd, cfg.budget_tests, run.log, env=env)
     return dict(status="passed" if status == "ok" else status, seconds=seconds,
-                command=shlex.join(cmd), nanogpt_shared=str(run.shared))
+                outcome=outcome, command=shlex.join(cmd), nanogpt_shared=str(run.shared))
 
 
 def part_parallel(cfg, run):
@@ -439,6 +443,8 @@ def figures(name, p):
                 yield f"{label} decode tok/s", shown(decode, ",.1f"), "", None
         yield ("batch-1 ms/token (best)", shown(p.get("batch1_ms_per_token"), ".3f"),
                f"<= {shown(p.get('target_ms'), '.3f')} ms", p.get("met"))
+    elif name == "tests":  # pytest's last line: "330 passed, 3 failed in 95.12s"
+        yield p["outcome"][:34], "", "", None
 
 
 def summary(parts):
