@@ -123,7 +123,7 @@ class CheckConfig:
     out: str = ""  # folder for the log, the JSON and raw files; empty: $OUT
     shared: str = ""  # folder holding data/; empty: $NANOGPT_SHARED, gpu_shared/, ../shared
     budget_mfu: int = 100  # seconds the part may take before it is stopped: bench.py training
-    budget_char: int = 90  # train.py on the character model (its data preparation apart)
+    budget_char: int = 90  # train.py on the character model; its data preparation, apart
     budget_decode: int = 45  # bench.py's eager inference
     budget_decode_compiled: int = 75  # bench.py's inference with COMPILED_DECODE's flags
     budget_tests: int = 110  # pytest
@@ -303,7 +303,7 @@ def part_char(cfg, run):
     data, out_dir = scratch / "shakespeare_char", scratch / "char"
     prepare = [sys.executable, "data/shakespeare_char/prepare.py", f"--input={text}",
                f"--out_dir={data}"]
-    status, _, _ = run_command(prepare, 30, run.log)  # a few seconds; the budget guards a hang
+    status, _, _ = run_command(prepare, cfg.budget_char, run.log)  # seconds; guards a hang
     target = size["target_loss"]
     cmd = [sys.executable, "train.py", *size["char"], f"--device={cfg.device}",
            f"--data_dir={data}", f"--out_dir={out_dir}", "--eval_iters=0",
