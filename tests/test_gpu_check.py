@@ -65,6 +65,28 @@ def test_the_cpu_rehearsal_reports_every_figure_against_its_target(tmp_path):
     assert ["mfu", "MFU", f"{mfu['mfu']:.1%}", ">=", "50%", met] in summary
 
 
+def test_the_gpu_commands_are_valid_settings_of_bench_and_train(tmp_path, monkeypatch):
+    # What only the GPU runs, checked here: a typo in a flag would cost a loan.
+    import bench
+    monkeypatch.chdir(ROOT)  # the commands name config files from the repository root
+    from config import TrainConfig, parse_config
+    gpu_check = load_script()
+    cfg = gpu_check.CheckConfig(device="cuda", out=str(tmp_path))
+    commands = [(bench.BenchConfig, gpu_check.mfu_command(cfg, "m.json")),
+                (TrainConfig, gpu_check.char_command(cfg, "data", "out")),
+                *[(bench.BenchConfig, gpu_check.decode_command(cfg, flags, "d.json"))
+                  for flags in (["--compile=false"], gpu_check.COMPILED_DECODE)]]
+    for cls, cmd in commands:
+        settings = parse_config(cls, cmd[2:]).validate()  # after python and the script
+        assert settings.device == "cuda"
+    mfu = parse_config(bench.BenchConfig, commands[0][1][2:])
+    assert (mfu.n_layer, mfu.n_head, mfu.n_embd, mfu.block_size, mfu.vocab_size) == (
+        12, 12, 768, 1024, 50304)  # GPT-2 124M's shape
+    assert mfu.dtype == "bfloat16" and mfu.compile and not mfu.sample
+    char = parse_config(TrainConfig, commands[1][1][2:])
+    assert char.eval_iters == 0 and (char.n_layer, char.n_embd, char.block_size) == (6, 384, 256)
+
+
 def test_time_to_target_starts_at_the_first_iteration_and_steps_exclude_evaluations():
     rows = [dict(iter=0, train_loss=4.2, val_loss=4.2, elapsed_s=3.0),  # evaluation: 3 s
             dict(iter=10, loss=3.0, ms=100.0), dict(iter=20, loss=2.0, ms=200.0),
