@@ -93,7 +93,8 @@ COMPILED_DECODE = ["--compile=true"]
 GPT2_SHAPE = ["config/train_gpt2.toml", "--vocab_size=50304"]
 CHAR_CONFIG = "config/train_shakespeare_char.toml"
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32"]
-# Each part's flags: the real sizes on a GPU; on a CPU the same commands at tiny sizes.
+# Each part's flags: the real sizes on a GPU; on a CPU the same commands at tiny sizes (of two
+# flags for one setting, the later wins).
 SIZES = {
     "cuda": dict(
         mfu=[*GPT2_SHAPE, "--dtype=bfloat16", "--compile=true", "--batch_size=12",
