@@ -1,23 +1,16 @@
 """Spreading one run over many processes: by the data (DDP, FSDP), by the model (tensor
-parallel, TP), and both at once (2-D). Every one of them trains the same model as one process.
+parallel, TP), and both (2-D). Each trains the same model as one process (tests/test_tp.py).
 
-    layout = make_layout(cfg, rank, world_size, device)  # startup.setup(), once
-    spread(raw_model, layout, dtype)                      # TP, then FSDP, before the optimizer
-    model = wrap_ddp(model, layout, device, local_rank)   # DDP, after torch.compile
-
-The processes form a grid, the device mesh: dp rows of tp ranks, rank = dp_rank * tp + tp_rank.
-The tp ranks of a row are neighbours, so on one machine, where the links are fastest.
-- DDP (tp=1): every rank holds the whole model and trains on its share of the batch; backward
-  averages the gradients over the ranks (an all-reduce), so every rank takes the same step.
-- FSDP (fsdp=true, tp=1): each rank also holds only 1/dp of the weights, gradients and AdamW
-  state; a Block's weights are gathered just before it runs and freed after.
-- TP (tp>1): the tp ranks of a row split every Block's matrices between them and see the same
-  batch; see tensor_parallel. Several rows (dp>1) need FSDP over the dp dimension: DDP cannot
-  wrap a model whose weights are DTensors.
-- 2-D (tp>1, fsdp=true): TP inside a row, FSDP down the columns.
-The batch each rank sees, its dropout masks and its share of an evaluation are keyed by its
-data-parallel rank (train.py), so the ranks of a row agree and the global batch is the same
-for any layout.
+The processes form a grid, the device mesh: dp rows of tp ranks, rank = dp_rank * tp + tp_rank,
+so the ranks of a row are neighbours, on one machine, where the links are fastest.
+- DDP: every rank holds the whole model and trains on its share of the batch; backward
+  averages the gradients over the ranks (an all-reduce), so they all take the same step.
+- FSDP (fsdp=true): each rank holds 1/dp of the weights, gradients and AdamW state; a Block's
+  weights are gathered just before it runs and freed after.
+- TP (tp>1): the ranks of a row split every Block's matrices (tensor_parallel) and see the
+  same batch: batches, dropout masks and evaluation shares go by data-parallel rank.
+- 2-D (tp>1, fsdp=true): TP inside a row, FSDP down the columns. Several rows need FSDP: DDP
+  cannot wrap a model whose weights are DTensors.
 """
 import contextlib
 import os
@@ -30,24 +23,15 @@ from runtime import DeviceError
 
 @dataclass
 class Layout:
-    """How a run is spread over world_size processes: dp data-parallel rows of tp ranks."""
-    rank: int = 0
-    world_size: int = 1
-    tp: int = 1  # tensor-parallel degree: ranks that split each Block between them
-    fsdp: bool = False  # shard weights, gradients and AdamW state over the dp rows
+    """How a run is spread: dp_size data-parallel rows of tp ranks; this rank is in dp_rank."""
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp: int = 1
+    fsdp: bool = False
     mesh: object = None  # the DeviceMesh ("dp", "tp"), under FSDP or TP
 
     @property
-    def dp_size(self):
-        return self.world_size // self.tp
-
-    @property
-    def dp_rank(self):
-        return self.rank // self.tp
-
-    @property
-    def sharded(self):
-        """Whether the weights are DTensors (FSDP or TP), which checkpoints gather."""
+    def sharded(self):  # the weights are DTensors, which checkpoints gather
         return self.fsdp or self.tp > 1
 
 
@@ -82,7 +66,7 @@ def make_layout(cfg, rank, world_size, device):
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.split(":")[0], (world_size // cfg.tp, cfg.tp),
                                 mesh_dim_names=("dp", "tp"))
-    return Layout(rank, world_size, cfg.tp, cfg.fsdp, mesh)
+    return Layout(rank // cfg.tp, world_size // cfg.tp, cfg.tp, cfg.fsdp, mesh)
 
 
 # ----------------------------------------------------------------------------- the layouts
@@ -98,7 +82,7 @@ def spread(model, layout, dtype):
 
 def wrap_ddp(model, layout, device, local_rank):
     """model under DDP when the run is data parallel and unsharded; as it is otherwise."""
-    if layout.world_size == 1 or layout.sharded:
+    if layout.dp_size == 1 or layout.sharded:
         return model
     # Gradients live in DDP's all-reduce buckets (no second copy); the model's only
     # buffers are rotary tables that never change, so nothing is broadcast per step.
@@ -122,23 +106,21 @@ def shard(model, mesh, dtype):
 
 
 def tensor_parallel(model, mesh):
-    """Megatron's layout (Shoeybi et al. 2019): each Block's first matmul of a pair is split
-    by output columns, the second by input rows, over the tp ranks of mesh:
+    """Megatron's layout (Shoeybi et al. 2019) over the tp ranks of mesh: in each pair of
+    matmuls the first is split by output columns, the second by input rows:
 
         x ──┬── c_attn[cols 0] ── heads of rank 0 ── c_proj[rows 0] ──┐
             └── c_attn[cols 1] ── heads of rank 1 ── c_proj[rows 1] ──┴── all-reduce (+) ── y
-        (and likewise c_fc, the activation, and the MLP's c_proj)
+        (and so c_fc, the activation, and the MLP's c_proj)
 
-    Attention's heads are independent, and so is the activation on each hidden unit: a rank
-    computes its columns' outputs from the whole x, and its rows' partial sum of y, with no
-    exchange in between. Only y's partial sums are added up: one all-reduce per pair in the
-    forward, and one in the backward (x's gradient, summed over the column shards).
-    The embeddings, the norms and the head (tied to wte) stay whole on every rank: splitting
-    the vocabulary would untie the shared matrix, and they are a small part of a large model.
-
-    c_attn's rows are [q; k; v], so a plain split by columns would give rank 0 all of q and
-    part of k: its rows are regrouped once, here, so that each rank's shard holds the q, k and
-    v of its own heads; checkpoints undo it (training_state) and so keep GPT-2's layout."""
+    Heads are independent, and so are the hidden units of the MLP: from the whole x a rank
+    computes its columns, then its rows' partial sum of y, with no exchange in between. One
+    all-reduce per pair adds the partial sums up; one in backward sums x's gradient.
+    Embeddings, norms and the head stay whole on every rank: they are a small part of a large
+    model, and splitting the vocabulary would untie the head from wte.
+    c_attn's rows are [q; k; v]: a plain split would give rank 0 all of q and half of k. They
+    are regrouped once, here, so that each rank's shard is the q, k, v of its own heads;
+    checkpoints undo it (training_state) and keep GPT-2's layout."""
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
     plan = {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
@@ -221,11 +203,10 @@ def training_state(model, optimizer, layout):
     groups = {}  # one per kind of parameter (decayed or not), as one process has them
     for g in optim["param_groups"]:
         merged = groups.setdefault(g["params"][0] in decay, {**g, "params": []})
-        merged["params"] += [number[n] for n in g["params"]]
+        merged["params"] = sorted(merged["params"] + [number[n] for n in g["params"]])
     return model_state, {
         "state": {number[n]: s for n, s in _gpt2_order(optim["state"], layout.tp).items()},
-        "param_groups": [{**g, "params": sorted(g["params"])}
-                         for kind, g in sorted(groups.items(), reverse=True)]}
+        "param_groups": [groups[kind] for kind in (True, False) if kind in groups]}
 
 
 def load_optimizer_state(model, optimizer, state, layout):
