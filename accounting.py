@@ -143,13 +143,12 @@ def local_params(m, tp=1):
 
 
 def communication_per_step(cfg, m, world_size=1):
-    """Bytes each process sends per iteration, by kind, with ring collectives: an all-reduce of
+    """Bytes each process sends per iteration, by kind, in ring collectives: an all-reduce of
     S bytes over k ranks sends 2 (k-1)/k S per rank, an all-gather or reduce-scatter (k-1)/k S.
-    - DDP: one all-reduce of the fp32 gradients, 4N.
-    - FSDP over dp rows: each micro-step gathers the root once and every Block twice (forward,
-      and backward), in the compute dtype; the fp32 gradients are reduce-scattered once.
-    - TP: per micro-step, 2 all-reduces of (batch, block, n_embd) activations per Block
-      forward, 2 backward (3 each way with activation checkpointing, which reruns forward)."""
+    DDP all-reduces the fp32 gradients once. FSDP gathers, at each micro-step, the root once
+    and every Block twice (forward, backward) in the compute dtype, and reduce-scatters the
+    fp32 gradients once. TP all-reduces (batch, block, n_embd) activations twice per Block
+    forward and twice backward, each micro-step (a third forward with checkpointing)."""
     tp, dp, act_bytes = cfg.tp, world_size // cfg.tp, activation_bytes(cfg)
     n_root, n_block = local_params(m, tp)
     n_local, micro = n_root + m.n_layer * n_block, max(cfg.gradient_accumulation_steps // dp, 1)
@@ -190,6 +189,7 @@ def report(cfg, world_size=1, model_config=None):
     memory = memory_per_rank(cfg, m, world_size)
     comms = communication_per_step(cfg, m, world_size)
     act_bytes = activation_bytes(cfg)
+    per_channel = (10 + 24 / cfg.tp) * act_bytes / 2  # Korthikanti's 34 bytes, under TP
     scores = (m.n_layer * cfg.batch_size * cfg.block_size * 5 * m.n_head * cfg.block_size
               * act_bytes // 2)
     state = [name for name in memory if name not in ("activations", "logits")]
@@ -207,10 +207,10 @@ def report(cfg, world_size=1, model_config=None):
         f"memory per process ({strategy(cfg, world_size)}), an estimate (see "
         f"accounting.memory_per_rank): {_size(sum(memory.values()))}",
         "  " + " + ".join(f"{name} {_size(memory[name])}" for name in state),
-        f"  activations {_size(memory['activations'])}, one micro-batch: {34 * act_bytes // 2} "
+        f"  activations {_size(memory['activations'])}, one micro-batch: {per_channel:g} "
         "* n_embd bytes per token per layer (Korthikanti 2022)" if not checkpointing else
         f"  activations {_size(memory['activations'])}, one micro-batch, checkpointed: each "
-        f"layer keeps its input, one is rerun ({34 * act_bytes // 2} * n_embd per token)",
+        f"layer keeps its input, one is rerun ({per_channel:g} * n_embd per token)",
         f"  logits {_size(memory['logits'])}; unfused attention would add "
         f"{_size(scores)} of scores, which SDPA does not store",
         f"  {_fits_text(memory)}",

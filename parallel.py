@@ -3,14 +3,12 @@ parallel, TP), and both (2-D). Each trains the same model as one process (tests/
 
 The processes form a grid, the device mesh: dp rows of tp ranks, rank = dp_rank * tp + tp_rank,
 so the ranks of a row are neighbours, on one machine, where the links are fastest.
-- DDP: every rank holds the whole model and trains on its share of the batch; backward
-  averages the gradients over the ranks (an all-reduce), so they all take the same step.
-- FSDP (fsdp=true): each rank holds 1/dp of the weights, gradients and AdamW state; a Block's
-  weights are gathered just before it runs and freed after.
-- TP (tp>1): the ranks of a row split every Block's matrices (tensor_parallel) and see the
-  same batch: batches, dropout masks and evaluation shares go by data-parallel rank.
-- 2-D (tp>1, fsdp=true): TP inside a row, FSDP down the columns. Several rows need FSDP: DDP
-  cannot wrap a model whose weights are DTensors.
+- DDP: every rank holds the whole model, trains on its share of the batch, and the gradients
+  are averaged over the ranks (an all-reduce) after backward.
+- FSDP (fsdp=true): each rank holds 1/dp of the weights, gradients and AdamW state (shard).
+- TP (tp>1): the ranks of a row split every Block (tensor_parallel) and see the same batch:
+  batches, dropout masks and evaluation shares go by data-parallel rank (train.py).
+- 2-D (tp>1, fsdp=true): TP inside a row, FSDP down the columns (DDP cannot wrap DTensors).
 """
 import contextlib
 import os
@@ -152,9 +150,8 @@ def gradient_sync(model, last):
 
 
 def by_mesh(tensors):
-    """tensors in groups of one kind: plain tensors, and DTensors by their device mesh. Fused
-    AdamW, and a norm over many tensors, refuse a mix (under TP the replicated weights are
-    plain, the split ones DTensors; under 2-D they lie on two meshes)."""
+    """tensors in groups of one kind, plain or DTensors of one mesh, as fused AdamW and norms
+    need (under TP whole weights are plain, split ones DTensors; 2-D has two meshes)."""
     groups = {}
     for t in tensors:
         groups.setdefault(getattr(t, "device_mesh", None), []).append(t)
@@ -233,12 +230,10 @@ def _names(model):
 
 
 def _gpt2_order(state, tp, undo=False):
-    """state (a model's, or the optimizer's per-parameter moments, keyed by name) with c_attn
-    in GPT-2's row order (undo: in tensor_parallel's order)."""
+    """state (a model's, or the optimizer's moments, keyed by name) with c_attn's rows in
+    GPT-2's order (undo: in tensor_parallel's order)."""
     def fix(t):
+        if isinstance(t, dict):
+            return {k: fix(v) for k, v in t.items()}
         return regroup_qkv(t, tp, not undo) if torch.is_tensor(t) and t.dim() > 0 else t
-    if tp == 1:
-        return state
-    return {name: (({k: fix(v) for k, v in value.items()} if isinstance(value, dict)
-                    else fix(value)) if ".attn.c_attn." in name else value)
-            for name, value in state.items()}
+    return {k: fix(v) if tp > 1 and ".attn.c_attn." in k else v for k, v in state.items()}
