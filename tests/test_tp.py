@@ -10,7 +10,7 @@ import torch
 import parallel
 from checkpoint import load_checkpoint
 from config import TrainConfig
-from helpers import ROOT, TORCHRUN, run_train, train_losses
+from helpers import ROOT, TORCHRUN, assert_same_run, run_train, train_losses
 from runtime import DeviceError
 
 # Four micro-steps and a clip that bites (norms here are about 1), as in test_fsdp.py; dropout 0.
@@ -19,12 +19,6 @@ ARGS = ["--gradient_accumulation_steps=4", "--grad_clip=0.5", "--eval_interval=3
 MODERN = ARGS + ["--rope=true", "--qk_norm=true", "--relu2=true"]
 TP = ["--tp=2"]
 FOUR = (*TORCHRUN[:-1], "--nproc_per_node=4")
-
-
-def assert_same_run(a, b, iters):
-    assert [it for it in a if it in iters] == [it for it in b if it in iters] == list(iters)
-    for it in iters:
-        assert a[it] == pytest.approx(b[it], abs=1e-5), (it, a[it], b[it])
 
 
 @pytest.fixture(scope="module")
