@@ -5,6 +5,7 @@ train.py's loop calls them in this order, then takes the optimizer step; bench.p
 same calls, so what it measures is what training runs.
 """
 import math
+
 import torch
 
 import parallel
