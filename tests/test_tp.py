@@ -80,6 +80,28 @@ def test_regrouping_qkv_gives_each_rank_its_own_heads_and_undoes():
     assert torch.equal(parallel.regroup_qkv(regrouped, tp=2, undo=True), rows)
 
 
+def test_clipping_combines_the_norms_of_whole_and_split_gradients(tmp_path):
+    # Under AdamW a clip changes these tiny runs' losses little (Adam divides out a steady
+    # scale), so the norm is checked here: one gloo rank, a plain and a DTensor gradient.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        whole = torch.nn.Parameter(torch.zeros(4, 3))
+        split = torch.nn.Parameter(distribute_tensor(torch.zeros(6), mesh, [Shard(0)]))
+        whole.grad = torch.ones(4, 3)
+        split.grad = distribute_tensor(torch.full((6,), 2.0), mesh, [Shard(0)])
+        # sqrt(12 * 1^2 + 6 * 2^2) = 6; clipped to 3, every gradient is halved
+        norm = parallel.clip_grad_norm_([whole, split], max_norm=3.0)
+        assert norm.item() == pytest.approx(6.0)
+        assert torch.allclose(whole.grad, torch.full((4, 3), 0.5), atol=1e-6)
+        assert torch.allclose(split.grad.full_tensor(), torch.ones(6), atol=1e-6)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize("changes, world_size, message", [
     (dict(n_head=3, n_embd=48), 2, r"tp=2 must divide n_head \(3\)"),
     (dict(tp=3, n_head=3, n_embd=48), 4, "tp=3 does not divide the 4 processes"),
