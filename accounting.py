@@ -98,26 +98,31 @@ def memory_per_rank(cfg, m, world_size=1):
     the one Block being recomputed.
     The logits are counted apart: the loss holds them in 16 bits, in fp32, and as fp32
     log-probabilities (10 bytes each; 8 in float32).
+    TP (cfg.tp, parallel.tensor_parallel): each rank holds 1/tp of the Blocks' split matrices
+    and their gradients and moments (local_params), and 10 + 24/tp of the 34 bytes of
+    activations; the embeddings, norms and logits are whole on every rank. 2-D: FSDP then
+    divides this rank's share by the world_size / tp data-parallel rows.
     Not counted: the CUDA context, allocator fragmentation, autocast's cached weight copies,
     FSDP's padding of each shard to equal sizes, communication buffers of a few MB."""
-    fsdp, checkpointing = cfg.fsdp, cfg.activation_checkpointing
-    n = num_params(m, non_embedding=False)
+    fsdp, checkpointing, tp = cfg.fsdp, cfg.activation_checkpointing, cfg.tp
+    dp = world_size // tp
+    n, (n_root, n_block) = num_params(m, non_embedding=False), local_params(m, tp)
+    n_local = n_root + m.n_layer * n_block  # this rank's share under TP: the whole, without
     act_bytes = activation_bytes(cfg)  # the compute dtype's size: 2 or 4
     tokens = cfg.batch_size * cfg.block_size
     if fsdp:
-        n_block = sum(p.numel() for p in shape_model(m).transformer.h[0].parameters())
-        n_root = n - m.n_layer * n_block  # wte (= lm_head), wpe, ln_f
-        parts = {"weights": 4 * n // world_size, "gradients": 4 * n // world_size,
-                 "optimizer state": 8 * n // world_size,
+        parts = {"weights": 4 * n_local // dp, "gradients": 4 * n_local // dp,
+                 "optimizer state": 8 * n_local // dp,
                  "gathered parameters": act_bytes * (n_root + 2 * n_block),
                  "gathered gradients": act_bytes * n_root + (act_bytes + 4) * n_block}
-        if cfg.gradient_accumulation_steps // world_size > 1:
-            parts["accumulated gradients"] = 4 * n
+        if cfg.gradient_accumulation_steps // dp > 1:
+            parts["accumulated gradients"] = 4 * n_local
     else:
-        parts = {"weights": 4 * n, "gradients": 4 * n, "optimizer state": 8 * n}
-        if world_size > 1:
+        parts = {"weights": 4 * n_local, "gradients": 4 * n_local, "optimizer state": 8 * n_local}
+        if dp > 1:
             parts["DDP buckets"] = 4 * n
-    one_layer = tokens * 34 * m.n_embd * act_bytes // 2
+    # Under TP, 24 of the 34 are inside the split layers (Korthikanti, section 4.2.2)
+    one_layer = tokens * (10 * tp + 24) * m.n_embd * act_bytes // (2 * tp)
     if checkpointing:
         residual_bytes = act_bytes if fsdp else 4
         parts["activations"] = m.n_layer * tokens * m.n_embd * residual_bytes + one_layer
@@ -125,6 +130,38 @@ def memory_per_rank(cfg, m, world_size=1):
         parts["activations"] = m.n_layer * one_layer
     logit_bytes = 2 + 4 + 4 if act_bytes == 2 else 4 + 4  # float() is a no-op in float32
     parts["logits"] = tokens * m.vocab_size * logit_bytes
+    return parts
+
+
+def local_params(m, tp=1):
+    """(whole parameters, one Block's parameters on one rank) under tensor parallelism: in a
+    Block the four matrices (12 n_embd^2) and the biases of the column-split c_attn and c_fc
+    (7 n_embd) are split over tp ranks; norms and c_proj's biases are whole everywhere."""
+    block = sum(p.numel() for p in shape_model(m).transformer.h[0].parameters())
+    split = 12 * m.n_embd ** 2 + (7 * m.n_embd if m.bias else 0)
+    return num_params(m, non_embedding=False) - m.n_layer * block, block - split + split // tp
+
+
+def communication_per_step(cfg, m, world_size=1):
+    """Bytes each process sends per iteration, by kind, in ring collectives: an all-reduce of
+    S bytes over k ranks sends 2 (k-1)/k S per rank, an all-gather or reduce-scatter (k-1)/k S.
+    DDP all-reduces the fp32 gradients once. FSDP gathers, at each micro-step, the root once
+    and every Block twice (forward, backward) in the compute dtype, and reduce-scatters the
+    fp32 gradients once. TP all-reduces (batch, block, n_embd) activations twice per Block
+    forward and twice backward, each micro-step (a third forward with checkpointing)."""
+    tp, dp, act_bytes = cfg.tp, world_size // cfg.tp, activation_bytes(cfg)
+    n_root, n_block = local_params(m, tp)
+    n_local, micro = n_root + m.n_layer * n_block, max(cfg.gradient_accumulation_steps // dp, 1)
+    parts = {}
+    if dp > 1 and cfg.fsdp:
+        gathers = act_bytes * micro * (n_root + 2 * m.n_layer * n_block)
+        parts["FSDP"] = (gathers + 4 * n_local) * (dp - 1) // dp
+    elif dp > 1:
+        parts["DDP"] = 2 * (dp - 1) * 4 * n_local // dp
+    if tp > 1:
+        exchanges = (6 if cfg.activation_checkpointing else 4) * m.n_layer * micro
+        size = cfg.batch_size * cfg.block_size * m.n_embd * act_bytes
+        parts["TP"] = exchanges * 2 * (tp - 1) * size // tp
     return parts
 
 
@@ -150,7 +187,9 @@ def report(cfg, world_size=1, model_config=None):
     n, n_body = num_params(m, non_embedding=False), num_params(m)
     tpi = tokens_per_iter(cfg)
     memory = memory_per_rank(cfg, m, world_size)
+    comms = communication_per_step(cfg, m, world_size)
     act_bytes = activation_bytes(cfg)
+    per_channel = (10 + 24 / cfg.tp) * act_bytes / 2  # Korthikanti's 34 bytes, under TP
     scores = (m.n_layer * cfg.batch_size * cfg.block_size * 5 * m.n_head * cfg.block_size
               * act_bytes // 2)
     state = [name for name in memory if name not in ("activations", "logits")]
@@ -168,13 +207,15 @@ def report(cfg, world_size=1, model_config=None):
         f"memory per process ({strategy(cfg, world_size)}), an estimate (see "
         f"accounting.memory_per_rank): {_size(sum(memory.values()))}",
         "  " + " + ".join(f"{name} {_size(memory[name])}" for name in state),
-        f"  activations {_size(memory['activations'])}, one micro-batch: {34 * act_bytes // 2} "
+        f"  activations {_size(memory['activations'])}, one micro-batch: {per_channel:g} "
         "* n_embd bytes per token per layer (Korthikanti 2022)" if not checkpointing else
         f"  activations {_size(memory['activations'])}, one micro-batch, checkpointed: each "
-        f"layer keeps its input, one is rerun ({34 * act_bytes // 2} * n_embd per token)",
+        f"layer keeps its input, one is rerun ({per_channel:g} * n_embd per token)",
         f"  logits {_size(memory['logits'])}; unfused attention would add "
         f"{_size(scores)} of scores, which SDPA does not store",
         f"  {_fits_text(memory)}",
+        "communication per iteration and process (accounting.communication_per_step): "
+        + (", ".join(f"{k} {_size(v)}" for k, v in comms.items()) or "none"),
     ])
 
 
@@ -227,9 +268,10 @@ def _model_shape(cfg, model_config):
 
 
 def strategy(cfg, world_size):
-    if cfg.fsdp:
-        return f"FSDP over {world_size}"
-    return f"DDP over {world_size}" if world_size > 1 else "one process"
+    dp = world_size // cfg.tp
+    tp = f"TP over {cfg.tp}" if cfg.tp > 1 else ""
+    data = f"FSDP over {dp}" if cfg.fsdp else f"DDP over {dp}" if dp > 1 else ""
+    return " x ".join(filter(None, (data, tp))) or "one process"
 
 
 def _fits_text(memory):

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import accounting
+import parallel
 import runtime
 from config import ConfigError, TrainConfig, help_text, parse_config
 from dataset import DataError, load_meta
@@ -165,9 +166,9 @@ def state_bytes(model, optimizer):
     return sum(t.numel() * t.element_size() for t in local)
 
 
-def warm_up(cfg, model_config, device, world_size, dtype_name, compiled, batches):
+def warm_up(cfg, model_config, device, layout, dtype_name, compiled, batches):
     """Build a model and its optimizer for one variant and run its warm-up iterations; under
-    torchrun the model is spread over the ranks as train.py spreads it (DDP, or FSDP).
+    torchrun the model is spread over the ranks as train.py spreads it (parallel.py).
 
     Returns (the arguments of train_step, the variant's result so far)."""
     dtype, ctx, scaler = runtime.training_precision(dtype_name, device)
@@ -179,15 +180,13 @@ def warm_up(cfg, model_config, device, world_size, dtype_name, compiled, batches
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
+    world_size = layout.dp_size * layout.tp
+    parallel.check(cfg, world_size, dtype)
+    parallel.spread(model, layout, dtype)
     if cfg.fsdp:
-        runtime.check_fsdp(dtype)
-        runtime.shard(model, dtype)
         ctx = contextlib.nullcontext()  # FSDP's own policy casts
     optimizer = make_optimizer(model, cfg)
-    if world_size > 1 and not cfg.fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if cuda else None, gradient_as_bucket_view=True,
-            broadcast_buffers=False)
+    model = parallel.wrap_ddp(model, layout, device, torch.device(device).index)
     step_args = (torch.compile(model) if compiled else model, optimizer, scaler, ctx, batches,
                  cfg.grad_clip)
     t0 = time.perf_counter()
@@ -208,16 +207,18 @@ def warm_up(cfg, model_config, device, world_size, dtype_name, compiled, batches
                            peak_flops=accounting.peak_flops(device, dtype))
 
 
-def bench_training(cfg, model_config, device, world_size=1):
+def bench_training(cfg, model_config, device, layout=parallel.Layout()):
     """Median time per iteration of each (dtype, compile) variant, with throughput and MFU.
 
-    Every variant stays in memory until the end, so that they can take turns."""
+    Every variant stays in memory until the end, so that they can take turns. Every rank
+    draws the same batches, so the ranks of a tensor-parallel row agree."""
+    world_size = layout.dp_size * layout.tp
     g = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batch_size, cfg.block_size)
     batches = [(torch.randint(model_config.vocab_size, shape, generator=g).to(device),
                 torch.randint(model_config.vocab_size, shape, generator=g).to(device))
-               for _ in range(cfg.gradient_accumulation_steps // world_size)]
-    variants = [warm_up(cfg, model_config, device, world_size, dtype_name, compiled, batches)
+               for _ in range(cfg.gradient_accumulation_steps // layout.dp_size)]
+    variants = [warm_up(cfg, model_config, device, layout, dtype_name, compiled, batches)
                 for dtype_name in variant_dtypes(cfg) for compiled in variant_compiles(cfg)]
     times = [[] for _ in variants]
     for _ in range(cfg.timed_steps):  # round-robin: every variant sees the same load
@@ -310,26 +311,28 @@ def bench_inference(model, cfg, device, ctx):
 def bench(cfg):
     """Run the benchmarks cfg asks for; return the results as a JSON-ready dict.
 
-    Under torchrun, training is measured as train.py spreads it over the ranks (DDP, or FSDP
-    with --fsdp=true), with the largest peak memory of any rank; sampling is not."""
+    Under torchrun, training is measured as train.py spreads it over the ranks (DDP, FSDP
+    with --fsdp=true, TP with --tp=N, or both), with the largest peak memory of any rank;
+    sampling is not."""
     rank, _, world_size, device = runtime.setup_distributed(cfg.device, cfg.backend,
                                                             cfg.ddp_timeout)
-    if cfg.gradient_accumulation_steps % world_size:
+    if world_size % cfg.tp or cfg.gradient_accumulation_steps % (world_size // cfg.tp):
         raise ConfigError("gradient_accumulation_steps must be divisible by the number of "
-                          f"processes ({world_size})")
+                          f"data-parallel ranks ({world_size} processes / tp={cfg.tp})")
+    layout = parallel.make_layout(cfg, rank, world_size, device)
     vocab, vocab_source = vocab_size(cfg)
     model_config = config_from_dict({**asdict(cfg), "vocab_size": vocab})
     results = dict(
         machine=dict(device=device, device_name=device_name(device), torch=torch.__version__,
                      threads=torch.get_num_threads(), processes=world_size,
-                     parallel=("FSDP" if cfg.fsdp else "DDP" if world_size > 1 else "none")
+                     parallel=accounting.strategy(cfg, world_size)
                      + (" + activation checkpointing" if cfg.activation_checkpointing else "")),
         settings=asdict(cfg), vocab_size=vocab, vocab_source=vocab_source,
         params=accounting.num_params(model_config, non_embedding=False),
         flops_per_token=accounting.flops_per_token(model_config, cfg.block_size),
         train=None, sample=None)
     if cfg.train:
-        results["train"] = bench_training(cfg, model_config, device, world_size)
+        results["train"] = bench_training(cfg, model_config, device, layout)
     if world_size > 1:
         torch.distributed.destroy_process_group()
         if rank > 0:

@@ -60,47 +60,6 @@ def save_checkpoint(state, path):
             os.close(dir_fd)
 
 
-def training_state(model, optimizer, sharded):
-    """(model state, optimizer state) to save, in the one format of every checkpoint: whole
-    tensors on the CPU, the optimizer's state numbered as optimizer.state_dict() numbers it.
-    Sharded (FSDP): every rank must call this, as the shards are gathered from all of them
-    (to rank 0, the one that saves)."""
-    if not sharded:
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint import state_dict as dcp
-    whole = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = dcp.get_model_state_dict(model, options=whole)
-    if not optimizer.state:  # before the first step there is nothing to gather, and DCP
-        return model_state, optimizer.state_dict()  # would take a step to create the state
-    optim = dcp.get_optimizer_state_dict(model, optimizer, options=whole)  # keyed by name
-    number = {name: i for i, name in enumerate(_names(model, optimizer))}
-    return model_state, optim and {
-        "state": {number[name]: state for name, state in optim["state"].items()},
-        "param_groups": [{**g, "params": [number[n] for n in g["params"]]}
-                         for g in optim["param_groups"]]}
-
-
-def load_optimizer_state(model, optimizer, state, sharded):
-    """Load a checkpoint's optimizer state, whichever way the run is spread over ranks now."""
-    if not sharded:
-        return optimizer.load_state_dict(state)
-    if not state["state"]:  # saved before the first step: a new optimizer is the same
-        return
-    from torch.distributed.checkpoint import state_dict as dcp
-    names = _names(model, optimizer)
-    dcp.set_optimizer_state_dict(
-        model, optimizer, options=dcp.StateDictOptions(full_state_dict=True),
-        optim_state_dict={"state": {names[i]: s for i, s in state["state"].items()},
-                          "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                                           for g in state["param_groups"]]})
-
-
-def _names(model, optimizer):
-    """The parameters' names, in the order optimizer.state_dict() numbers them."""
-    name_of = {param: name for name, param in model.named_parameters()}
-    return [name_of[param] for group in optimizer.param_groups for param in group["params"]]
-
-
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint with weights_only=True; every failure is a CheckpointError."""
     if not os.path.isfile(path):

@@ -77,11 +77,12 @@ class TrainConfig:
     backend: str = "auto"  # DDP backend: auto is nccl on CUDA devices and gloo otherwise
     ddp_timeout: int = 600  # seconds a rank waits for its peers before failing with an error
     fsdp: bool = False  # shard weights, gradients and AdamW state over the ranks (FSDP2, torchrun)
+    tp: int = 1  # tensor-parallel degree: ranks that split each Block (torchrun; parallel.py)
     activation_checkpointing: bool = False  # recompute Blocks in backward: less memory, +1/3 FLOPs
 
     def validate(self):
         """Reject values no run can use; the message names the setting."""
-        positive = ["eval_interval", "log_interval", "batch_size", "block_size",
+        positive = ["eval_interval", "log_interval", "batch_size", "block_size", "tp",
                     "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "ddp_timeout"]
         for name in positive:
             if getattr(self, name) < 1:

@@ -1,11 +1,13 @@
 """What a run would cost, before it starts: time, GPU-hours and energy on each GPU we know, and
-memory per GPU with DDP and FSDP, with and without activation checkpointing.
+memory per GPU and bytes sent per step with DDP, FSDP, and with --tp=N tensor parallelism (TP
+alone on N GPUs, or FSDP x TP on more), with and without activation checkpointing.
 
     python estimate.py config/train_gpt2.toml --gpus=8 --mfu=0.4
 
 It reads train.py's config files and flags, prints the report train.py prints at its start,
 then the tables. It is arithmetic on the settings (accounting.py): nothing is trained or written.
 """
+import itertools
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,24 +69,30 @@ def cost(cfg, world_size, m, mfu=0.4):
 
 
 def memory_table(cfg, world_size, m):
-    """Memory per GPU with DDP and with FSDP (one process alone: without), each with and
-    without activation checkpointing, and the GPU sizes each fits."""
+    """Memory per GPU with DDP and with FSDP (one process alone: without), and with cfg.tp > 1
+    with TP (on tp GPUs) or 2-D (FSDP x TP, on more), each with and without activation
+    checkpointing; the GPU sizes each fits, and the bytes each GPU sends per iteration."""
     lines = [f"memory per GPU on {world_size} GPU(s) in GiB, {cfg.batch_size} x "
              f"{cfg.block_size} tokens per micro-step, "
              f"{accounting.activation_bytes(cfg) * 8}-bit activations;",
-             "state: weights, gradients, AdamW moments, and what DDP or FSDP adds to them",
+             "state: weights, gradients, AdamW moments, and what DDP or FSDP adds to them;",
+             "sent: GiB each GPU sends per iteration (accounting.communication_per_step)",
              f"{'':<6}{'checkpointing':<15}{'state':>7}{'activations':>13}{'logits':>8}"
-             f"{'total':>8}  fits GPUs of (GB)"]
-    for fsdp in ([False, True] if world_size > 1 else [False]):
-        for checkpointing in (False, True):
-            run = replace(cfg, fsdp=fsdp, activation_checkpointing=checkpointing)
-            parts = accounting.memory_per_rank(run, m, world_size)
-            state = sum(v for k, v in parts.items() if k not in ("activations", "logits"))
-            lines.append(f"{accounting.strategy(run, world_size).split()[0]:<6}"
-                         f"{'on' if checkpointing else 'off':<15}"
-                         f"{state / GIB:>7.1f}{parts['activations'] / GIB:>13.1f}"
-                         f"{parts['logits'] / GIB:>8.1f}{sum(parts.values()) / GIB:>8.1f}  "
-                         f"{', '.join(map(str, accounting.fits(sum(parts.values())))) or 'none'}")
+             f"{'total':>8}{'sent':>8}  fits GPUs of (GB)"]
+    layouts = [(False, 1), (True, 1)] if world_size > 1 else [(False, 1)]
+    if cfg.tp > 1:
+        layouts.append((world_size > cfg.tp, cfg.tp))
+    for (fsdp, tp), checkpointing in itertools.product(layouts, (False, True)):
+        run = replace(cfg, fsdp=fsdp, tp=tp, activation_checkpointing=checkpointing)
+        parts = accounting.memory_per_rank(run, m, world_size)
+        state = sum(v for k, v in parts.items() if k not in ("activations", "logits"))
+        sent = sum(accounting.communication_per_step(run, m, world_size).values())
+        name = ("2-D" if fsdp else "TP") if tp > 1 else accounting.strategy(run, world_size)
+        lines.append(f"{name.split()[0]:<6}{'on' if checkpointing else 'off':<15}"
+                     f"{state / GIB:>7.1f}{parts['activations'] / GIB:>13.1f}"
+                     f"{parts['logits'] / GIB:>8.1f}{sum(parts.values()) / GIB:>8.1f}"
+                     f"{sent / GIB:>8.1f}  "
+                     f"{', '.join(map(str, accounting.fits(sum(parts.values())))) or 'none'}")
     return "\n".join(lines)
 
 

@@ -70,8 +70,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rotary=None, kv_cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # -1 heads, not n_head: under tensor parallelism a rank holds n_head / tp of them
+        q, k, v = self.c_attn(x).chunk(3, dim=2)
+        q, k, v = [t.view(B, T, -1, C // self.n_head).transpose(1, 2)
                    for t in (q, k, v)]  # (B, nh, T, hs)
         if self.qk_norm:
             q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
@@ -88,7 +89,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.append(k, v)  # (B, nh, T_total, hs)
         dropout_p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -159,30 +159,6 @@ def setup_distributed(requested_device="auto", backend="auto", timeout_s=600):
     return rank, local_rank, world_size, device
 
 
-def check_fsdp(dtype):
-    """FSDP needs torchrun's process group (one process is fine), and float16's gradient
-    scaler would need FSDP's sharded variant: bfloat16 does without a scaler."""
-    if "RANK" not in os.environ:
-        raise DeviceError("fsdp=true shards over the processes of torchrun: run it as "
-                          "torchrun --standalone --nproc_per_node=N train.py ...")
-    if dtype == torch.float16:
-        raise DeviceError("fsdp=true does not take float16: use --dtype=bfloat16 (or float32)")
-
-
-def shard(model, dtype):
-    """FSDP2: each Block, then the rest (embeddings, final norm, head), becomes a unit whose
-    weights, gradients and AdamW moments are split over the ranks. A unit's weights are
-    gathered whole just before its forward (and again for its backward) and freed after; its
-    gradients are reduce-scattered, each rank keeping its shard. In 16 bits, FSDP computes in
-    dtype and keeps the master weights and the gradient reductions in float32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    half = None if dtype == torch.float32 else dtype
-    policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-
-
 def all_reduce_mean(values, device, world_size):
     """Average a list of numbers (floats, or tensors of one element) over all ranks; every
     rank must call this. One process needs no tensor, which spares a device round trip (and

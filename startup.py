@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 import accounting
+import parallel
 import runtime
 from checkpoint import (GPT2_SIZES, CheckpointError, latest_checkpoint, load_checkpoint,
-                        load_optimizer_state, load_pretrained, model_from_checkpoint)
+                        load_pretrained, model_from_checkpoint)
 from config import ConfigError, TrainConfig
 from dataset import DataError, TokenData, load_meta
 from model import GPT
@@ -39,13 +40,15 @@ def default_config():
 
 
 def check_divisible(cfg, world_size):
-    """The micro-steps of an iteration are shared out evenly over the processes."""
-    steps = cfg.gradient_accumulation_steps
+    """The micro-steps of an iteration are shared out evenly over the data-parallel ranks
+    (world_size processes in rows of tp: each row shares its batch)."""
+    steps, world_size = cfg.gradient_accumulation_steps, world_size // cfg.tp
     if steps % world_size:
         below, above = steps // world_size * world_size, (steps // world_size + 1) * world_size
         options = " or ".join(str(n) for n in (below, above) if n)
+        ranks = "processes" if cfg.tp == 1 else "data-parallel rows (processes / tp)"
         raise ConfigError(f"gradient_accumulation_steps ({steps}) must be divisible by the "
-                          f"number of processes ({world_size}): try {options}, with "
+                          f"number of {ranks} ({world_size}): try {options}, with "
                           "batch_size scaled to keep the tokens per iteration")
 
 
@@ -100,10 +103,12 @@ def resolve_init(cfg, rank, world_size):
 
 def resumed_settings(cfg, saved, named):
     """A resumed run's settings: its own, saved in its checkpoint, except those that this
-    command names (its flags and config files), and where it runs (out_dir, init_from)."""
+    command names (its flags and config files), and where and how it runs (out_dir,
+    init_from, device, backend, and how it is spread: fsdp, tp)."""
     known = {f.name for f in fields(TrainConfig)}
     settings = {k: v for k, v in saved.items() if k in known}
-    settings.update({k: getattr(cfg, k) for k in (*named, "out_dir", "init_from")})
+    here = ("out_dir", "init_from", "device", "backend", "fsdp", "tp")
+    settings.update({k: getattr(cfg, k) for k in (*named, *here)})
     return TrainConfig(**settings).validate()
 
 
@@ -208,6 +213,7 @@ class Run:
     meta: dict  # the dataset's meta.json, saved with each checkpoint
     raw_model: GPT  # the model itself, whose state_dict is saved
     model: torch.nn.Module  # what the loop runs: raw_model, compiled and DDP-wrapped as asked
+    layout: parallel.Layout  # how the run is spread: data-parallel rows of tp ranks
     optimizer: torch.optim.Optimizer
     micro_steps: int  # forward/backward passes per iteration on each rank
     iter_num: int  # the iteration to start from
@@ -229,11 +235,9 @@ def setup(cfg, named=()):
     if init_from == "resume":  # the run goes on with its own settings, from its checkpoint
         ckpt = load_checkpoint(ckpt_path)
         cfg = resumed_settings(cfg, ckpt.get("config", {}), named)
-    check_divisible(cfg, world_size)
     dtype, ctx, scaler = runtime.training_precision(cfg.dtype, device, cfg.deterministic)
     if cfg.fsdp:
-        runtime.check_fsdp(dtype)
-        ctx = contextlib.nullcontext()  # FSDP's own policy casts, see runtime.shard
+        ctx = contextlib.nullcontext()  # FSDP's own policy casts, see parallel.shard
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb_log=true needs the wandb package: pip install wandb")
     if not cfg.data_dir and cfg.dataset == "shakespeare_char":
@@ -245,27 +249,24 @@ def setup(cfg, named=()):
         check_memory(cfg, accounting.model_shape(cfg, meta["vocab_size"]), world_size, device)
     torch.manual_seed(cfg.seed)
     raw_model, cfg = init_model(cfg, meta, ckpt, ckpt_path)
+    parallel.check(cfg, world_size, dtype)  # with the model's shape, now known
+    check_divisible(cfg, world_size)
+    layout = parallel.make_layout(cfg, rank, world_size, device)
     raw_model.to(device)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     check_vocab(meta, data, raw_model.config.vocab_size, data_dir)
-    if cfg.fsdp:
-        runtime.shard(raw_model, dtype)
+    parallel.spread(raw_model, layout, dtype)
     optimizer = make_optimizer(raw_model, cfg)
     iter_num, best_val_loss, origin, elapsed_s = 0, float("inf"), cfg.init_from, 0.0
     if ckpt is not None:
-        load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], cfg.fsdp)
+        parallel.load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], layout)
         if ckpt["scaler"]:  # empty when saved without float16: the scale then starts afresh
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         origin, elapsed_s = ckpt.get("origin", "scratch"), ckpt.get("elapsed_s", 0.0)
         del ckpt  # free the CPU copy of the weights and optimizer state
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    if world_size > 1 and not cfg.fsdp:
-        # Gradients live in DDP's all-reduce buckets (no second copy); the model's only
-        # buffers are rotary tables that never change, so nothing is broadcast per step.
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.startswith("cuda") else None,
-            gradient_as_bucket_view=True, broadcast_buffers=False)
+    model = parallel.wrap_ddp(model, layout, device, local_rank)
     if rank == 0:
         print(json.dumps(asdict(cfg), indent=1))
         print(accounting.report(cfg, world_size, raw_model.config))
@@ -279,5 +280,5 @@ def setup(cfg, named=()):
                   "train on, raise --lr_decay_iters with --max_iters (README: extending a "
                   "run)", file=sys.stderr, flush=True)
     return Run(cfg, rank, world_size, device, dtype, ctx, scaler, data, meta, raw_model, model,
-               optimizer, cfg.gradient_accumulation_steps // world_size, iter_num,
+               layout, optimizer, cfg.gradient_accumulation_steps // layout.dp_size, iter_num,
                best_val_loss, origin, elapsed_s)

@@ -5,20 +5,20 @@ train.py's loop calls them in this order, then takes the optimizer step; bench.p
 same calls, so what it measures is what training runs.
 """
 import math
-from contextlib import nullcontext
 
 import torch
 
+import parallel
 import runtime
 
 
 def make_optimizer(model, cfg):
-    """AdamW decaying the 2-D weights (matmuls, embeddings) but not biases or norms."""
+    """AdamW decaying the 2-D weights (matmuls, embeddings) but not biases or norms; each
+    kind in groups of one kind of tensor (parallel.by_mesh), as the fused kernel needs."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    groups = [{"params": group, "weight_decay": decay}
+              for decay, kind in ((cfg.weight_decay, True), (0.0, False))
+              for group in parallel.by_mesh([p for p in params if (p.dim() >= 2) == kind])]
     # The fused kernel (CUDA, MPS and the CPU have it) updates every parameter in one launch,
     # and skips the whole update on the device when its found_inf flag is set: StopCheck,
     # below, relies on that.
@@ -51,16 +51,11 @@ def forward_backward(model, batches, ctx, scaler, micro_steps):
     add up over them, each loss divided by micro_steps, so the sum is the gradient of the
     mean loss over the whole batch. Returns that mean loss, as a tensor (no device sync).
 
-    Under DDP (model wrapped) or FSDP (model sharded) only the last backward reduces the
-    gradients: the ranks exchange them once per iteration, not once per micro-step."""
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    fsdp = hasattr(model, "set_requires_gradient_sync")  # a module that fully_shard made
+    Under DDP or FSDP only the last backward reduces the gradients over the ranks
+    (parallel.gradient_sync)."""
     loss_sum = 0.0
     for micro, (x, y) in enumerate(batches):
-        last = micro == micro_steps - 1
-        if fsdp:  # until the last micro-step, each rank adds up its own full gradients
-            model.set_requires_gradient_sync(last)
-        with (model.no_sync() if ddp and not last else nullcontext()), ctx:
+        with parallel.gradient_sync(model, micro == micro_steps - 1), ctx:
             _, loss = model(x, y)
             loss = loss / micro_steps
         scaler.scale(loss).backward()
@@ -72,9 +67,7 @@ def clip_gradients(model, optimizer, scaler, grad_clip):
     """Undo the float16 loss scaling, then scale the gradients down so that their global
     norm is at most grad_clip (0: no limit). Returns the norm before clipping, as a tensor."""
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    # Under FSDP the gradients are sharded DTensors; their norm is reduced over the ranks.
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return parallel.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
 
 
 class TrainingError(RuntimeError):

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import parallel
 import runtime
-from checkpoint import CheckpointError, save_checkpoint, training_state
+from checkpoint import CheckpointError, save_checkpoint
 from config import TrainConfig, parse_overrides, run_main
 from dataset import DataError
 from metrics import MetricsError, MetricsLog
@@ -69,10 +70,10 @@ def estimate_loss(run, splits=("train", "val"), eval_iters=None):
         if eval_iters:
             batches = (run.data[split].get_batch((cfg.seed, EVAL_BATCHES[split], k),
                                                  cfg.batch_size, cfg.block_size, run.device)
-                       for k in range(run.rank, eval_iters, run.world_size))
+                       for k in range(run.layout.dp_rank, eval_iters, run.layout.dp_size))
         else:
             batches = run.data[split].windows(cfg.block_size, cfg.batch_size, run.device,
-                                              run.rank, run.world_size)
+                                              run.layout.dp_rank, run.layout.dp_size)
         losses, counts = [], []
         for x, y in progress(batches, f"eval {split}", run.rank):
             with run.ctx:
@@ -84,15 +85,15 @@ def estimate_loss(run, splits=("train", "val"), eval_iters=None):
         total, count = runtime.all_reduce_mean([total, sum(counts)], run.device, run.world_size)
         out[split] = total / count
     run.model.train()
-    if run.cfg.fsdp:  # FSDP's root keeps its weights gathered after a forward without backward
-        run.raw_model.reshard()
+    parallel.after_evaluation(run.raw_model, run.layout)
     return out
 
 
 def save(run, iter_num, log, name="ckpt.pt"):
     """Rank 0 writes a checkpoint into out_dir: everything needed to continue exactly. Every
-    rank calls this: under FSDP each contributes its shards to the whole tensors saved."""
-    model_state, optimizer_state = training_state(run.raw_model, run.optimizer, run.cfg.fsdp)
+    rank calls this: under FSDP or TP each contributes its shards to the whole tensors saved."""
+    model_state, optimizer_state = parallel.training_state(run.raw_model, run.optimizer,
+                                                           run.layout)
     if run.rank == 0:
         save_checkpoint({
             "model": model_state, "optimizer": optimizer_state,
@@ -132,10 +133,11 @@ def train_batches(run, iter_num, stop_check):
     number of processes. One process asked to stop gets no more: it stops within a
     micro-step (ranks stop together, at the end of a step: see StopCheck)."""
     cfg = run.cfg
+    first = run.layout.dp_rank * run.micro_steps  # the ranks of a tensor-parallel row share it
     for micro in range(run.micro_steps):
         if stop_check.interrupted():
             return
-        key = (cfg.seed, TRAIN_BATCHES, iter_num, run.rank * run.micro_steps + micro)
+        key = (cfg.seed, TRAIN_BATCHES, iter_num, first + micro)
         yield run.data["train"].get_batch(key, cfg.batch_size, cfg.block_size, run.device)
 
 
@@ -178,7 +180,7 @@ def train(cfg, named=()):
                 group["lr"] = lr
             # Dropout draws from the global generator: seed it per step and rank, so a resumed
             # run draws the same masks as the uninterrupted one without saving generator state.
-            torch.manual_seed(step_seed(cfg.seed, iter_num, run.rank))
+            torch.manual_seed(step_seed(cfg.seed, iter_num, run.layout.dp_rank))
             # forward and backward over the micro-steps, then clip the gradients
             loss = forward_backward(model, train_batches(run, iter_num, stop_check), run.ctx,
                                     scaler, run.micro_steps)

@@ -52,6 +52,14 @@ def train_losses(rows):
     return {r["iter"]: r["loss"] for r in rows if "loss" in r}
 
 
+def assert_same_run(a, b, iters):
+    """Training losses a and b ({iteration: loss}) hold iters, and agree there to 1e-5."""
+    import pytest
+    assert [it for it in a if it in iters] == [it for it in b if it in iters] == list(iters)
+    for it in iters:
+        assert a[it] == pytest.approx(b[it], abs=1e-5), (it, a[it], b[it])
+
+
 def hub_state(model):
     """Our GPT's weights as OpenAI's GPT-2 files name and lay them out: no "transformer."
     prefix, no lm_head (it is tied to wte), and the Conv1D weights as (in, out)."""

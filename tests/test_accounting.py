@@ -241,3 +241,43 @@ def test_estimate_help_lists_its_settings_and_train_py_s(capsys):
     text = capsys.readouterr().out
     assert "--mfu=0.4" in text and "model FLOPs utilisation" in text
     assert "--batch_size=12" in text and "sequences per micro-step" in text
+
+
+def test_gpt2_memory_and_communication_under_tp_by_hand():
+    # TP over 2 splits each Block's four matrices, 12 * 768^2 = 7,077,888, and the biases of
+    # the column-split c_attn and c_fc, 7 * 768 = 5,376: 7,083,264, half of it per rank,
+    # 3,541,632. ln_1, ln_2 and the two c_proj biases, 4,608, stay whole: 3,546,240 a Block.
+    # Whole too: wte 38,597,376 + wpe 786,432 + ln_f 1,536 = 39,385,344.
+    # Per rank: 39,385,344 + 12 * 3,546,240 = 81,940,224 parameters (of 124,439,808).
+    assert accounting.local_params(GPT2, tp=2) == (39_385_344, 3_546_240)
+    tp = accounting.memory_per_rank(replace(RUN, tp=2), GPT2, world_size=2)
+    # activations: 10 + 24/2 = 22 of the 34 bytes per n_embd per token, in bfloat16:
+    # 12 layers * 12,288 tokens * 22 * 768 = 2,491,416,576; the logits stay whole.
+    assert tp == {"weights": 4 * 81_940_224, "gradients": 4 * 81_940_224,
+                  "optimizer state": 8 * 81_940_224, "activations": 2_491_416_576,
+                  "logits": 6_175_580_160}
+    # 2-D on 8: 4 rows of TP over 2, FSDP over the rows: a quarter of each rank's state;
+    # gathered in bf16: the root and two Blocks, 2 * (39,385,344 + 2 * 3,546,240) = 92,955,648;
+    # the root's gradient and a Block's, plus its fp32 copy: 2 * 39,385,344 + 6 * 3,546,240
+    # = 100,048,128; 40 / 4 = 10 micro-steps per row keep whole gradients, 4 * 81,940,224.
+    two_d = accounting.memory_per_rank(replace(RUN, tp=2, fsdp=True), GPT2, world_size=8)
+    assert two_d == {"weights": 81_940_224, "gradients": 81_940_224,
+                     "optimizer state": 163_880_448, "gathered parameters": 92_955_648,
+                     "gathered gradients": 100_048_128, "accumulated gradients": 327_760_896,
+                     "activations": 2_491_416_576, "logits": 6_175_580_160}
+    # Sent per iteration and rank, ring collectives:
+    # DDP over 8: an all-reduce of the fp32 gradients, 2 * 7/8 * 4 * 124,439,808 = 871,078,656.
+    assert accounting.communication_per_step(RUN, GPT2, 8) == {"DDP": 871_078_656}
+    # TP over 2: 40 micro-steps * 12 Blocks * 4 all-reduces (2 forward, 2 backward) of
+    # 12 * 1024 * 768 bf16 activations, 18,874,368 bytes, each sending 2 * 1/2 of it:
+    # 1,920 * 18,874,368 = 36,238,786,560, about 34 GiB: NVLink's job.
+    assert accounting.communication_per_step(replace(RUN, tp=2), GPT2, 2) == {
+        "TP": 36_238_786_560}
+    # 2-D on 8: TP as above for 10 micro-steps, 9,059,696,640; FSDP over 4 rows gathers per
+    # micro-step the root once and the Blocks twice, in bf16: 10 * 2 * (39,385,344 + 2 * 12 *
+    # 3,546,240) = 2,489,902,080, and reduce-scatters 4 * 81,940,224 = 327,760,896 bytes of
+    # fp32 gradients once: 3/4 of 2,817,662,976 = 2,113,247,232.
+    assert accounting.communication_per_step(replace(RUN, tp=2, fsdp=True), GPT2, 8) == {
+        "FSDP": 2_113_247_232, "TP": 9_059_696_640}
+    assert accounting.strategy(replace(RUN, tp=2, fsdp=True), 8) == "FSDP over 4 x TP over 2"
+    assert "communication per iteration" in accounting.report(replace(RUN, tp=2), 2, GPT2)

@@ -6,17 +6,11 @@ import sys
 import pytest
 
 from checkpoint import load_checkpoint
-from helpers import ROOT, TORCHRUN, run_train, train_losses
+from helpers import ROOT, TORCHRUN, assert_same_run, run_train, train_losses
 
 # Four micro-steps (two per rank) and a clip that bites: norms here are about 1.
 ARGS = ["--gradient_accumulation_steps=4", "--grad_clip=0.5", "--eval_interval=3"]
 FSDP = ["--fsdp=true"]
-
-
-def assert_same_run(a, b, iters):
-    assert [it for it in a if it in iters] == [it for it in b if it in iters] == list(iters)
-    for it in iters:
-        assert a[it] == pytest.approx(b[it], abs=1e-5), (it, a[it], b[it])
 
 
 @pytest.fixture(scope="module")
