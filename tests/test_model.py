@@ -49,9 +49,11 @@ def test_causality():
     assert not torch.allclose(a[:, 9:], b[:, 9:])
 
 
-def explicit_attention(q, k, v, dropout_p=0.0, is_causal=False):
-    """softmax(q k^T / sqrt(hs) + causal mask) v, written out."""
+def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+    """softmax(q k^T / sqrt(hs) + causal mask) v, written out; attn_mask True where seen."""
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    if attn_mask is not None:
+        att = att.masked_fill(~attn_mask, float("-inf"))
     if is_causal:
         T, S = q.size(-2), k.size(-2)
         mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
