@@ -7,8 +7,8 @@ import torch
 from torch.nn import functional as F
 
 import model as model_module
-from checkpoint import load_gpt2
-from helpers import write_gpt2_folder
+from checkpoint import CheckpointError, load_gpt2
+from helpers import hub_state, write_gpt2_folder
 from model import GPT, GPTConfig, sample_next
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -201,6 +201,19 @@ def test_from_pretrained_rejects_unknown_names_and_mismatched_weights(tmp_path):
     (tmp_path / "config.json").write_text(cfg)
     with pytest.raises(ValueError, match="shape"):
         load_gpt2(str(tmp_path))
+
+
+def test_gpt_from_pretrained_is_nanogpts_call(tmp_path):
+    # nanoGPT's users load OpenAI's weights with GPT.from_pretrained("gpt2"); a folder of the
+    # hub's files stands in for the download, which needs the network.
+    mine = tiny_model(seed=3, block_size=32, bias=True)
+    folder = write_gpt2_folder(tmp_path / "gpt2", hub_state(mine), dict(
+        n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50))
+    loaded = GPT.from_pretrained(str(folder))
+    assert loaded.state_dict().keys() == mine.state_dict().keys()
+    assert all(torch.equal(v, mine.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(CheckpointError, match="cannot load the model from gpt3: unknown model"):
+        GPT.from_pretrained("gpt3")
 
 
 # The modern options keep every contract: causality, cache equivalence, SDPA equivalence.
