@@ -5,12 +5,14 @@ a batch and a lone run agree to rounding and so draw the same tokens.
 """
 import functools
 import io
+import json
 from dataclasses import asdict
 
 import pytest
 import torch
 import torch._dynamo.utils
 
+import bench
 import sample
 from checkpoint import save_checkpoint
 from config import parse_config
@@ -139,3 +141,22 @@ def test_bad_prompts_are_one_line_errors(char_checkpoint, tmp_path, capsys, name
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert message.format(path=path) in lines[0]
+
+
+def test_bench_serves_the_mix_three_ways(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench.main(["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16",
+                       "--vocab_size=50", "--device=cpu", "--dtype=float32", "--train=false",
+                       "--sample=false", "--serve=true", "--serve_requests=5", "--serve_slots=2",
+                       f"--json_out={out}"]) == 0
+    result = json.loads(out.read_text())["serve"]
+    # Outputs of 1/32, 1/2, 3/32, 1/4 and 1/16 of the 16-token block: 1 (at least), 8, 1, 4, 1.
+    assert result["new_tokens"] == 15
+    assert [(r["way"], r["slots"]) for r in result["rows"]] == [
+        ("one at a time", 1), ("static batches", 2), ("continuous", 2)]
+    for r in result["rows"]:
+        assert r["tokens_per_s"] * r["seconds"] == pytest.approx(15)  # every token was timed
+        assert r["ttft_s"][0] <= r["ttft_s"][1] and r["tpot_s"][0] <= r["tpot_s"][1]
+        # keys and values x 2 layers x 16 positions x 32 channels x 4 bytes, for every slot
+        assert r["kv_cache_bytes"] == r["slots"] * 2 * 2 * 16 * 32 * 4
+    assert "continuous" in capsys.readouterr().out
