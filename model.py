@@ -2,7 +2,7 @@
 
 The parts come in the order they build on each other: attention, MLP, Block, GPT. Parameter
 names are GPT-2's own, so OpenAI's weights map one to one (GPT.from_gpt2, after transposing
-their Conv1D weights); checkpoint.py reads the files. This file depends on torch alone.
+their Conv1D weights); checkpoint.py reads the files. At import this file needs torch alone.
 """
 import math
 from dataclasses import dataclass, fields
@@ -210,8 +210,8 @@ class GPT(nn.Module):
         return logits, loss
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token (PaLM, appendix B): 6 per parameter, plus attention's
-        score and value matmuls, 12 * n_layer * n_embd * seq_len."""
+        """Training FLOPs per token, 6N + 12 * n_layer * n_embd * seq_len (PaLM, appendix B):
+        6 per parameter, plus attention's score and value matmuls."""
         seq_len = seq_len or self.config.block_size
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * seq_len
 

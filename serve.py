@@ -46,7 +46,7 @@ from model import KVCache, sample_next
 
 @dataclass
 class Request:
-    ids: list[int]  # the prompt's token ids; a lone run reads its last block_size
+    ids: list[int]  # the prompt's token ids, at least one; a lone run reads its last block_size
     max_new_tokens: int  # tokens drawn at most (an <|endoftext|> drawn ends it sooner)
     generator: torch.Generator | None = None  # its own draws, whichever slot it takes
 
@@ -95,19 +95,17 @@ class Slots:
             cache.k[slot], cache.v[slot] = own.k[0], own.v[0]
         return logits
 
-    def cache_bytes(self):
-        return sum(c.k.nbytes + c.v.nbytes for c in self.caches if c.k is not None)
-
 
 @torch.no_grad()
 def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=None,
           compile=False, admitted=None):
     """Yield (request index, token id) as each token is drawn, continuing every request's
-    prompt, batch_size rows at a time. A request ends after its max_new_tokens, or at eot,
-    which is not yielded. admitted, a list, receives (step, slot, request) at each admission.
+    prompt, slots rows at a time, a freed slot taking the next request in order. A request
+    ends after its max_new_tokens, or at eot, which is not yielded. admitted, a list, receives
+    (step, slot, request) at each admission; a step draws one token for every busy slot.
 
-    Rows and their tokens come out exactly as GPT.generate_tokens gives them alone, per
-    request (greedy, float32), whatever the other rows hold: see this file's docstring."""
+    Each request's tokens are those GPT.generate_tokens draws for it alone (greedy, float32),
+    whatever the other rows hold: see this file's docstring."""
     block = model.config.block_size
     batch = Slots(model, slots, compile)
     waiting = deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
@@ -126,8 +124,8 @@ def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=N
                 row.cached = min(len(row.tokens), block)
         decoding = [s for s, row in enumerate(rows) if row is not None and s not in logits]
         if decoding:  # one step for every slot, its shape fixed; see _decode
-            # A slot that does not decode writes its key and value where its next token will
-            # go (or, full, where its next prefill writes), so no row ever reads a stray one.
+            # A slot that does not decode writes a stray key and value where its next token
+            # will go, or, if full or free, where its next prefill will write: none is read.
             batch.cols.copy_(torch.tensor([min(r.cached, block - 1) if r else 0 for r in rows]))
             tokens = torch.tensor([[r.tokens[-1] if r else 0] for r in rows])
             out = batch.decode(tokens.to(batch.cols.device))
