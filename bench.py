@@ -16,10 +16,18 @@ positions shift under it): a full forward, as uncached, so the speed-up shrinks.
 What inference costs, at each of batch_sizes: prefill (one forward over a whole prompt of
 prefill_tokens, filling the KV caches) and decode (decode_tokens more steps of one token per
 sequence), in the cached sampler's own steps, greedy; with the memory the KV caches hold.
+Serving (--serve=true): a fixed mix of requests, prompts of 1/16 to 3/8 of block_size and
+outputs of 1/32 to 1/2 of it, all waiting at the start, served three ways through serve.py:
+one at a time, in static batches of serve_slots (each batch ends with its longest row), and
+continuously (a finished row's slot takes the next request at once); greedy, not compiled. It
+reports tokens per second, time to first token and time per output token (median and 90th
+percentile over the requests), and the bytes the slots' KV caches hold.
+
 Tables go to the terminal, the results to json_out.
 """
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -36,6 +44,7 @@ import runtime
 from config import ConfigError, TrainConfig, help_text, parse_config
 from dataset import DataError, load_meta
 from model import GPT, KVCache, config_from_dict, sample_next
+from serve import Request, serve
 from step import clip_gradients, forward_backward, make_optimizer
 
 ROOT = Path(__file__).resolve().parent
@@ -56,11 +65,15 @@ class BenchConfig(TrainConfig):
     batch_sizes: str = "1,8,32"  # inference cost at these batch sizes; empty: not measured
     prefill_tokens: int = 0  # inference cost: prompt length; 0: half of block_size
     decode_tokens: int = 0  # inference cost: tokens decoded after it; 0: to the block's end
+    serve: bool = False  # run the serving benchmark (see above)
+    serve_requests: int = 24  # requests in the serving mix
+    serve_slots: int = 8  # rows decoded together, in static batches and continuously
     json_out: str = "bench.json"  # where the results are written
 
     def validate(self):
         super().validate()
-        for name in ("timed_steps", "prompt_tokens", "max_new_tokens", "sample_repeats"):
+        for name in ("timed_steps", "prompt_tokens", "max_new_tokens", "sample_repeats",
+                     "serve_requests", "serve_slots"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.vocab_size < 0:
@@ -308,6 +321,63 @@ def bench_inference(model, cfg, device, ctx):
                 weight_bytes=sum(p.nbytes for p in model.parameters()), rows=rows)
 
 
+# The serving mix, as fractions of block_size: request i has prompt PROMPTS[i % 4] and output
+# OUTPUTS[i % 6], so that long and short rows meet in every batch (at most 7/8 of a block).
+SERVE_PROMPTS = (1 / 16, 1 / 4, 1 / 8, 3 / 8)
+SERVE_OUTPUTS = (1 / 32, 1 / 2, 3 / 32, 1 / 4, 1 / 16, 3 / 8)
+
+
+def served(model, mix, slots, static=False):
+    """Serve mix, [(prompt ids, new tokens)], all waiting at time 0, slots rows at a time (in
+    static batches if static); return (seconds, each request's token times since 0)."""
+    times = [[] for _ in mix]
+    t0 = time.perf_counter()
+    for first in range(0, len(mix), slots if static else len(mix)):
+        group = mix[first:first + slots] if static else mix
+        requests = [Request(ids, n) for ids, n in group]
+        for i, _ in serve(model, requests, slots, temperature=0):  # each token is on the CPU
+            times[first + i].append(time.perf_counter() - t0)
+    return time.perf_counter() - t0, times
+
+
+def median_p90(values):
+    """The median and the 90th percentile (nearest rank) of values."""
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[math.ceil(0.9 * len(ordered)) - 1]
+
+
+def bench_serving(cfg, model_config, device):
+    """The serving mix three ways: one at a time, static batches, continuous batching."""
+    dtype = runtime.pick_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config).to(device).eval()
+    g = torch.Generator().manual_seed(cfg.seed)
+    block, vocab = cfg.block_size, model_config.vocab_size
+    mix = [(torch.randint(vocab, (max(1, int(block * SERVE_PROMPTS[i % 4])),),
+                          generator=g).tolist(), max(1, int(block * SERVE_OUTPUTS[i % 6])))
+           for i in range(cfg.serve_requests)]
+    # Each slot holds block_size positions of keys and values in every layer, in the dtype
+    # that the forward computes in (autocast's), whatever its row uses.
+    per_slot = 2 * model_config.n_layer * block * model_config.n_embd * dtype.itemsize
+    ways = [("one at a time", 1, False), ("static batches", cfg.serve_slots, True),
+            ("continuous", cfg.serve_slots, False)]
+    rows = []
+    with runtime.autocast(device, dtype):
+        served(model, mix[:2], 2)  # warm-up: first calls pay set-up costs
+        for name, slots, static in ways:
+            print(f"serving {len(mix)} requests: {name}", flush=True)
+            seconds, times = served(model, mix, slots, static)
+            firsts = [t[0] for t in times]
+            per_token = [(t[-1] - t[0]) / (len(t) - 1) for t in times if len(t) > 1]
+            rows.append(dict(way=name, slots=slots, seconds=seconds,
+                             tokens_per_s=sum(map(len, times)) / seconds,
+                             ttft_s=median_p90(firsts), tpot_s=median_p90(per_token),
+                             kv_cache_bytes=slots * per_slot))
+    return dict(dtype=str(dtype).removeprefix("torch."), requests=len(mix),
+                prompt_tokens=sum(len(ids) for ids, _ in mix),
+                new_tokens=sum(n for _, n in mix), rows=rows)
+
+
 def bench(cfg):
     """Run the benchmarks cfg asks for; return the results as a JSON-ready dict.
 
@@ -330,7 +400,7 @@ def bench(cfg):
         settings=asdict(cfg), vocab_size=vocab, vocab_source=vocab_source,
         params=accounting.num_params(model_config, non_embedding=False),
         flops_per_token=accounting.flops_per_token(model_config, cfg.block_size),
-        train=None, sample=None)
+        train=None, sample=None, serve=None)
     if cfg.train:
         results["train"] = bench_training(cfg, model_config, device, layout)
     if world_size > 1:
@@ -355,6 +425,8 @@ def bench(cfg):
             requested=bench_sampling(model, prompt, cfg.max_new_tokens, device, ctx,
                                      cfg.sample_repeats),
             inference=bench_inference(model, cfg, device, ctx) if batch_sizes(cfg) else None)
+    if cfg.serve and world_size == 1:
+        results["serve"] = bench_serving(cfg, model_config, device)
     return results
 
 
@@ -416,6 +488,18 @@ def tables(results):
             lines.append(f"{row['batch']:>6}{row['prefill_tokens_per_s']:>15,.0f}"
                          f"{row['decode_tokens_per_s']:>14,.1f}{row['ms_per_token']:>10.2f}"
                          f"{row['kv_cache_bytes'] / 2 ** 20:>8,.2f} MiB")
+    if results["serve"]:
+        r = results["serve"]
+        lines += ["", f"serving: {r['requests']} requests waiting at once, {r['prompt_tokens']:,} "
+                  f"prompt and {r['new_tokens']:,} new tokens; greedy, {r['dtype']}, not compiled",
+                  f"{'':<16}{'slots':>6}{'tokens/s':>10}{'first token ms':>18}"
+                  f"{'ms per token':>16}{'KV cache':>12}",
+                  f"{'':<16}{'':>6}{'':>10}{'median    p90':>18}{'median   p90':>16}"]
+        for row in r["rows"]:
+            (ttft, ttft90), (tpot, tpot90) = row["ttft_s"], row["tpot_s"]
+            lines.append(f"{row['way']:<16}{row['slots']:>6}{row['tokens_per_s']:>10,.1f}"
+                         f"{ttft * 1000:>10,.0f}{ttft90 * 1000:>8,.0f}{tpot * 1000:>9,.1f}"
+                         f"{tpot90 * 1000:>7,.1f}{row['kv_cache_bytes'] / 2 ** 20:>8,.1f} MiB")
     return "\n".join(lines)
 
 

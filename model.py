@@ -2,8 +2,7 @@
 
 The parts come in the order they build on each other: attention, MLP, Block, GPT. Parameter
 names are GPT-2's own, so OpenAI's weights map one to one (GPT.from_gpt2, after transposing
-their Conv1D weights); reading them from files is checkpoint.py's job. This file depends on
-torch alone.
+their Conv1D weights); checkpoint.py reads the files. At import this file needs torch alone.
 """
 import math
 from dataclasses import dataclass, fields
@@ -23,18 +22,19 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0  # 0 for pretraining, 0.1+ for finetuning small data
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2 has
-    # Later practice, each off by default so that the model stays GPT-2 (docs/benchmarks.md
-    # has what each one measured on the CPU recipe).
+    # Later practice, off by default to stay GPT-2 (docs/benchmarks.md: each one's measured gain)
     rope: bool = False  # rotary position embeddings in attention, instead of a learned table
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
     relu2: bool = False  # ReLU squared instead of GELU in the MLP
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for one attention layer."""
+    """Keys and values of the tokens seen so far, for one attention layer. With cols, a tensor
+    (B,) that its owner updates, each row writes its new token at its own column and gets the
+    whole buffer: one shape for a compiled step, whose mask hides what is unwritten (serve.py)."""
 
-    def __init__(self, max_len):
-        self.max_len, self.length = max_len, 0
+    def __init__(self, max_len, cols=None):
+        self.max_len, self.length, self.cols = max_len, 0, cols
         self.k = self.v = None
 
     def append(self, k, v):
@@ -43,6 +43,9 @@ class KVCache:
             B, nh, _, hs = k.shape
             self.k = k.new_zeros(B, nh, self.max_len, hs)
             self.v = v.new_zeros(B, nh, self.max_len, hs)
+        if self.cols is not None:
+            at = self.cols.view(-1, 1, 1, 1).expand_as(k)  # (B, nh, 1, hs): column per row
+            return self.k.scatter_(2, at, k), self.v.scatter_(2, at, v)
         start, end = self.length, self.length + k.size(2)
         assert end <= self.max_len, "KV cache overflow: the caller must refill it"
         self.k[:, :, start:end] = k
@@ -52,7 +55,7 @@ class KVCache:
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate pairs of channels of x (B, nh, T, hs) by position-dependent angles (T, hs/2):
+    """Rotate pairs of channels of x (B, nh, T, hs) by position-dependent angles (.., T, hs/2):
     a query and a key then score by their relative position alone (Su et al., 2021)."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -68,7 +71,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout, self.qk_norm = config.n_head, config.dropout, config.qk_norm
 
-    def forward(self, x, rotary=None, kv_cache=None):
+    def forward(self, x, rotary=None, kv_cache=None, mask=None):
         B, T, C = x.size()
         # -1 heads, not n_head: under tensor parallelism a rank holds n_head / tp of them
         q, k, v = self.c_attn(x).chunk(3, dim=2)
@@ -81,14 +84,15 @@ class CausalSelfAttention(nn.Module):
         # CUDA's autocast runs rms_norm in float32: back to v's dtype, which attention uses
         # anyway, so that the KV cache holds keys and values alike, cast once.
         q, k = q.to(v.dtype), k.to(v.dtype)
-        # Without a cache, or when filling an empty one, token t sees tokens <= t. A cached
-        # step feeds one new token, which sees every token stored before it: no mask needed.
-        is_causal = kv_cache is None or kv_cache.length == 0
+        # Without a cache, or when filling an empty one, token t sees tokens <= t; a cached step's
+        # one new token sees all stored before it. Rows at different lengths bring a mask, which
+        # must carry causality too: beside a mask, SDPA on the CPU ignores is_causal.
+        is_causal = mask is None and (kv_cache is None or kv_cache.length == 0)
         if kv_cache is not None:
             assert is_causal or T == 1, "cached decoding feeds one token at a time"
             k, v = kv_cache.append(k, v)  # (B, nh, T_total, hs)
-        dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -119,8 +123,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rotary=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), rotary, kv_cache)
+    def forward(self, x, rotary=None, kv_cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), rotary, kv_cache, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -169,18 +173,20 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx, kv_caches=None):
-        """The final norm's activations (B, T, n_embd) for token ids idx (B, T).
-
-        With kv_caches (one KVCache per layer), idx continues the tokens already cached."""
+    def hidden_states(self, idx, kv_caches=None, pos=None, mask=None):
+        """The final norm's activations (B, T, n_embd) for token ids idx (B, T). With kv_caches
+        (one KVCache per layer), idx continues the tokens already cached. Rows at different
+        lengths give each token its position, pos (B, T), and the keys it may see, mask
+        (B, 1, T, keys), True where it may: each row then computes what it would alone."""
         B, T = idx.size()
-        start = 0 if kv_caches is None else kv_caches[0].length
-        assert start + T <= self.config.block_size, (
-            f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        if pos is None:
+            start = 0 if kv_caches is None else kv_caches[0].length
+            assert start + T <= self.config.block_size, (
+                f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x, rotary = self.transformer.wte(idx), None
-        if self.config.rope:
-            rotary = (self.rope_cos[pos], self.rope_sin[pos])
+        if self.config.rope:  # angles (1, T, hs/2), or (B, 1, T, hs/2) for rows' own positions
+            rotary = (self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3))
         else:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
@@ -192,7 +198,7 @@ class GPT(nn.Module):
                 # same masks: the gradients are exactly those of the plain forward.
                 x = checkpoint(block, x, rotary, None, use_reentrant=False)
             else:
-                x = block(x, rotary, None if kv_caches is None else kv_caches[i])
+                x = block(x, rotary, None if kv_caches is None else kv_caches[i], mask)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -221,8 +227,7 @@ class GPT(nn.Module):
         that have left the window. So the cache is rebuilt on the last block_size tokens at
         every step from then on: the result is exactly what recomputing the cropped context
         gives, at the same cost."""
-        cfg = self.config
-        caches = None
+        cfg, caches = self.config, None
         for _ in range(max_new_tokens):
             if caches is None or caches[0].length == cfg.block_size:
                 context = idx[:, -cfg.block_size:]
@@ -244,8 +249,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_uncached(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                           generator=None):
-        """The textbook loop: rerun the whole (cropped) context for every new token. Kept as
-        the reference that tests and benchmarks compare the cached sampler with."""
+        """The textbook loop, the cached sampler's reference: rerun the context for each token."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
@@ -260,12 +264,12 @@ class GPT(nn.Module):
         # config.json comes from a folder the user names: check it before allocating anything.
         if not isinstance(hf_config, dict):
             raise ValueError("config.json is not a JSON object")
-        for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+        keys = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+        for key in keys:
             if type(hf_config.get(key)) is not int or hf_config[key] < 1:  # type(): not a bool
                 raise ValueError(f"config.json needs {key} as a positive integer, got "
                                  f"{hf_config.get(key)!r}")
-        L, H, C, T, V = (hf_config[k] for k in ("n_layer", "n_head", "n_embd", "n_positions",
-                                                  "vocab_size"))
+        L, H, C, T, V = (hf_config[k] for k in keys)
         if C % H:
             raise ValueError(f"config.json's n_embd {C} is not divisible by its n_head {H}")
         params = 12 * L * C * C + (V + T) * C  # blocks, then the two embedding tables
@@ -293,6 +297,12 @@ class GPT(nn.Module):
         if missing:
             raise ValueError(f"weights missing for {missing[:3]} and others")
         return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=0.0):
+        """OpenAI's GPT-2, by hub name (gpt2 ... gpt2-xl) or folder, as nanoGPT's call gave it."""
+        from checkpoint import load_pretrained  # it reads the files, and imports this module
+        return load_pretrained(name_or_path, dropout)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

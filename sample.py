@@ -2,10 +2,14 @@
 
     python sample.py                               # the model `python train.py` trained
     python sample.py --init_from=gpt2 --start="FILE:prompt.txt" --num_samples=1 --top_p=0.9
+    python sample.py --prompts=prompts.txt --batch_size=8 --temperature=0
 
-Several samples are drawn together as one batch; a single sample streams as it is drawn.
+Samples are drawn batch_size rows at a time, a finished row's slot taking the next one at once
+(serve.py); a single sample streams as it is drawn. A sample ends at GPT-2's <|endoftext|>, which
+is not printed, or after max_new_tokens.
 """
 import codecs
+import json
 import sys
 from dataclasses import dataclass
 
@@ -14,6 +18,7 @@ import torch
 import runtime
 from checkpoint import CheckpointError, load_model
 from config import ConfigError, check_dtype, run_main
+from serve import Request, serve
 from tokenizer import TokenizerError, tokenizer_from_meta
 
 
@@ -22,7 +27,9 @@ class SampleConfig:
     init_from: str = "resume"  # resume (the checkpoint in out_dir), gpt2*, or a weights folder
     out_dir: str = "out-shakespeare-char"  # with init_from=resume; `python train.py` writes here
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
-    num_samples: int = 3  # samples drawn together as one batch
+    prompts: str = ""  # a file of prompts instead, one a line (.jsonl: {"prompt": ...} a line)
+    num_samples: int = 3  # samples drawn of each prompt
+    batch_size: int = 8  # rows decoded together; a finished row's slot takes the next sample
     max_new_tokens: int = 500  # tokens generated per sample
     temperature: float = 0.8  # 1.0 samples the model as is; lower is more conservative; 0 greedy
     top_k: int | None = 200  # keep only the k most likely tokens; none keeps all
@@ -30,6 +37,7 @@ class SampleConfig:
     seed: int = 1337  # the same seed gives the same samples
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
+    compile: bool = False  # compile the decode step: one shape, so it compiles once
 
     def validate(self):
         """Reject values no sampling can use; the message names the setting."""
@@ -39,6 +47,8 @@ class SampleConfig:
             raise ConfigError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}")
         if not self.temperature >= 0:  # written so that nan fails too
             raise ConfigError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be at least 1 (or none), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -47,10 +57,7 @@ class SampleConfig:
         return self
 
 
-def read_prompt(start):
-    if not start.startswith("FILE:"):
-        return start
-    path = start.removeprefix("FILE:")
+def read_text(path):
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -61,8 +68,47 @@ def read_prompt(start):
                           f"{e.start}") from None
 
 
+def read_prompts(path):
+    """[(where, prompt)] of a file of prompts, one a line; in a .jsonl file each line is a JSON
+    object whose "prompt" may hold several lines ("\n"). where names the file and line."""
+    lines = read_text(path).removesuffix("\n").split("\n")  # a last newline starts no line
+    if lines == [""]:
+        raise ConfigError(f"the prompts file {path} holds no prompts")
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        where, line = f"{path}:{n}", line.removesuffix("\r")
+        if path.endswith(".jsonl"):
+            try:
+                line = json.loads(line)["prompt"]
+            except (ValueError, KeyError, TypeError):  # not JSON, not an object, no "prompt"
+                line = None
+            if not isinstance(line, str):
+                raise ConfigError(f'{where}: expected a JSON object {{"prompt": "..."}}')
+        elif not line:
+            raise ConfigError(f"{where}: an empty line; each line is a prompt (write an empty "
+                              'one in a .jsonl file: {"prompt": ""})')
+        prompts.append((where, line))
+    return prompts
+
+
+def encode(tokenizer, prompt, where, block_size):
+    """The token ids of prompt; ConfigError, naming where, for what the model cannot read."""
+    try:
+        ids = tokenizer.encode(prompt)
+    except ValueError as e:  # a character the character-level vocabulary does not have
+        raise ConfigError(f"{where}: {e}") from None
+    if not ids:
+        if tokenizer.eot_token is None:
+            raise ConfigError(f"{where}: the prompt is empty; give one with --start")
+        ids = [tokenizer.eot_token]  # GPT-2 starts documents after <|endoftext|>
+    if len(ids) > block_size:
+        print(f"note: {where}: its {len(ids)} tokens are cut to the model's last {block_size}",
+              file=sys.stderr)
+    return ids
+
+
 def stream(tokenizer, tokens, out=sys.stdout):
-    """Print one sample as its tokens (each of shape (1, 1)) arrive; return their ids.
+    """Print one sample as its tokens (ids, or tensors of one) arrive; return their ids.
 
     Each token's bytes are decoded once, as they come, so a long sample costs no more per
     token than a short one. A token may end partway through a multi-byte character (an emoji is
@@ -71,7 +117,7 @@ def stream(tokenizer, tokens, out=sys.stdout):
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     ids = []
     for token in tokens:
-        ids.append(token.item())
+        ids.append(int(token))
         out.write(decoder.decode(tokenizer.token_bytes(ids[-1])))
         out.flush()
     out.write(decoder.decode(b"", final=True) + "\n")
@@ -79,37 +125,32 @@ def stream(tokenizer, tokens, out=sys.stdout):
 
 
 def sample(cfg, out=sys.stdout):
-    """Draw cfg.num_samples samples; print them to out and return them as strings."""
+    """Draw cfg.num_samples samples of each prompt; print them to out, return them as strings."""
     device = runtime.pick_device(cfg.device)
     dtype = runtime.pick_dtype(cfg.dtype, device)
     model, meta, _ = load_model(cfg.init_from, cfg.out_dir)  # refuses non-finite weights
     tokenizer = tokenizer_from_meta(meta)
     model.eval().to(device)
-    prompt = read_prompt(cfg.start)
-    try:
-        ids = tokenizer.encode(prompt)
-    except ValueError as e:  # a character the character-level vocabulary does not have
-        raise ConfigError(f"prompt: {e}") from None
-    if not ids:
-        if tokenizer.eot_token is None:
-            raise ConfigError("the prompt is empty; give one with --start")
-        ids = [tokenizer.eot_token]  # GPT-2 starts documents after <|endoftext|>
-    if len(ids) > model.config.block_size:
-        print(f"note: the prompt's {len(ids)} tokens are cut to the model's last "
-              f"{model.config.block_size}", file=sys.stderr)
-    idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    options = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                   generator=gen)
+    start = read_text(cfg.start[5:]) if cfg.start.startswith("FILE:") else cfg.start
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else [("prompt", start)]
+    ids = [encode(tokenizer, text, where, model.config.block_size) for where, text in prompts]
+    # Sample k of the output draws from its own generator, seeded seed + k: its text does not
+    # depend on batch_size, nor on which rows shared its steps, and the same seed repeats it.
+    requests = [Request(ids[k // cfg.num_samples], cfg.max_new_tokens,
+                        torch.Generator(device=device).manual_seed((cfg.seed + k) % 2 ** 64))
+                for k in range(len(ids) * cfg.num_samples)]
+    drawn = serve(model, requests, cfg.batch_size, cfg.temperature, cfg.top_k, cfg.top_p,
+                  tokenizer.eot_token, cfg.compile)
     with runtime.autocast(device, dtype):
-        if cfg.num_samples == 1:
-            out.write(prompt)
-            new = [stream(tokenizer, model.generate_tokens(idx, cfg.max_new_tokens, **options),
-                          out)]
+        if len(requests) == 1:
+            out.write(prompts[0][1])
+            new = [stream(tokenizer, (token for _, token in drawn), out)]
         else:
-            new = model.generate(idx, cfg.max_new_tokens, **options)[:, len(ids):].tolist()
-    texts = [prompt + tokenizer.decode(row) for row in new]
-    if cfg.num_samples > 1:
+            new = [[] for _ in requests]
+            for k, token in drawn:
+                new[k].append(token)
+    texts = [prompts[k // cfg.num_samples][1] + tokenizer.decode(row) for k, row in enumerate(new)]
+    if len(requests) > 1:
         for text in texts:
             out.write(text + "\n---------------\n")
     return texts

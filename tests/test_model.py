@@ -7,8 +7,8 @@ import torch
 from torch.nn import functional as F
 
 import model as model_module
-from checkpoint import load_gpt2
-from helpers import write_gpt2_folder
+from checkpoint import CheckpointError, load_gpt2
+from helpers import hub_state, write_gpt2_folder
 from model import GPT, GPTConfig, sample_next
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -49,9 +49,11 @@ def test_causality():
     assert not torch.allclose(a[:, 9:], b[:, 9:])
 
 
-def explicit_attention(q, k, v, dropout_p=0.0, is_causal=False):
-    """softmax(q k^T / sqrt(hs) + causal mask) v, written out."""
+def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+    """softmax(q k^T / sqrt(hs) + causal mask) v, written out; attn_mask True where seen."""
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    if attn_mask is not None:
+        att = att.masked_fill(~attn_mask, float("-inf"))
     if is_causal:
         T, S = q.size(-2), k.size(-2)
         mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
@@ -199,6 +201,19 @@ def test_from_pretrained_rejects_unknown_names_and_mismatched_weights(tmp_path):
     (tmp_path / "config.json").write_text(cfg)
     with pytest.raises(ValueError, match="shape"):
         load_gpt2(str(tmp_path))
+
+
+def test_gpt_from_pretrained_is_nanogpts_call(tmp_path):
+    # nanoGPT's users load OpenAI's weights with GPT.from_pretrained("gpt2"); a folder of the
+    # hub's files stands in for the download, which needs the network.
+    mine = tiny_model(seed=3, block_size=32, bias=True)
+    folder = write_gpt2_folder(tmp_path / "gpt2", hub_state(mine), dict(
+        n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50))
+    loaded = GPT.from_pretrained(str(folder))
+    assert loaded.state_dict().keys() == mine.state_dict().keys()
+    assert all(torch.equal(v, mine.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(CheckpointError, match="cannot load the model from gpt3: unknown model"):
+        GPT.from_pretrained("gpt3")
 
 
 # The modern options keep every contract: causality, cache equivalence, SDPA equivalence.

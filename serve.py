@@ -1,0 +1,144 @@
+"""Serving many prompts at once, in miniature: a few rows ("slots") decode together, and a slot
+whose row has ended takes the next waiting prompt at once ("continuous batching").
+
+    python sample.py --prompts=prompts.txt --batch_size=4 --temperature=0
+
+Why batch: decoding one token reads every weight to do 2 FLOPs with each (README, "What inference
+costs"), so rows decoded together share that read and cost little more than one. Why refill:
+rows end at different times (at <|endoftext|>, or at their max_new_tokens). A static batch runs
+until its longest row ends, its finished slots idle and the prompts behind it wait; here a
+finished slot takes the next prompt on the very next step.
+
+How every row stays exactly what it would be alone (in float32; 16-bit rounding differs between
+batch shapes, and a near-tie between two tokens may then flip):
+- A newcomer's prompt is prefilled alone, as a lone run starts: one forward over its last
+  block_size tokens into a fresh cache, whose keys and values are copied into its slot's row of
+  the batch's caches. No padding: a row's columns hold its own tokens from column 0 on.
+- A decode step feeds every slot one token at its own position, the length of its row; the
+  cache writes each row's key and value at that column, and the mask lets each row see its
+  columns up to there, never another row's or a stale one.
+- A row whose cache is full (block_size tokens) is prefilled again from its last block_size
+  tokens, as GPT.generate_tokens rebuilds its cache past block_size.
+The decode step has one shape whatever the rows hold, (slots, 1) tokens into caches of
+block_size columns, so torch.compile compiles it once; on CUDA, mode="reduce-overhead" also
+captures it as a CUDA graph, replayed for every token without launching each kernel.
+
+What a real server adds, and why:
+- Paged caches (vLLM's PagedAttention). Here each slot holds block_size columns whether its row
+  uses ten or all of them, and this memory, not compute, bounds the batch. Pages of some 16
+  tokens, handed out as rows grow, fit several times more rows in the same memory.
+- Scheduling. Requests arrive over time, not as a list known at the start; admission follows
+  the memory left, with priorities and fairness; a row is preempted (its cache dropped and
+  recomputed later) when memory runs out; long prompts are prefilled in chunks mixed into the
+  decode steps, so that one long prompt does not stall every other row's next token. Here each
+  newcomer is prefilled alone, which is exact and simple but leaves the others waiting.
+- Prefix reuse. Prompts that begin alike (a system prompt, a few-shot preamble) share the cached
+  keys and values of that beginning instead of prefilling it again: a radix tree of cached
+  prefixes (SGLang) or hashed pages (vLLM).
+"""
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from model import KVCache, sample_next
+
+
+@dataclass
+class Request:
+    ids: list[int]  # the prompt's token ids, at least one; a lone run reads its last block_size
+    max_new_tokens: int  # tokens drawn at most (an <|endoftext|> drawn ends it sooner)
+    generator: torch.Generator | None = None  # its own draws, whichever slot it takes
+
+
+@dataclass
+class Row:
+    request: int  # which request the slot is serving
+    tokens: list[int]  # its prompt and the tokens drawn so far
+    cached: int = 0  # how many of them the slot's cache holds
+    drawn: int = 0
+
+
+class Slots:
+    """The batch's caches, one row per slot, and the two ways of filling them."""
+
+    def __init__(self, model, slots, compile=False):
+        cfg, device = model.config, next(model.parameters()).device
+        self.model, self.slots, self.compiled = model, slots, compile
+        self.cols = torch.zeros(slots, dtype=torch.long, device=device)  # where each row writes
+        self.caches = [KVCache(cfg.block_size, self.cols) for _ in range(cfg.n_layer)]
+        self.keys = torch.arange(cfg.block_size, device=device)
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs
+        self.decode = torch.compile(self._decode, mode=mode) if compile else self._decode
+
+    def _decode(self, tokens):
+        """Next-token logits (slots, vocab) after one token per slot, tokens (slots, 1), each
+        at its row's own position, cols."""
+        seen = (self.keys <= self.cols[:, None]).view(self.slots, 1, 1, -1)  # (B, 1, T, keys)
+        x = self.model.hidden_states(tokens, self.caches, self.cols[:, None], seen)
+        return self.model.lm_head(x[:, -1])
+
+    def prefill(self, slot, ids):
+        """Run ids (B=1) alone into a fresh cache, as a lone run does; copy its keys and values
+        into slot's row; return the next-token logits (1, vocab)."""
+        cfg = self.model.config
+        alone = [KVCache(cfg.block_size) for _ in range(cfg.n_layer)]
+        idx = torch.tensor([ids], dtype=torch.long, device=self.cols.device)
+        logits = self.model.lm_head(self.model.hidden_states(idx, alone)[:, -1])
+        for cache, own in zip(self.caches, alone):
+            if cache.k is None:  # allocated on first use, in the dtype the forward used
+                cache.k = own.k.new_zeros(self.slots, *own.k.shape[1:])
+                cache.v = own.v.new_zeros(self.slots, *own.v.shape[1:])
+                if self.compiled:  # the same buffers every step: a CUDA graph may keep them
+                    torch._dynamo.mark_static_address(cache.k)
+                    torch._dynamo.mark_static_address(cache.v)
+            cache.k[slot], cache.v[slot] = own.k[0], own.v[0]
+        return logits
+
+
+@torch.no_grad()
+def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=None,
+          compile=False, admitted=None):
+    """Yield (request index, token id) as each token is drawn, continuing every request's
+    prompt, slots rows at a time, a freed slot taking the next request in order. A request
+    ends after its max_new_tokens, or at eot, which is not yielded. admitted, a list, receives
+    (step, slot, request) at each admission; a step draws one token for every busy slot.
+
+    Each request's tokens are those GPT.generate_tokens draws for it alone (greedy, float32),
+    whatever the other rows hold: see this file's docstring."""
+    block = model.config.block_size
+    batch = Slots(model, slots, compile)
+    waiting = deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
+    rows, step = [None] * slots, 0
+    while waiting or any(rows):
+        logits = {}  # slot: its next-token logits, (1, vocab)
+        for s in range(slots):  # prefill: newcomers, and rows whose cache is full
+            if rows[s] is None and waiting:
+                i = waiting.popleft()
+                rows[s] = Row(i, list(requests[i].ids))
+                if admitted is not None:
+                    admitted.append((step, s, rows[s].request))
+            row = rows[s]
+            if row is not None and row.cached in (0, block):
+                logits[s] = batch.prefill(s, row.tokens[-block:])
+                row.cached = min(len(row.tokens), block)
+        decoding = [s for s, row in enumerate(rows) if row is not None and s not in logits]
+        if decoding:  # one step for every slot, its shape fixed; see _decode
+            # A slot that does not decode writes a stray key and value where its next token
+            # will go, or, if full or free, where its next prefill will write: none is read.
+            batch.cols.copy_(torch.tensor([min(r.cached, block - 1) if r else 0 for r in rows]))
+            tokens = torch.tensor([[r.tokens[-1] if r else 0] for r in rows])
+            out = batch.decode(tokens.to(batch.cols.device))
+            for s in decoding:
+                logits[s] = out[s:s + 1]
+                rows[s].cached += 1
+        for s in sorted(logits):
+            row, request = rows[s], requests[rows[s].request]
+            token = sample_next(logits[s], temperature, top_k, top_p, request.generator).item()
+            row.tokens.append(token)
+            row.drawn += 1
+            if token == eot or row.drawn == request.max_new_tokens:
+                rows[s] = None  # the slot is free for the next step's prefill
+            if token != eot:
+                yield row.request, token
+        step += 1

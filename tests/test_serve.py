@@ -1,0 +1,162 @@
+"""Many prompts at once (serve.py, sample.py --prompts): every row is exactly its lone run.
+
+The reference is GPT.generate_tokens on one prompt, greedy, in float32 on the CPU, where a row of
+a batch and a lone run agree to rounding and so draw the same tokens.
+"""
+import functools
+import io
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch._dynamo.utils
+
+import bench
+import sample
+from checkpoint import save_checkpoint
+from config import parse_config
+from model import GPT, GPTConfig
+from serve import Request, serve
+
+BLOCK = 48
+
+
+def tiny(**options):
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=BLOCK, vocab_size=50, n_layer=2, n_head=2, n_embd=32, **options)
+    return GPT(config).eval()
+
+
+def alone(model, ids, max_new_tokens, eot=None):
+    """The greedy tokens of one prompt decoded by itself, up to (not including) eot."""
+    new = [int(t) for t in model.generate_tokens(torch.tensor([ids]), max_new_tokens,
+                                                  temperature=0)]
+    return new[:new.index(eot)] if eot in new else new
+
+
+def served(model, requests, slots, **options):
+    out = [[] for _ in requests]
+    for i, token in serve(model, requests, slots, temperature=0, **options):
+        out[i].append(token)
+    return out
+
+
+def prompts(*lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(50, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("options", [{}, dict(rope=True, qk_norm=True)],
+                         ids=["learned_positions", "rope_qk_norm"])
+def test_batched_greedy_rows_equal_lone_runs(options):
+    model = tiny(**options)
+    # 60 is longer than block_size (cut to its last 48 tokens, as a lone run cuts it), and
+    # 40 + 20 new tokens run past it: those rows rebuild their caches as they go.
+    cases = prompts(1, 7, 40, 60)
+    rows = served(model, [Request(ids, 20) for ids in cases], slots=4)
+    assert rows == [alone(model, ids, 20) for ids in cases]
+
+
+def test_seven_prompts_through_three_slots():
+    model = tiny()
+    cases = prompts(5, 1, 12, 30, 7, 3, 20, seed=2)
+    # A token that prompt 0's lone run draws early serves as <|endoftext|>: that row ends
+    # there, and its slot must take the next waiting prompt at once.
+    eot = alone(model, cases[0], 3)[-1]
+    expected = [alone(model, ids, 25, eot) for ids in cases]
+    admitted = []
+    assert served(model, [Request(ids, 25) for ids in cases], 3, eot=eot,
+                  admitted=admitted) == expected
+    # Each request takes one step per token it draws (its <|endoftext|> too): the slot that
+    # frees first takes the next one, the lower slot on a tie.
+    draws = [min(len(e) + 1, 25) for e in expected]
+    free_at, order = [0, 0, 0], []
+    for request, n in enumerate(draws):
+        slot = min(range(3), key=lambda s: (free_at[s], s))
+        order.append((free_at[slot], slot, request))
+        free_at[slot] += n
+    assert admitted == order
+    # Continuous, not static: prompt 3 started before the first three had all ended.
+    assert draws[0] < 25 and admitted[3][0] < max(draws[:3])
+
+
+def test_compiled_decode_compiles_once_and_draws_the_same_tokens(monkeypatch):
+    # The "aot_eager" backend traces with dynamo and functionalizes the cache writes as the
+    # default one does, without its minute of C++ compilation on a CPU: recompilations are
+    # dynamo's to decide, whichever backend runs the graph.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    model = tiny()
+    cases = prompts(3, 11)  # two prompt lengths, 50 tokens each, through two slots
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = served(model, [Request(ids, 50) for ids in cases], 2, compile=True)
+    counters = torch._dynamo.utils.counters
+    assert counters["frames"]["total"] == 1, dict(counters["frames"])  # no recompilation
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert compiled == [alone(model, ids, 50) for ids in cases]
+
+
+@pytest.fixture
+def char_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=4, n_layer=1, n_head=1, n_embd=8))
+    meta = {"tokenizer": "char", "vocab_size": 4, "chars": ["a", "b", "c", "\n"]}
+    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
+                     "meta": meta}, tmp_path / "ckpt.pt")
+    return tmp_path
+
+
+def run_sample(out_dir, *flags):
+    cfg = parse_config(sample.SampleConfig, [f"--out_dir={out_dir}", "--device=cpu",
+                                             "--max_new_tokens=20", *flags])
+    return sample.sample(cfg.validate(), io.StringIO())
+
+
+def test_sampled_rows_repeat_with_the_same_seed(char_checkpoint, tmp_path):
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "ab\\nc"}\n{"prompt": "b"}\n'
+                                            '{"prompt": "cab"}\n')
+    flags = [f"--prompts={tmp_path / 'prompts.jsonl'}", "--num_samples=2", "--temperature=1"]
+    first = run_sample(char_checkpoint, *flags, "--seed=7", "--batch_size=2")
+    assert len(first) == 6 and first[0].startswith("ab\nc") and first[2].startswith("b")
+    # Each sample has its own generator, so neither a rerun nor other slots change it.
+    assert run_sample(char_checkpoint, *flags, "--seed=7", "--batch_size=2") == first
+    assert run_sample(char_checkpoint, *flags, "--seed=7", "--batch_size=5") == first
+    assert run_sample(char_checkpoint, *flags, "--seed=8", "--batch_size=2") != first
+
+
+@pytest.mark.parametrize("name, content, flags, message", [
+    ("p.txt", "", [], "the prompts file {path} holds no prompts"),
+    ("p.txt", "ab\n\nba\n", [], "{path}:2: an empty line; each line is a prompt"),
+    ("p.txt", "ab\nb∑a\n", [], "{path}:2: character '∑' at position 1 is not in the vocab"),
+    ("p.jsonl", '{"prompt": "a"}\n["b"]\n', [], '{path}:2: expected a JSON object {{"prompt"'),
+    ("p.txt", "ab\n", ["--batch_size=0"], "batch_size must be at least 1, got 0"),
+], ids=["empty_file", "empty_line", "unknown_character", "not_an_object", "no_slots"])
+def test_bad_prompts_are_one_line_errors(char_checkpoint, tmp_path, capsys, name, content,
+                                         flags, message):
+    path = tmp_path / name
+    path.write_text(content)
+    status = sample.main([f"--out_dir={char_checkpoint}", "--device=cpu",
+                          f"--prompts={path}", *flags])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert message.format(path=path) in lines[0]
+
+
+def test_bench_serves_the_mix_three_ways(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench.main(["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16",
+                       "--vocab_size=50", "--device=cpu", "--dtype=float32", "--train=false",
+                       "--sample=false", "--serve=true", "--serve_requests=5", "--serve_slots=2",
+                       f"--json_out={out}"]) == 0
+    result = json.loads(out.read_text())["serve"]
+    # Outputs of 1/32, 1/2, 3/32, 1/4 and 1/16 of the 16-token block: 1 (at least), 8, 1, 4, 1.
+    assert result["new_tokens"] == 15
+    assert [(r["way"], r["slots"]) for r in result["rows"]] == [
+        ("one at a time", 1), ("static batches", 2), ("continuous", 2)]
+    for r in result["rows"]:
+        assert r["tokens_per_s"] * r["seconds"] == pytest.approx(15)  # every token was timed
+        assert r["ttft_s"][0] <= r["ttft_s"][1] and r["tpot_s"][0] <= r["tpot_s"][1]
+        # keys and values x 2 layers x 16 positions x 32 channels x 4 bytes, for every slot
+        assert r["kv_cache_bytes"] == r["slots"] * 2 * 2 * 16 * 32 * 4
+    assert "continuous" in capsys.readouterr().out
