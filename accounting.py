@@ -11,6 +11,8 @@ import re
 
 import torch
 
+import runtime
+from config import ConfigError
 from model import GPT, config_from_dict
 
 GIB = 2 ** 30
@@ -126,6 +128,31 @@ def memory_per_rank(cfg, m, world_size=1):
     logit_bytes = 2 + 4 + 4 if act_bytes == 2 else 4 + 4  # float() is a no-op in float32
     parts["logits"] = tokens * m.vocab_size * logit_bytes
     return parts
+
+
+def sampling_memory(m, batch, prompt_tokens, new_tokens, dtype_bytes=4):
+    """Bytes that sampling batch sequences at once needs beyond the weights (an estimate):
+    each sequence's KV cache, allocated whole for block_size positions in every layer; the
+    prompt's activations, one layer at a time (34 * n_embd bytes a token in 16 bits, as in
+    memory_per_rank); the last position's logits with the copies that sampling makes of them
+    (probabilities, sorted for top-k and top-p: 4 fp32 copies); and the tokens, as int64."""
+    T = min(prompt_tokens, m.block_size)
+    per_sequence = (2 * m.n_layer * m.block_size * m.n_embd * dtype_bytes
+                    + T * 34 * m.n_embd * dtype_bytes // 2
+                    + 4 * 4 * m.vocab_size + 8 * (prompt_tokens + new_tokens))
+    return batch * per_sequence
+
+
+def check_sampling_memory(m, batch, prompt_tokens, new_tokens, device, dtype):
+    """Refuse, before anything is allocated, to sample more sequences at once than the
+    device's memory holds (sampling_memory, with the weights)."""
+    need = (sampling_memory(m, batch, prompt_tokens, new_tokens, dtype.itemsize)
+            + 4 * num_params(m, non_embedding=False))
+    have = runtime.device_memory(device)
+    if have and need > have:
+        raise ConfigError(f"sampling {batch:,} sequences at once needs about "
+                          f"{need / GIB:,.1f} GiB (accounting.sampling_memory), more than the "
+                          f"{have / GIB:,.1f} GiB that {device} has: lower num_samples")
 
 
 # GPU memory sizes, in GB of 10^9 bytes, and the boards that have them (NVIDIA's datasheets).

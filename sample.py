@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+import accounting
 import runtime
 from checkpoint import CheckpointError, load_model
-from config import ConfigError, check_dtype, run_main
+from config import ConfigError, check_dtype, check_seed, run_main
 from tokenizer import TokenizerError, tokenizer_from_meta
 
 
@@ -44,6 +45,7 @@ class SampleConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         check_dtype(self.dtype)
+        check_seed(self.seed)
         return self
 
 
@@ -97,6 +99,8 @@ def sample(cfg, out=sys.stdout):
     if len(ids) > model.config.block_size:
         print(f"note: the prompt's {len(ids)} tokens are cut to the model's last "
               f"{model.config.block_size}", file=sys.stderr)
+    accounting.check_sampling_memory(model.config, cfg.num_samples, len(ids),
+                                     cfg.max_new_tokens, device, dtype)
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     options = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
