@@ -156,7 +156,7 @@ def load_checkpoint(path, map_location="cpu", resume=False):
         # weights_only names the first class or function the file asks for (torch 2.13 says
         # "unsupported GLOBAL posix.system whose module posix is blocked", older ones
         # "Unsupported global: GLOBAL ..."); anything else it cannot parse is damage.
-        code = re.search(r"(?i)unsupported global:? GLOBAL (\S+)", str(e))
+        code = re.search(r"(?i)unsupported (?:global: )?GLOBAL (\S+)", str(e))
         if code:
             raise CheckpointError(
                 f"{path}: refused to load: it carries code (it asks to import "
