@@ -34,12 +34,31 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, unsafe or incompatible."""
 
 
-def save_checkpoint(state, path):
+def save_checkpoint(state, path, world_size=1):
     """Write state to path so that a crash at any moment leaves the old file intact.
 
     The new file is written beside the old one, flushed to disk, then renamed over it:
     os.replace is atomic on one filesystem, so readers see the old file or the new one. A
-    write that fails (a full disk) is a CheckpointError, and the old file is still there."""
+    write that fails (a full disk) is a CheckpointError, and the old file is still there.
+    Under torchrun every rank calls this, rank 0 alone with a state to write: its failure is
+    raised on every rank, so that all stop with the same one line, instead of the others
+    failing with a traceback in their next collective once rank 0 has exited."""
+    error = None
+    if state is not None:
+        try:
+            _write(state, path)
+        except CheckpointError as e:
+            error = str(e)
+    if world_size > 1:
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise CheckpointError(error)
+
+
+def _write(state, path):
+    """save_checkpoint's write: a temporary file beside path, then renamed over it."""
     folder = os.path.dirname(os.path.abspath(path))
     for stale in glob.glob(os.path.join(folder, ".ckpt-*.tmp")):
         os.unlink(stale)  # left by a save that was killed midway; only rank 0 writes here
