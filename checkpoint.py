@@ -234,9 +234,10 @@ def check_fields(ckpt, path, resume=False):
     if not (isinstance(optimizer.get("state"), dict)
             and isinstance(optimizer.get("param_groups"), list)):
         refuse("its optimizer entry has no 'state' dict and 'param_groups' list")
-    for setting in dataclasses.fields(TrainConfig):  # the run's settings, which resume takes
-        value = ckpt.get("config", {}).get(setting.name, setting.default)
-        if not _is_a(value, setting.type):
+    saved = ckpt.get("config", {})  # the run's settings, which resume takes
+    for setting in dataclasses.fields(TrainConfig):
+        value = saved.get(setting.name)
+        if setting.name in saved and not _is_a(value, setting.type):
             kind = getattr(setting.type, "__name__", setting.type)
             refuse(f"config.{setting.name} is {_short(value)}, not {kind}")
     args = ckpt.get("model_args", {})

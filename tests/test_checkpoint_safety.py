@@ -4,11 +4,8 @@ A fresh --overwrite=true run leaves nothing of the old run to resume; the newer 
 last.pt is found from their indexes alone; a damaged last.pt does not stand in the way of a
 good ckpt.pt; a full disk is one line on every rank, with the old checkpoint and the log kept.
 """
-import errno
-import json
 import os
 import subprocess
-import sys
 import zipfile
 
 import pytest
