@@ -41,7 +41,7 @@ import torch
 import accounting
 import parallel
 import runtime
-from config import ConfigError, TrainConfig, help_text, parse_config
+from config import ConfigError, TrainConfig, check_output_file, help_text, parse_config
 from dataset import DataError, load_meta
 from model import GPT, KVCache, config_from_dict, sample_next
 from serve import Request, serve
@@ -72,6 +72,7 @@ class BenchConfig(TrainConfig):
 
     def validate(self):
         super().validate()
+        check_output_file("json_out", self.json_out)  # before the benchmark, not after it
         for name in ("timed_steps", "prompt_tokens", "max_new_tokens", "sample_repeats",
                      "serve_requests", "serve_slots"):
             if getattr(self, name) < 1:

@@ -8,17 +8,22 @@ with torch.load(weights_only=True): a file from the internet can hold data, neve
 GPT-2's files are held to the same rule: safetensors is parsed here (it is data only), and
 pytorch_model.bin loads with weights_only too.
 """
+import dataclasses
 import glob
+import io
 import json
 import math
 import os
 import pickle
 import re
-import tempfile
+import sys
+import uuid
 import warnings
+import zipfile
 
 import torch
 
+from config import TrainConfig
 from model import GPT, config_from_dict
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -29,27 +34,53 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, unsafe or incompatible."""
 
 
-def save_checkpoint(state, path):
+def save_checkpoint(state, path, world_size=1):
     """Write state to path so that a crash at any moment leaves the old file intact.
 
     The new file is written beside the old one, flushed to disk, then renamed over it:
-    os.replace is atomic on one filesystem, so readers see the old file or the new one."""
+    os.replace is atomic on one filesystem, so readers see the old file or the new one. A
+    write that fails (a full disk) is a CheckpointError, and the old file is still there.
+    Under torchrun every rank calls this, rank 0 alone with a state to write: its failure is
+    raised on every rank, so that all stop with the same one line, instead of the others
+    failing with a traceback in their next collective once rank 0 has exited."""
+    error = None
+    if state is not None:
+        try:
+            _write(state, path)
+        except CheckpointError as e:
+            error = str(e)
+    if world_size > 1:
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise CheckpointError(error)
+
+
+def _write(state, path):
+    """save_checkpoint's write: a temporary file beside path, then renamed over it."""
     folder = os.path.dirname(os.path.abspath(path))
     for stale in glob.glob(os.path.join(folder, ".ckpt-*.tmp")):
         os.unlink(stale)  # left by a save that was killed midway; only rank 0 writes here
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
+    tmp = os.path.join(folder, f".ckpt-{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        # Mode 0o666 lets the umask decide, as for any file a program writes (0644 under the
+        # usual umask 022, as nanoGPT's are); tempfile.mkstemp would make it 0600.
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        os.unlink(tmp)
-        if isinstance(e, OSError) or isinstance(e.__cause__, OSError):  # a full disk, say
-            reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
-            raise CheckpointError(f"cannot write the checkpoint {path}: {reason}; the "
-                                  "previous checkpoint there is intact") from None
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        # torch.save turns the writer's OSError (ENOSPC) into a RuntimeError ("unexpected
+        # pos ...") raised while handling it: the OSError is its __context__.
+        error = next((x for x in (e, e.__cause__, e.__context__) if isinstance(x, OSError)), None)
+        if error is not None:
+            raise CheckpointError(f"cannot write the checkpoint {path}: "
+                                  f"{error.strerror or error}; the previous checkpoint there "
+                                  "is intact") from None
         raise
     # Make the rename itself durable (the directory entry), where the OS allows it.
     if hasattr(os, "O_DIRECTORY"):
@@ -60,8 +91,32 @@ def save_checkpoint(state, path):
             os.close(dir_fd)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint with weights_only=True; every failure is a CheckpointError."""
+def check_optimizer_state(state, params, group_sizes):
+    """The saved optimizer state fits this model: params are its (name, whole shape) in the
+    order one process's optimizer numbers them, in groups of group_sizes. A state that does not
+    fit (another shape, other groups) is a CheckpointError: AdamW would take it, and the run
+    diverge many iterations later. Shapes are whole, also where FSDP or TP hold a shard."""
+    groups = state["param_groups"]
+    sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in groups]
+    if sizes != list(group_sizes):
+        raise CheckpointError(f"the checkpoint's optimizer state has groups of {sizes} "
+                              f"parameters; this model's optimizer has {list(group_sizes)}")
+    for i, moments in state["state"].items():
+        if type(i) is not int or not 0 <= i < len(params) or not isinstance(moments, dict):
+            raise CheckpointError(f"the checkpoint's optimizer state has an entry {i!r} for "
+                                  f"no parameter of this model's {len(params)}")
+        name, shape = params[i]
+        for key, value in moments.items():
+            if key != "step" and (not isinstance(value, torch.Tensor) or value.shape != shape):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else _short(value)
+                raise CheckpointError(f"the checkpoint's optimizer state for {name} has "
+                                      f"{key} of shape {got}, the parameter {tuple(shape)}")
+
+
+def load_checkpoint(path, map_location="cpu", resume=False):
+    """Read a checkpoint with weights_only=True; every failure is a CheckpointError. Its fields
+    are checked here, once (check_fields), and with resume=True so are those that continuing
+    a run needs, so that a damaged file fails now, in one line, not later in a traceback."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
@@ -71,21 +126,96 @@ def load_checkpoint(path, map_location="cpu"):
             # resuming a large model do not each hold a whole copy in memory at once.
             state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        # weights_only names the first class or function the file asks for; anything else
-        # it cannot parse is damage, not danger.
-        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # weights_only names the first class or function the file asks for (torch 2.13 says
+        # "unsupported GLOBAL posix.system whose module posix is blocked", older ones
+        # "Unsupported global: GLOBAL ..."); anything else it cannot parse is damage.
+        code = re.search(r"(?i)unsupported (?:global: )?GLOBAL (\S+)", str(e))
         if code:
             raise CheckpointError(
-                f"{path}: refused to load: it asks to import {code.group(1)}, so it could run "
-                "code; a checkpoint holds only tensors and plain data") from None
+                f"{path}: refused to load: it carries code (it asks to import "
+                f"{code.group(1)}); a checkpoint holds only tensors and plain data") from None
         raise CheckpointError(
             f"{path}: corrupt or truncated checkpoint (not a torch file)") from None
     except Exception as e:  # damaged bytes can fail anywhere in the unpickler, in any way
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint "
-                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+                              f"({type(e).__name__}: {_first_sentence(e)})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no 'model' entry)")
+    check_fields(state, path, resume)
     return state
+
+
+def _first_sentence(error, limit=200):
+    """An exception's message on one line, cut at a sentence's or a word's end, not midway."""
+    text = " ".join(str(error).split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    return text[:cut + 1] if cut > 0 else text[:text.rfind(" ", 0, limit)] + " ..."
+
+
+# The entries of a checkpoint and the type each must have; the first three are needed to
+# build the model, the rest to continue training (resume). Checked at load, so that a
+# damaged or hand-edited file is refused in one line before anything is built from it.
+FIELDS = {"model": dict, "model_args": dict, "meta": dict,
+          "optimizer": dict, "iter_num": int, "best_val_loss": (float, int), "config": dict,
+          "scaler": dict, "elapsed_s": (float, int), "origin": str}
+RESUME_FIELDS = ("model_args", "meta", "optimizer", "iter_num", "best_val_loss", "config")
+MAX_PARAMS = 10e9  # as for GPT-2's config.json: GPT-2 XL has 1.6e9; more is a damaged file
+
+
+def check_fields(ckpt, path, resume=False):
+    """Every entry present has its type and a sane value; with resume, every entry that
+    continuing a run needs is present. model_args must describe a model that can be built:
+    positive sizes, and no more than MAX_PARAMS parameters (n_layer=10**6 would take hours
+    to allocate, then fail)."""
+    def refuse(reason):
+        raise CheckpointError(f"{path}: cannot load this checkpoint: {reason}")
+
+    for name in RESUME_FIELDS if resume else ():
+        if name not in ckpt:
+            refuse(f"it has no {name!r} entry, which resuming a run needs")
+    for name, kind in FIELDS.items():
+        value = ckpt.get(name)
+        if name in ckpt and (not isinstance(value, kind) or isinstance(value, bool)):
+            refuse(f"its {name!r} entry is {type(value).__name__} {_short(value)}, "
+                   f"not {getattr(kind, '__name__', 'a number')}")
+    if ckpt.get("iter_num", 0) < 0:
+        refuse(f"iter_num is {ckpt['iter_num']}; it counts iterations done, from 0")
+    if math.isnan(ckpt.get("best_val_loss", 0.0)):
+        refuse("best_val_loss is nan")
+    optimizer = ckpt.get("optimizer", {"state": {}, "param_groups": []})
+    if not (isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        refuse("its optimizer entry has no 'state' dict and 'param_groups' list")
+    saved = ckpt.get("config", {})  # the run's settings, which resume takes
+    for setting in dataclasses.fields(TrainConfig):
+        value = saved.get(setting.name)
+        if setting.name in saved and not _is_a(value, setting.type):
+            kind = getattr(setting.type, "__name__", setting.type)
+            refuse(f"config.{setting.name} is {_short(value)}, not {kind}")
+    args = ckpt.get("model_args", {})
+    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        if name in args and (type(args[name]) is not int or args[name] < 1):
+            refuse(f"model_args.{name} is {_short(args[name])}, not a positive integer")
+    if all(type(args.get(k)) is int for k in ("n_layer", "n_embd", "vocab_size", "block_size")):
+        L, C, V, T = (args[k] for k in ("n_layer", "n_embd", "vocab_size", "block_size"))
+        if 12 * L * C * C + (V + T) * C > MAX_PARAMS:  # the blocks, then the two embeddings
+            refuse(f"model_args describe {12 * L * C * C + (V + T) * C:.2g} parameters; more "
+                   f"than {MAX_PARAMS:.0e} is refused as a damaged file")
+
+
+def _is_a(value, kind):
+    """Whether value is of the setting type kind (a float setting takes an int too)."""
+    if kind is float:
+        kind = (float, int)
+    return isinstance(value, kind) and (isinstance(value, bool) == (kind is bool))
+
+
+def _short(value):
+    """A value as it would be typed, cut short if long."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def model_from_checkpoint(ckpt, path, dropout=0.0):
@@ -112,14 +242,63 @@ def check_finite(model, source):
 
 def latest_checkpoint(out_dir):
     """The checkpoint to resume from: ckpt.pt, or last.pt where a stop wrote one later (a run
-    that keeps only its best model in ckpt.pt saves its stopping point beside it)."""
+    that keeps only its best model in ckpt.pt saves its stopping point beside it). One that
+    cannot be read is passed over, with a note, where the other can: a damaged last.pt does
+    not stand in the way of ckpt.pt."""
     best, last = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "last.pt")
     if not os.path.isfile(last):
         return best
     if not os.path.isfile(best):
         return last
-    newer = load_checkpoint(last)["iter_num"] > load_checkpoint(best)["iter_num"]
-    return last if newer else best
+    iters = {}
+    for path in (best, last):
+        try:
+            iters[path] = checkpoint_iteration(path)
+        except CheckpointError as e:
+            print(f"note: passed over {e}", file=sys.stderr)
+    # On a tie ckpt.pt, the first, wins; where neither reads, loading ckpt.pt says why.
+    return max(iters, key=iters.get) if iters else best
+
+
+def checkpoint_iteration(path):
+    """A checkpoint's iter_num, read without its tensors.
+
+    torch.save writes a zip archive: data.pkl, the pickled dict, whose tensors are references
+    to records of their own (data/0, data/1, ...). Only data.pkl is read here: a few kB, where
+    torch.load would rebuild every tensor, two whole checkpoints (38 GB for GPT-2 XL) to
+    compare two integers. (A file beside each checkpoint holding its iteration would be
+    cheaper still, but could disagree with the checkpoint after a crash between the two.)
+    The unpickler imports nothing: every class or function named in the file becomes an
+    inert stand-in, so this runs no code from the file either."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            index = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            ckpt = _Index(io.BytesIO(archive.read(index))).load()
+    except Exception as e:  # not a zip, no data.pkl, or damage anywhere in it
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint "
+                              f"({type(e).__name__}: {_first_sentence(e)})") from None
+    iter_num = ckpt.get("iter_num") if isinstance(ckpt, dict) else None
+    if type(iter_num) is not int or iter_num < 0:
+        raise CheckpointError(f"{path}: cannot load this checkpoint: its iter_num is "
+                              f"{_short(iter_num)}, not a count of iterations")
+    return iter_num
+
+
+class _Inert(dict):
+    """What every class, function and tensor of a checkpoint's index unpickles to: a dict
+    (state dicts are OrderedDicts, filled item by item) that takes any arguments and any
+    attributes, and does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+
+class _Index(pickle.Unpickler):
+    def find_class(self, module, name):
+        return _Inert
+
+    def persistent_load(self, pid):  # a tensor's storage, in a record not read here
+        return None
 
 
 def load_model(init_from, out_dir="out", dropout=0.0):

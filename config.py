@@ -7,6 +7,7 @@ setting's type, is a ConfigError naming the key (and the closest valid one). Not
 """
 import difflib
 import inspect
+import os
 import re
 import sys
 import tomllib
@@ -22,6 +23,23 @@ def check_dtype(dtype):
     """The dtype settings of every script take the same four words."""
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+
+
+def check_seed(seed):
+    """torch's generators take a seed from 0 to 2**63 - 1 (a signed 64-bit integer)."""
+    if not 0 <= seed < 2 ** 63:
+        raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {seed}")
+
+
+def check_output_file(name, path):
+    """The file setting name says to write can be written: its folder exists and takes files.
+    Checked at the start, so that a typo does not cost a whole benchmark or plot first."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{name}: cannot write {path}: the folder {folder} does not exist")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"{name}: cannot write {path}: "
+                          + ("it is a folder" if os.path.isdir(path) else "permission denied"))
 
 
 @dataclass
@@ -96,6 +114,9 @@ class TrainConfig:
                      "grad_clip", "max_iters", "warmup_iters", "lr_decay_iters"]:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.decay_lr and self.min_lr > self.learning_rate:  # the decay would climb
+            raise ConfigError(f"min_lr ({self.min_lr:g}) must not exceed learning_rate "
+                              f"({self.learning_rate:g}), the rate it decays from")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

@@ -18,6 +18,7 @@ import accounting
 from accounting import GIB, PEAK_FLOPS
 from config import ConfigError, TrainConfig, run_main
 from dataset import GPT2_VOCAB_SIZE, DataError, load_meta
+from startup import check_divisible
 
 # Rated board power in watts (the form factor's maximum TDP), for energy estimates. Sources:
 # the datasheets of accounting.PEAK_FLOPS; V100 is the SXM2 board; the RTX 4090's is its total
@@ -38,7 +39,12 @@ class EstimateConfig(TrainConfig):
             raise ConfigError(f"gpus must be at least 1, got {self.gpus}")
         if not 0 < self.mfu <= 1:
             raise ConfigError(f"mfu must be in (0, 1], got {self.mfu}")
-        return super().validate()
+        if self.fsdp and self.dtype == "float16":  # as train.py refuses it (runtime.check_fsdp)
+            raise ConfigError("fsdp=true does not take float16: use --dtype=bfloat16 "
+                              "(or float32)")
+        super().validate()
+        check_divisible(self, self.gpus)  # as train.py would refuse the run
+        return self
 
 
 def cost(cfg, world_size, m, mfu=0.4):
@@ -79,8 +85,10 @@ def memory_table(cfg, world_size, m):
              "sent: GiB each GPU sends per iteration (accounting.communication_per_step)",
              f"{'':<6}{'checkpointing':<15}{'state':>7}{'activations':>13}{'logits':>8}"
              f"{'total':>8}{'sent':>8}  fits GPUs of (GB)"]
-    layouts = [(False, 1), (True, 1)] if world_size > 1 else [(False, 1)]
-    if cfg.tp > 1:
+    # FSDP and TP do not take float16 (parallel.check): no row for what train.py refuses.
+    sharded = world_size > 1 and cfg.dtype != "float16"
+    layouts = [(False, 1), (True, 1)] if sharded else [(False, 1)]
+    if cfg.tp > 1 and sharded:
         layouts.append((world_size > cfg.tp, cfg.tp))
     for (fsdp, tp), checkpointing in itertools.product(layouts, (False, True)):
         run = replace(cfg, fsdp=fsdp, tp=tp, activation_checkpointing=checkpointing)
@@ -111,9 +119,9 @@ def print_estimate(cfg):
     """The model's shape comes from the settings and the dataset's vocabulary, padded as a run
     from scratch pads it; a dataset not prepared yet is taken to use GPT-2's."""
     data_dir = cfg.data_dir or str(Path(__file__).resolve().parent / "data" / cfg.dataset)
-    try:
+    if Path(data_dir, "meta.json").exists():  # a damaged one is an error, not GPT-2's
         vocab_size = load_meta(data_dir)["vocab_size"]
-    except DataError:
+    else:
         vocab_size = GPT2_VOCAB_SIZE
         print(f"(dataset {cfg.dataset} not prepared: assuming GPT-2's vocabulary)")
     m = accounting.model_shape(cfg, vocab_size)
@@ -124,7 +132,7 @@ def print_estimate(cfg):
 
 def main(argv=None):
     return run_main(EstimateConfig, print_estimate, sys.argv[1:] if argv is None else argv,
-                    __doc__)
+                    __doc__, (DataError,))
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ def load_examples(path, limit=None):
                     continue
                 try:
                     ex = json.loads(line)
-                    ok = (isinstance(ex["ctx"], str) and ex["label"] in range(4)
+                    # type(): true and 3.0 are `in range(4)` too; a string has 4 characters
+                    ok = (isinstance(ex["ctx"], str) and type(ex["label"]) is int
+                          and 0 <= ex["label"] < 4 and isinstance(ex["endings"], list)
                           and len(ex["endings"]) == 4
                           and all(isinstance(e, str) for e in ex["endings"]))
                 except (ValueError, KeyError, TypeError):

@@ -49,8 +49,10 @@ class MetricsLog:
         self.peak = accounting.peak_flops(run.device, run.dtype)  # None where unknown
         if run.rank == 0:
             self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
-            # a fresh run starts its log; a resumed run, or an evaluation, adds to it
-            resumed = run.iter_num > 0 or cfg.eval_only
+            # A fresh run starts its log; a resumed run, or an evaluation, adds to it. Resumed
+            # is what setup decided, not iter_num > 0: a run resumed from its checkpoint of
+            # iteration 0 (saved before a full disk ended it) must not empty its log.
+            resumed = cfg.init_from == "resume" or run.iter_num > 0 or cfg.eval_only
             try:
                 if resumed and os.path.exists(self.path):
                     drop_partial_line(self.path)

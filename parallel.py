@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from checkpoint import check_optimizer_state
 from runtime import DeviceError
 
 
@@ -207,13 +208,17 @@ def training_state(model, optimizer, layout):
 
 
 def load_optimizer_state(model, optimizer, state, layout):
-    """Load a checkpoint's optimizer state, whichever way the run is spread over ranks now."""
+    """Load a checkpoint's optimizer state, whichever way the run is spread over ranks now,
+    once it is checked to fit the model (checkpoint.check_optimizer_state)."""
+    names, decay = _names(model)
+    shapes = dict((name, p.shape) for name, p in model.named_parameters())  # whole, as DTensors
+    check_optimizer_state(state, [(n, shapes[n]) for n in names],
+                          [n for n in (len(decay), len(names) - len(decay)) if n])
     if not layout.sharded:
         return optimizer.load_state_dict(state)
     if not state["state"]:  # saved before the first step: a new optimizer is the same
         return
     from torch.distributed.checkpoint import state_dict as dcp
-    names, _ = _names(model)
     by_name = _gpt2_order({names[i]: s for i, s in state["state"].items()}, layout.tp, True)
     name_of = {param: name for name, param in model.named_parameters()}
     groups = [{**g, "params": [name_of[p] for p in g["params"]]} for g in optimizer.param_groups]

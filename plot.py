@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from config import ConfigError, TrainConfig, parse_config, run_main
+from config import ConfigError, TrainConfig, check_output_file, parse_config, run_main
 from step import get_lr
 
 
@@ -46,16 +46,25 @@ def read_curves(run_dir):
     iteration. Where a resumed run logged an iteration again, its later row wins."""
     path = os.path.join(run_dir, "metrics.jsonl")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             lines = [line for line in f if line.strip()]
     except OSError as e:
         raise PlotError(f"cannot read {path}: {e.strerror}") from None
-    rows = []
+    except UnicodeDecodeError as e:
+        raise PlotError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): not a "
+                        "metrics file of train.py") from None
+    rows, damaged = [], 0
     for line in lines:
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a killed process: skip it
-            print(f"note: skipped a damaged line in {path}", file=sys.stderr)
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed process
+            row = None
+        if _is_row(row):
+            rows.append(row)
+        else:
+            damaged += 1
+    if damaged:
+        print(f"note: skipped {damaged} damaged line(s) in {path}", file=sys.stderr)
     train = {r["iter"]: r for r in rows if "loss" in r}
     val = {r["iter"]: r for r in rows if "val_loss" in r}
     if not train and not val:
@@ -70,6 +79,16 @@ def read_curves(run_dir):
     return ([(it, s, train[it]["loss"]) for it, s in zip(iters[1:], seconds[1:])],
             [(it, float(np.interp(it, iters, seconds)), val[it]["val_loss"])
              for it in sorted(val)])
+
+
+def _is_row(row):
+    """Whether row is one train.py writes: an object with an integer iter and, for the losses
+    drawn, numbers: loss with ms (a training row), or val_loss (an evaluation)."""
+    def number(key):
+        return isinstance(row.get(key), (int, float)) and not isinstance(row[key], bool)
+    return (isinstance(row, dict) and type(row.get("iter")) is int
+            and ((number("loss") and number("ms")) or number("val_loss")
+                 or not ({"loss", "val_loss"} & row.keys())))
 
 
 def lr_schedule(config_path):
@@ -126,6 +145,7 @@ def plot(run_dirs, cfg):
     runs = {label: read_curves(d) for label, d in zip(labels, run_dirs)}
     schedule = lr_schedule(cfg.lr_config) if cfg.lr_config else None
     out = cfg.out or (os.path.join(run_dirs[0], "loss.png") if run_dirs else "lr_schedule.png")
+    check_output_file("out", out)
     draw(runs, schedule, out)
     print(f"wrote {out}")
 

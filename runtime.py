@@ -143,6 +143,12 @@ def setup_distributed(requested_device="auto", backend="auto", timeout_s=600):
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device_type(device) == "cuda" else "gloo"
+    if not torch.distributed.is_backend_available(backend):
+        raise DeviceError(f"backend {backend!r} is not available in this PyTorch build: use "
+                          "auto, gloo (CPUs) or nccl (CUDA GPUs)")
+    if backend == "nccl" and device_type(device) != "cuda":
+        raise DeviceError(f"backend nccl connects CUDA GPUs, and this run is on {device}: "
+                          "use --backend=gloo, or auto")
     timeout = datetime.timedelta(seconds=timeout_s)
     store = None
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":

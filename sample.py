@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+import accounting
 import runtime
 from checkpoint import CheckpointError, load_model
-from config import ConfigError, check_dtype, run_main
+from config import ConfigError, check_dtype, check_seed, run_main
 from serve import Request, serve
 from tokenizer import TokenizerError, tokenizer_from_meta
 
@@ -54,6 +55,7 @@ class SampleConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         check_dtype(self.dtype)
+        check_seed(self.seed)
         return self
 
 
@@ -134,11 +136,14 @@ def sample(cfg, out=sys.stdout):
     start = read_text(cfg.start[5:]) if cfg.start.startswith("FILE:") else cfg.start
     prompts = read_prompts(cfg.prompts) if cfg.prompts else [("prompt", start)]
     ids = [encode(tokenizer, text, where, model.config.block_size) for where, text in prompts]
+    samples = len(ids) * cfg.num_samples
+    accounting.check_sampling_memory(model.config, min(cfg.batch_size, samples), samples,
+                                     max(map(len, ids)), cfg.max_new_tokens, device, dtype)
     # Sample k of the output draws from its own generator, seeded seed + k: its text does not
     # depend on batch_size, nor on which rows shared its steps, and the same seed repeats it.
     requests = [Request(ids[k // cfg.num_samples], cfg.max_new_tokens,
                         torch.Generator(device=device).manual_seed((cfg.seed + k) % 2 ** 64))
-                for k in range(len(ids) * cfg.num_samples)]
+                for k in range(samples)]
     drawn = serve(model, requests, cfg.batch_size, cfg.temperature, cfg.top_k, cfg.top_p,
                   tokenizer.eot_token, cfg.compile)
     with runtime.autocast(device, dtype):

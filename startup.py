@@ -54,6 +54,9 @@ def check_divisible(cfg, world_size):
 
 def check_writable(out_dir):
     """Create out_dir and prove a file can be written there, before any work is done."""
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):  # makedirs: "File exists"
+        raise ConfigError(f"out_dir {out_dir} is a symbolic link to {os.readlink(out_dir)}, "
+                          "which does not exist: create that folder, or remove the link")
     try:
         os.makedirs(out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
@@ -64,7 +67,9 @@ def check_writable(out_dir):
 def resolve_init(cfg, rank, world_size):
     """(init_from, checkpoint path) as this run takes them: auto is resume if out_dir holds a
     checkpoint, else scratch; --eval_only evaluates the run's checkpoint unless it names
-    pretrained weights. A fresh run refuses to overwrite a checkpoint.
+    pretrained weights. A fresh run refuses to overwrite a checkpoint; with --overwrite=true
+    it deletes the old run's checkpoints, ckpt.pt and last.pt, so that nothing of that run is
+    resumed or sampled from later (last.pt, of a later iteration, would win over ours).
 
     Rank 0 decides from what its disk holds and tells the others: on several machines, a node
     without the checkpoint would otherwise start afresh while the rest resume, and their
@@ -85,6 +90,10 @@ def resolve_init(cfg, rank, world_size):
         elif decision[0] != "resume" and exists and not cfg.overwrite:
             decision[2] = (f"{path} already exists: pass --init_from=resume to continue it, "
                            "or --overwrite=true to start afresh over it")
+        elif decision[0] != "resume" and not cfg.eval_only:
+            for name in ("ckpt.pt", "last.pt"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(cfg.out_dir, name))
     if world_size > 1:
         torch.distributed.broadcast_object_list(decision, src=0)
     init_from, path, error = decision
@@ -233,7 +242,7 @@ def setup(cfg, named=()):
     init_from, ckpt_path = resolve_init(cfg, rank, world_size)
     cfg, ckpt = replace(cfg, init_from=init_from), None
     if init_from == "resume":  # the run goes on with its own settings, from its checkpoint
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, resume=True)
         cfg = resumed_settings(cfg, ckpt.get("config", {}), named)
     dtype, ctx, scaler = runtime.training_precision(cfg.dtype, device, cfg.deterministic)
     if cfg.fsdp:

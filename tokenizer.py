@@ -94,11 +94,9 @@ def load_gpt2_encoding(vocab_path: str | None) -> tiktoken.Encoding:
     if not os.path.isfile(vocab_path):
         raise FileNotFoundError(f"GPT-2 vocabulary {vocab_path} (from GPT2_VOCAB) is not a file")
     with open(vocab_path, encoding="utf-8") as f:
-        encoder = json.load(f)
-    if len(encoder) != 50257 or encoder.get(EOT) != 50256:
-        raise ValueError(f"{vocab_path} is not GPT-2's encoder.json: expected 50257 tokens "
-                         f"with {EOT} = 50256")
+        encoder = json.load(f)  # a damaged file: ValueError (JSON, or UTF-8), as below
     byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+    check_gpt2_encoder(encoder, byte_of, vocab_path)
     # GPT-2 numbers its tokens in the order their merges were learned, so a token's id is its
     # merge rank and tiktoken needs no merges.txt: it merges the pair whose result ranks lowest.
     ranks = {bytes(byte_of[ch] for ch in token): i for token, i in encoder.items() if token != EOT}
@@ -109,6 +107,26 @@ def load_gpt2_encoding(vocab_path: str | None) -> tiktoken.Encoding:
         special_tokens={EOT: 50256},
         explicit_n_vocab=50257,
     )
+
+
+def check_gpt2_encoder(encoder, byte_of, vocab_path):
+    """ValueError unless encoder is GPT-2's {token: id}: 50257 tokens spelled in GPT-2's byte
+    alphabet (byte_of's keys), ids 0-50256 each used once, <|endoftext|> the last. tiktoken
+    would otherwise fail on it with a traceback, or quietly encode with a wrong vocabulary."""
+    def refuse(reason):
+        raise ValueError(f"{vocab_path} is not GPT-2's encoder.json: {reason}")
+
+    if not isinstance(encoder, dict):
+        refuse(f"it holds a JSON {type(encoder).__name__}, not an object of tokens and ids")
+    if len(encoder) != 50257 or encoder.get(EOT) != 50256:
+        refuse(f"expected 50257 tokens with {EOT} = 50256")
+    for token, i in encoder.items():
+        if type(i) is not int:
+            refuse(f"token {token!r} has the id {i!r}, not an integer")
+        if token != EOT and not (token and all(ch in byte_of for ch in token)):
+            refuse(f"token {token!r} has a character outside GPT-2's byte alphabet")
+    if set(encoder.values()) != set(range(50257)):
+        refuse("its ids are not 0 to 50256, each once (an id is used twice)")
 
 
 def gpt2_merges(encoder: dict[str, int]) -> list[tuple[str, str]]:

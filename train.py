@@ -94,13 +94,15 @@ def save(run, iter_num, log, name="ckpt.pt"):
     rank calls this: under FSDP or TP each contributes its shards to the whole tensors saved."""
     model_state, optimizer_state = parallel.training_state(run.raw_model, run.optimizer,
                                                            run.layout)
+    state = None  # the other ranks only learn whether rank 0's write succeeded
     if run.rank == 0:
-        save_checkpoint({
+        state = {
             "model": model_state, "optimizer": optimizer_state,
             "scaler": run.scaler.state_dict(), "config": asdict(run.cfg),
             "model_args": asdict(run.raw_model.config), "meta": run.meta, "origin": run.origin,
             "iter_num": iter_num, "best_val_loss": run.best_val_loss,
-            "elapsed_s": log.elapsed()}, os.path.join(run.cfg.out_dir, name))
+            "elapsed_s": log.elapsed()}
+    save_checkpoint(state, os.path.join(run.cfg.out_dir, name), run.world_size)
 
 
 def evaluate_and_checkpoint(run, iter_num, log):

@@ -88,6 +88,20 @@ def world(tmp_path_factory, char_data, gpt2_vocab_path):
 
     checkpoint("nan", lambda c: c["model"].update((k, torch.full_like(v, float("nan")))
                                                   for k, v in c["model"].items()))
+    # Damaged or hand-edited fields, each refused at load in one line.
+    checkpoint("no_optimizer", lambda c: c.pop("optimizer"))
+    checkpoint("no_iter", lambda c: c.pop("iter_num"))
+    checkpoint("iter_text", lambda c: c.update(iter_num="5"))
+    checkpoint("iter_negative", lambda c: c.update(iter_num=-10))
+    checkpoint("best_text", lambda c: c.update(best_val_loss="low"))
+    checkpoint("max_iters_text", lambda c: c["config"].update(max_iters="abc"))
+    checkpoint("config_text", lambda c: c.update(config="notadict"))
+    checkpoint("meta_text", lambda c: c.update(meta="x"))
+    checkpoint("million_layers", lambda c: c["model_args"].update(n_layer=10 ** 6))
+    checkpoint("moments_shape", lambda c: c["optimizer"]["state"][0].update(
+        exp_avg=torch.zeros(3, 3)))
+    (root / "code").mkdir()  # a checkpoint whose unpickling would call os.system
+    torch.save({"model": {}, "payload": SystemCall()}, root / "code" / "ckpt.pt")
     checkpoint("twice_ckpt", lambda c: c["meta"].update(chars=["a", *chars[:-1]]))
     checkpoint("notchars_ckpt", lambda c: c["meta"].update(chars=["ab", *chars[1:]]))
 
@@ -133,8 +147,24 @@ def world(tmp_path_factory, char_data, gpt2_vocab_path):
     (root / "latin1.toml").write_bytes("out_dir = 'café'\n".encode("latin-1"))
     (root / "file").write_text("a regular file, where a folder is expected\n")
     (root / "empty").mkdir()
+    (root / "dangling").symlink_to(root / "nowhere")  # a link to a folder that is not there
+    for name, change in [("label_true", {"label": True}), ("label_float", {"label": 3.0}),
+                         ("endings_text", {"endings": "abcd"})]:
+        example = {"ctx": "A man sits down.", "endings": ["a", "b", "c", "d"], "label": 0}
+        (root / f"{name}.jsonl").write_text(json.dumps({**example, **change}) + "\n")
+    (root / "latin1_run").mkdir()
+    (root / "latin1_run" / "metrics.jsonl").write_bytes('{"iter": 1, "loss": "é"}\n'.encode(
+        "latin-1"))
     names = {p.name.replace(".", "_"): str(p) for p in root.iterdir()}
     return {**names, "missing": str(root / "missing.txt"), "root": root}
+
+
+class SystemCall:
+    """Pickles as a call of os.system, which no checkpoint may make on load."""
+
+    def __reduce__(self):
+        import os
+        return os.system, ("true",)
 
 
 def snapshot(folder):
@@ -228,6 +258,23 @@ CASES = [
     ("train.py", ["--out_dir={new}", "--init_from={st_overlap}"], "a and b overlap in the file"),
     ("train.py", ["--out_dir={new}", "--init_from={cfg_huge}"], "describes 1.2e+14 parameters"),
     ("train.py", ["--out_dir={new}", "--init_from={st_long}"], "its header says 1000 bytes"),
+    ("train.py", ["--min_lr=0.1"], "min_lr (0.1) must not exceed learning_rate (0.003)"),
+    ("train.py", ["--init_from=scratch", "--out_dir={dangling}"],
+     "dangling is a symbolic link to {root}/nowhere, which does not exist"),
+    # Damaged checkpoints: each field checked once, at load.
+    ("train.py", ["--out_dir={no_optimizer}"], "it has no 'optimizer' entry, which resuming"),
+    ("train.py", ["--out_dir={no_iter}"], "it has no 'iter_num' entry, which resuming"),
+    ("train.py", ["--out_dir={iter_text}"], "its 'iter_num' entry is str '5', not int"),
+    ("train.py", ["--out_dir={iter_negative}"], "iter_num is -10; it counts iterations"),
+    ("train.py", ["--out_dir={best_text}"], "its 'best_val_loss' entry is str 'low', not a"),
+    ("train.py", ["--out_dir={max_iters_text}"], "config.max_iters is 'abc', not int"),
+    ("train.py", ["--out_dir={config_text}"], "its 'config' entry is str 'notadict', not dict"),
+    ("train.py", ["--out_dir={meta_text}"], "its 'meta' entry is str 'x', not dict"),
+    ("train.py", ["--out_dir={million_layers}"], "model_args describe 1.2e+10 parameters"),
+    ("train.py", ["--out_dir={moments_shape}"],
+     "optimizer state for transformer.wte.weight has exp_avg of shape (3, 3), the parameter"),
+    ("train.py", ["--out_dir={code}"], "refused to load: it carries code (it asks to import "
+     "posix.system)"),
 
     ("sample.py", ["--tempurature=0.5"], "did you mean 'temperature'"),
     ("sample.py", ["--top_p=0"], "top_p must be in (0, 1], got 0.0"),
@@ -277,8 +324,31 @@ CASES = [
     ("sample.py", ["--init_from={cfg_huge}"], "config.json describes 1.2e+14 parameters"),
     ("sample.py", ["--init_from={cfg_list}"], "config.json is not a JSON object"),
 
+    ("sample.py", ["--out_dir={meta_text}"], "its 'meta' entry is str 'x', not dict"),
+    ("sample.py", ["--out_dir={million_layers}"], "model_args describe 1.2e+10 parameters"),
+    ("sample.py", ["--out_dir={code}"], "refused to load: it carries code"),
+    ("sample.py", ["--seed=100000000000000000000"], "seed must be from 0 to 2**63 - 1"),
+    ("sample.py", ["--num_samples=100000000"], "sampling 100,000,000 sequences, 8 at"),
+
     ("hellaswag.py", ["--out_dir={trained}", "--device=cpu"],
      "uses the char tokenizer; HellaSwag needs a model that reads GPT-2 tokens"),
+    ("hellaswag.py", ["--init_from={gpt2}", "--input={label_true_jsonl}"],
+     "label_true.jsonl:1: not a HellaSwag example"),
+    ("hellaswag.py", ["--init_from={gpt2}", "--input={label_float_jsonl}"],
+     "label_float.jsonl:1: not a HellaSwag example"),
+    ("hellaswag.py", ["--init_from={gpt2}", "--input={endings_text_jsonl}"],
+     "endings_text.jsonl:1: not a HellaSwag example"),
+
+    ("plot.py", ["{latin1_run}"], "metrics.jsonl is not UTF-8 text"),
+    ("plot.py", ["{trained}", "--out={root}/missing/loss.png"],
+     "out: cannot write {root}/missing/loss.png: the folder {root}/missing does not exist"),
+    ("bench.py", ["--json_out={root}/missing/b.json"],
+     "json_out: cannot write {root}/missing/b.json: the folder {root}/missing does not exist"),
+    ("estimate.py", ["--data_dir={badjson}", "--gpus=1"], "badjson/meta.json: Expecting"),
+    ("estimate.py", ["--gpus=3", "--gradient_accumulation_steps=40"],
+     "gradient_accumulation_steps (40) must be divisible by the number of processes (3)"),
+    ("estimate.py", ["--gpus=2", "--fsdp=true", "--dtype=float16"],
+     "fsdp=true does not take float16"),
 
     ("data/prepare.py", ["--out_dir", "{data}"],
      "the following arguments are required: --input"),
@@ -380,3 +450,29 @@ def test_gpt2_vocabulary_unavailable_offline(world, capsys, monkeypatch):
                          ("hellaswag.py", ["--init_from={gpt2}", "--input={good_jsonl}"])]:
         status, stderr = run_main(script, [arg.format(**world) for arg in argv], capsys)
         assert_one_line_error(status, stderr, "set GPT2_VOCAB to a local copy")
+
+
+def test_a_damaged_gpt2_vocabulary_is_one_line_in_every_script(world, gpt2_vocab_path, tmp_path,
+                                                               capsys, monkeypatch):
+    # GPT2_VOCAB points at a local encoder.json: damaged, it must be refused where it is read
+    # (tokenizer.load_gpt2_encoding) for every script, not fail inside tiktoken.
+    encoder = json.loads(gpt2_vocab_path.read_text(encoding="utf-8"))
+    first, second = list(encoder)[:2]
+    damaged = {
+        "outside": ({**{k: v for k, v in encoder.items() if k != first}, "€": encoder[first]},
+                    "has a character outside GPT-2's byte alphabet"),
+        "duplicate": ({**encoder, second: encoder[first]}, "an id is used twice"),
+        "list": (list(encoder), "it holds a JSON list, not an object"),
+        "string_id": ({**encoder, first: str(encoder[first])}, "has the id '0', not an integer"),
+    }
+    scripts = [("sample.py", ["--init_from={gpt2}", "--device=cpu"]),
+               ("data/prepare.py", ["--input", "{text_txt}", "--out_dir", str(tmp_path / "d"),
+                                    "--tokenizer=gpt2"]),
+               ("hellaswag.py", ["--init_from={gpt2}", "--input={good_jsonl}"])]
+    for name, (content, message) in damaged.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(content))
+        monkeypatch.setenv("GPT2_VOCAB", str(path))
+        for script, argv in scripts:
+            status, stderr = run_main(script, [arg.format(**world) for arg in argv], capsys)
+            assert_one_line_error(status, stderr, message)
