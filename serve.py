@@ -74,7 +74,9 @@ class Slots:
     def _decode(self, tokens):
         """Next-token logits (slots, vocab) after one token per slot, tokens (slots, 1), each
         at its row's own position, cols."""
-        seen = (self.keys <= self.cols[:, None]).view(self.slots, 1, 1, -1)  # (B, 1, T, keys)
+        # Row b sees its columns 0..cols[b] (B, 1, 1, keys): never another row's, never a stale
+        # one, and at least one, even in a free slot, so that no softmax is empty (NaN).
+        seen = (self.keys <= self.cols[:, None]).view(self.slots, 1, 1, -1)
         x = self.model.hidden_states(tokens, self.caches, self.cols[:, None], seen)
         return self.model.lm_head(x[:, -1])
 
