@@ -73,8 +73,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rotary=None, kv_cache=None, mask=None):
         B, T, C = x.size()
-        # -1 heads, not n_head: under tensor parallelism a rank holds n_head / tp of them
-        q, k, v = self.c_attn(x).chunk(3, dim=2)
+        q, k, v = self.c_attn(x).chunk(3, dim=2)  # -1 heads: under TP a rank has n_head / tp
         q, k, v = [t.view(B, T, -1, C // self.n_head).transpose(1, 2)
                    for t in (q, k, v)]  # (B, nh, T, hs)
         if self.qk_norm:
