@@ -3,8 +3,8 @@ whose row has ended takes the next waiting prompt at once ("continuous batching"
 
     python sample.py --prompts=prompts.txt --batch_size=4 --temperature=0
 
-Why batch: decoding one token reads every weight to do 2 FLOPs with each (README, "What inference
-costs"), so rows decoded together share that read and cost little more than one. Why refill:
+Why batch: decoding one token reads every weight to do 2 FLOPs with each (docs/inference.md,
+"What inference costs"), so rows decoded together share that read and cost little more than one. Why refill:
 rows end at different times (at <|endoftext|>, or at their max_new_tokens). A static batch runs
 until its longest row ends, its finished slots idle and the prompts behind it wait; here a
 finished slot takes the next prompt on the very next step.

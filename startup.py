@@ -286,8 +286,8 @@ def setup(cfg, named=()):
         if cfg.decay_lr and cfg.lr_decay_iters <= iter_num < cfg.max_iters:
             print(f"note: the learning-rate schedule ended at iteration {cfg.lr_decay_iters} "
                   f"(lr_decay_iters): the rate stays at min_lr={cfg.min_lr:g} from here. To "
-                  "train on, raise --lr_decay_iters with --max_iters (README: extending a "
-                  "run)", file=sys.stderr, flush=True)
+                  "train on, raise --lr_decay_iters with --max_iters (docs/guarantees.md: "
+                  "resuming a run)", file=sys.stderr, flush=True)
     return Run(cfg, rank, world_size, device, dtype, ctx, scaler, data, meta, raw_model, model,
                layout, optimizer, cfg.gradient_accumulation_steps // layout.dp_size, iter_num,
                best_val_loss, origin, elapsed_s)

@@ -1,6 +1,6 @@
 """What a newcomer meets first and what a bad day brings: flags refine the default run, a
-resumed run keeps its own settings, documented commands run as written, stops are quick and
-keep the best model, one out_dir serves one run, and errors are one line."""
+resumed run keeps its own settings, stops are quick and keep the best model, one out_dir serves
+one run, and errors are one line."""
 import errno
 import signal
 import subprocess
@@ -52,18 +52,6 @@ def test_a_resumed_run_keeps_its_settings_and_says_when_its_schedule_has_ended(c
         proc.stderr)
     proc = resume("--max_iters=32", "--n_layer=2")  # a flag that contradicts the checkpoint
     assert proc.returncode == 2 and "has n_layer=3 but the config says 2" in proc.stderr
-
-
-def test_the_readme_laptop_ddp_command_runs_as_written(char_data, tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    line = next(line.split() for line in readme.splitlines()
-                if line.strip().startswith("torchrun --standalone --nproc_per_node=2"))
-    args = line[line.index("train.py") + 1:]
-    proc = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *args, f"--data_dir={char_data}",
-                           f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_iters=2"],
-                          capture_output=True, text=True, env=quiet_env(), cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 2
 
 
 def test_a_run_ends_with_the_whole_split_loss_and_eval_only_reads_the_checkpoint(char_data,

@@ -1,0 +1,217 @@
+"""Every command line in README.md and docs/*.md runs as written: in one scratch folder, in the
+order the pages give them, at tiny sizes by flags appended to each. The few that cannot run
+here are listed below with the reason, and their settings are still checked; a new command
+that is neither runnable nor listed fails the test."""
+import contextlib
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from config import TrainConfig, parse_config
+from helpers import ROOT, TORCHRUN, quiet_env
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PROGRAMS = {"python", "python3", "torchrun", "pip", "printf", "/usr/bin/time", "mkdir", "cp",
+            "git", "bash", "curl", "wget", "cd", "export"}
+
+# What cannot run here, and why. Their training settings are parsed all the same.
+DOWNLOAD = "downloads from the Hugging Face hub; the tests run offline"
+CANNOT_RUN = {
+    "pip install -r requirements.txt": "installs from the network",
+    "pip install -r requirements-test.txt": "installs from the network",
+    "python -m pytest -q": "the test suite itself, which holds this test",
+    "python -m pytest -q -m \"not slow\"": "the test suite itself, which holds this test",
+    "python train.py config/finetune_shakespeare.toml": DOWNLOAD + " (OpenAI's GPT-2)",
+    "python train.py config/eval_gpt2.toml": DOWNLOAD + " (OpenAI's GPT-2)",
+    "python hellaswag.py --init_from=gpt2": DOWNLOAD + " (OpenAI's GPT-2 and HellaSwag)",
+    "python sample.py --init_from=gpt2 --start=FILE:prompt.txt --max_new_tokens=200":
+        DOWNLOAD + " (OpenAI's GPT-2)",
+    "torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.toml":
+        "8 processes, one per GPU of an 8-GPU machine",
+    "torchrun --standalone --nproc_per_node=8 train.py config/finetune_gpt2_xl_fsdp.toml":
+        "8 GPUs, and " + DOWNLOAD + " (OpenAI's GPT-2 XL)",
+    **{f"torchrun --nnodes=2 --node_rank={rank} --nproc_per_node=8 --master_addr=10.0.0.1 "
+       "--master_port=29500 train.py config/train_gpt2.toml --batch_size=15 "
+       "--gradient_accumulation_steps=32": "two machines of 8 GPUs" for rank in (0, 1)},
+}
+
+# Appended to every run: a 1-layer, 32-wide model for 2 iterations on the CPU. Appended flags
+# override the command's own; compiling is turned off (a cold compile takes a minute here, and
+# tests/test_train.py and tests/test_serve.py compile).
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2",
+        "--device=cpu", "--dtype=float32", "--compile=false"]
+TRAIN = [*TINY, "--max_iters=2", "--eval_iters=1", "--eval_interval=2", "--log_interval=1",
+         "--gradient_accumulation_steps=2", "--wandb_log=false"]
+RESUME = ["--max_iters=4", "--eval_iters=1", "--eval_interval=2", "--device=cpu"]
+BENCH = [*TINY, "--gradient_accumulation_steps=1", "--warmup_steps=0", "--timed_steps=1",
+         "--compiles=false", "--prompt_tokens=4", "--max_new_tokens=4", "--sample_repeats=1",
+         "--batch_sizes=1,2", "--serve_requests=2", "--serve_slots=2"]
+SAMPLE = ["--max_new_tokens=4", "--device=cpu", "--compile=false"]
+
+
+def code_lines(text):
+    """The lines of a page's code blocks: ``` fences, and blocks indented by four spaces after a
+    blank line. A line ending in a backslash goes on in the next one."""
+    lines, fenced, indented, previous_blank = [], False, False, True
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if not fenced:
+            indented = line.startswith("    ") and (indented or previous_blank)
+            previous_blank = not line.strip()
+        if fenced or indented:
+            if lines and lines[-1].endswith("\\"):
+                lines[-1] = lines[-1][:-1].rstrip() + " " + line.strip()
+            else:
+                lines.append(line.strip())
+    return lines
+
+
+def commands(page):
+    """The commands of a page, in order: each code line whose first word names a program (after
+    VAR=value settings), split at &&, without its trailing # comment."""
+    found = []
+    for line in code_lines(page.read_text()):
+        line = re.sub(r"\s+#\s.*$", "", line)
+        for part in line.split("&&"):
+            words = part.split()  # output shown in a block may not parse as shell words
+            program = next((w for w in words if not re.match(r"^[A-Z_]+=", w)), "")
+            if program in PROGRAMS:
+                found.append(" ".join(part.split()))
+    return found
+
+
+def all_commands():
+    return [(page.relative_to(ROOT).as_posix(), cmd) for page in PAGES for cmd in commands(page)]
+
+
+def test_the_pages_hold_commands_and_every_listed_one_is_still_there():
+    found = {cmd for _, cmd in all_commands()}
+    assert len(found) > 40 and "python train.py" in found and "python sample.py" in found
+    assert set(CANNOT_RUN) <= found, set(CANNOT_RUN) - found  # the list does not rot
+
+
+def script_argv(cmd, folder):
+    """The script and arguments of a command: no env settings, no /usr/bin/time, no python;
+    files the repository holds (config/..., a script) named by their absolute path."""
+    words = [w for w in shlex.split(cmd) if not re.match(r"^[A-Z_]+=", w)]
+    if words[0] == "/usr/bin/time":
+        words = words[3:]  # -f FORMAT
+    words = words[1:]  # python
+
+    def repo(word):
+        head, eq, path = word.rpartition("=")
+        return head + eq + str(ROOT / path) if path.startswith("config/") else word
+    return str(ROOT / words[0]), [repo(w) for w in words[1:]]
+
+
+@contextlib.contextmanager
+def inside(folder):
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(here)
+
+
+def run_one(cmd, folder, char_data, shakespeare_path):
+    """Run one command in folder, in this process where the script has a main(argv)."""
+    if cmd.startswith("printf"):
+        subprocess.run(cmd, shell=True, cwd=folder, check=True)
+        return
+    script, args = script_argv(cmd, folder)
+    name = os.path.relpath(script, ROOT)
+    if name.startswith("data/"):  # from the shared copy, into the scratch folder
+        if "prepare.py" in name and "shakespeare" in name:
+            out = folder / "data" / os.path.basename(os.path.dirname(script))
+            extra = [f"--input={shakespeare_path}", f"--out_dir={out}"]
+        elif name == "data/prepare.py":
+            (folder / "my.txt").write_text(shakespeare_path.read_text()[:20_000])
+            extra = []
+        else:  # a web corpus: a local text file instead of the download
+            extra = ["--input", str(shakespeare_path), "--out_dir", str(folder / "data" / "web"),
+                     "--num_proc", "1", "--shard_size", "200000", "--val_tokens", "1000"]
+        args = [*args, *extra]
+    elif name == "train.py" and args != ["--help"]:
+        # A resumed run takes its data from its checkpoint; a fresh one may replace an earlier
+        # command's run (whether the README's runs each have a folder of their own is the
+        # README sequence test's concern).
+        resume = "--init_from=resume" in args
+        args = [*args, *([*TINY, *RESUME] if resume else
+                         [*TRAIN, f"--data_dir={char_data}", "--overwrite=true"])]
+    elif name == "sample.py":
+        args = [*args, *SAMPLE]
+    elif name == "bench.py":
+        args = [*args, *BENCH]
+    status = runpy.run_path(script)["main"](args)
+    assert status in (0, None) or isinstance(status, dict), (cmd, status)
+
+
+def test_every_command_runs_as_written(char_data, shakespeare_path, tmp_path, capsys):
+    folder = tmp_path
+    (folder / "docs").mkdir()  # plot.py ... --out=docs/loss_cpu_recipe.png
+    (folder / "prompt.txt").write_text("ROMEO:")
+    # out-shakespeare is what the finetuning command writes, from OpenAI's weights: a stand-in
+    # of GPT-2's architecture, so that the commands that read it run.
+    gpt2_like = ["--rope=false", "--qk_norm=false", "--relu2=false", "--bias=true"]
+    with inside(folder):
+        run_one("python train.py --out_dir=out-shakespeare " + " ".join(gpt2_like), folder,
+                char_data, shakespeare_path)
+    ran = []
+    for page, cmd in all_commands():
+        if cmd in ran or cmd in CANNOT_RUN or cmd.startswith("torchrun") and " train.py " not in cmd + " ":
+            continue
+        if cmd.startswith("torchrun"):  # here in one process, so that the commands after it
+            # find its checkpoint; test_every_torchrun_command_runs_as_written runs it as written
+            words = cmd.split()
+            words = [w for w in words[words.index("train.py"):]
+                     if w.split("=")[0] not in ("--tp", "--fsdp")]
+            cmd = "python " + " ".join(words)
+        with inside(folder):
+            try:
+                run_one(cmd, folder, char_data, shakespeare_path)
+            except SystemExit as e:
+                assert not e.code, f"{page}: {cmd}: {e}"
+        ran.append(cmd)
+        capsys.readouterr()  # keep the captured output small
+    assert "python sample.py" in ran and any(c.startswith("python bench.py") for c in ran)
+
+
+def torchrun_commands():
+    return sorted({cmd for _, cmd in all_commands()
+                   if cmd.split()[0] == "torchrun" and cmd not in CANNOT_RUN})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd", torchrun_commands())
+def test_every_torchrun_command_runs_as_written(cmd, char_data, tmp_path):
+    words = shlex.split(cmd)
+    script = next(i for i, w in enumerate(words) if w.endswith(".py"))
+    nproc = next(int(w.split("=")[1]) for w in words if w.startswith("--nproc_per_node="))
+    launcher = [*TORCHRUN[:-1], f"--nproc_per_node={nproc}"]
+    _, args = script_argv("python " + " ".join(words[script:]), tmp_path)
+    extra = BENCH if words[script] == "bench.py" else TRAIN
+    if words[script] == "train.py":
+        extra = [*extra, f"--data_dir={char_data}"]
+    proc = subprocess.run([*launcher, str(ROOT / words[script]), *args, *extra],
+                          capture_output=True, text=True, env=quiet_env(), cwd=tmp_path,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("cmd", sorted(c for c in CANNOT_RUN if "train.py" in c))
+def test_the_commands_that_cannot_run_here_have_valid_settings(cmd, monkeypatch):
+    monkeypatch.chdir(ROOT)  # they name config files from the repository root
+    words = shlex.split(cmd)
+    args = words[next(i for i, w in enumerate(words) if w.endswith(".py")) + 1:]
+    cfg = parse_config(TrainConfig, args).validate()
+    words = {w.split("=")[0]: w.split("=")[-1] for w in words if w.startswith("--")}
+    processes = int(words.get("--nnodes", 1)) * int(words.get("--nproc_per_node", 1))
+    assert cfg.gradient_accumulation_steps % processes == 0
