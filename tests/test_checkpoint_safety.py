@@ -128,6 +128,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_checkpoint_and_the_log(char_data,
     assert (out / "metrics.jsonl").read_bytes().startswith(log)
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_fsdp_is_one_line_on_every_rank(char_data, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(

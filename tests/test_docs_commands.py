@@ -154,6 +154,7 @@ def run_one(cmd, folder, char_data, shakespeare_path):
     assert status in (0, None) or isinstance(status, dict), (cmd, status)
 
 
+@pytest.mark.slow
 def test_every_command_runs_as_written(char_data, shakespeare_path, tmp_path, capsys):
     folder = tmp_path
     (folder / "docs").mkdir()  # plot.py ... --out=docs/loss_cpu_recipe.png

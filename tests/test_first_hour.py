@@ -83,6 +83,7 @@ def wait_for_rows(out, n, proc):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_stop_keeps_the_best_model_and_resumes_from_where_it_stopped(char_data, tmp_path):
     out = tmp_path / "out"
     # The best model is the one evaluated at iteration 0, the only evaluation before the stop.
@@ -98,6 +99,7 @@ def test_a_stop_keeps_the_best_model_and_resumes_from_where_it_stopped(char_data
     assert max(r["iter"] for r in rows) == last["iter_num"] + 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_stop_comes_within_a_micro_step_even_in_a_long_iteration(char_data, tmp_path, signum):
     # 400 micro-steps make an iteration of tens of seconds here; the stop must not wait for it.
@@ -112,6 +114,7 @@ def test_a_stop_comes_within_a_micro_step_even_in_a_long_iteration(char_data, tm
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 0  # the unfinished one is redone
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_out_dir_stops_at_once(char_data, tmp_path):
     out = tmp_path / "out"
     first = start(["--max_iters=400"], char_data, out)
@@ -122,6 +125,7 @@ def test_a_second_run_on_the_same_out_dir_stops_at_once(char_data, tmp_path):
     assert second.returncode == 2 and "another run is using out_dir" in second.stderr
 
 
+@pytest.mark.slow
 def test_workers_do_not_outlive_a_killed_torchrun(char_data, tmp_path):
     from test_robustness import children
     out = tmp_path / "out"

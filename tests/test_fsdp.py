@@ -20,12 +20,14 @@ def straight(char_data, tmp_path_factory):
     return train_losses(run_train(ARGS + ["--max_iters=6"], char_data, out))
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_ranks_is_the_same_run_as_one_process(straight, char_data, tmp_path):
     sharded = train_losses(run_train(ARGS + FSDP + ["--max_iters=6"], char_data, tmp_path / "f",
                                      launcher=TORCHRUN))
     assert_same_run(straight, sharded, range(1, 7))
 
 
+@pytest.mark.slow
 def test_an_fsdp_checkpoint_resumes_in_one_process_and_samples(straight, char_data, tmp_path):
     out = tmp_path / "out"
     run_train(ARGS + FSDP + ["--max_iters=3"], char_data, out, launcher=TORCHRUN)
@@ -40,6 +42,7 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_and_samples(straight, char_da
     assert proc.returncode == 0 and proc.stdout.startswith("A"), proc.stderr
 
 
+@pytest.mark.slow
 def test_a_ddp_checkpoint_resumes_under_fsdp(straight, char_data, tmp_path):
     out = tmp_path / "out"
     run_train(ARGS + ["--max_iters=3"], char_data, out, launcher=TORCHRUN)
@@ -48,6 +51,7 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(straight, char_data, tmp_path):
     assert_same_run(straight, resumed, range(4, 7))
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_changes_no_loss(straight, char_data, tmp_path):
     args = ARGS + ["--max_iters=6", "--activation_checkpointing=true"]
     assert train_losses(run_train(args, char_data, tmp_path / "one")) == straight  # exactly

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT, quiet_env
 
 SCRIPT = ROOT / "docs" / "gpu_check.py"
@@ -19,6 +21,7 @@ def load_script():
     return module
 
 
+@pytest.mark.slow
 def test_the_cpu_rehearsal_reports_every_figure_against_its_target(tmp_path):
     peak, bandwidth = 1e12, 1e10  # stand-ins for a board's: the CPU has none in the tables
     # Budgets far above the seconds each part takes here: a busy machine must not fail this.

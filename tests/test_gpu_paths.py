@@ -147,6 +147,7 @@ def test_deterministic_turns_on_deterministic_kernels(monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.slow
 def test_rank_0_decides_to_resume_and_a_rank_without_the_checkpoint_fails_at_once(char_data,
                                                                                    tmp_path):
     out = tmp_path / "out"

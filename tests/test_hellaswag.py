@@ -126,6 +126,7 @@ def test_cli_on_a_gpt2_weights_folder(gpt2_folder, examples_file, gpt2_vocab_pat
     assert RESULT in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_matches_one_process(gpt2_folder, examples_file, gpt2_vocab_path):
     # Rank 0 alone would see examples 0 and 2 (acc 0.5, acc_norm 1.0): the sum must be global.
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -52,6 +52,7 @@ def rank_of(pid):
 SLOW = ["--max_iters=400", "--eval_interval=1000", "--lr_decay_iters=20"]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_continues_exactly(char_data, tmp_path):
     out = tmp_path / "stopped"
     proc = subprocess.Popen(train_cmd(SLOW, char_data, out), stdout=subprocess.PIPE,
@@ -70,6 +71,7 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(char_data, tmp_path):
     assert train_losses(read_metrics(out)) == train_losses(straight)
 
 
+@pytest.mark.slow
 def test_under_ddp_a_signal_to_one_rank_stops_all_at_the_same_step(char_data, tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.Popen(train_cmd(SLOW, char_data, out, launcher=TORCHRUN),
@@ -85,6 +87,7 @@ def test_under_ddp_a_signal_to_one_rank_stops_all_at_the_same_step(char_data, tm
     assert ckpt["iter_num"] == logged_iters(out)[-1] < 400
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_save_leaves_the_old_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     save_checkpoint({"model": {"w": torch.ones(3)}, "iter_num": 1}, path)
@@ -106,6 +109,7 @@ while True:
     assert not list(tmp_path.glob(".ckpt-*.tmp"))  # ...and cleared by the next save
 
 
+@pytest.mark.slow
 def test_elastic_restart_resumes_and_ends_with_the_same_loss(char_data, tmp_path):
     args = ["--max_iters=8", "--eval_interval=2", "--init_from=auto"]
     elastic = (sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -122,6 +126,7 @@ def test_elastic_restart_resumes_and_ends_with_the_same_loss(char_data, tmp_path
     assert train_losses(crashed)[8] == train_losses(steady)[8]
 
 
+@pytest.mark.slow
 def test_a_dead_rank_does_not_leave_the_other_hanging(char_data, tmp_path):
     """Without torchrun to clean up, the survivor must still fail within a bounded time."""
     port = 29000 + os.getpid() % 1000

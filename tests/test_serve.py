@@ -81,6 +81,7 @@ def test_seven_prompts_through_three_slots():
     assert draws[0] < 25 and admitted[3][0] < max(draws[:3])
 
 
+@pytest.mark.slow
 def test_compiled_decode_compiles_once_and_draws_the_same_tokens(monkeypatch):
     # The "aot_eager" backend traces with dynamo and functionalizes the cache writes as the
     # default one does, without its minute of C++ compilation on a CPU: recompilations are

@@ -35,6 +35,7 @@ def straight_modern(char_data, tmp_path_factory):
     return train_losses(run_train(MODERN + ["--max_iters=8"], char_data, out))
 
 
+@pytest.mark.slow
 def test_tp_is_the_same_run_as_one_process_and_resumes_and_samples_there(
         straight, char_data, tmp_path):
     out = tmp_path / "out"
@@ -54,6 +55,7 @@ def test_tp_is_the_same_run_as_one_process_and_resumes_and_samples_there(
     assert proc.returncode == 0 and proc.stdout.startswith("A"), proc.stderr
 
 
+@pytest.mark.slow
 def test_a_one_process_checkpoint_resumes_under_tp(straight_modern, char_data, tmp_path):
     # With the modern options, and activation checkpointing, which must change no loss.
     out = tmp_path / "out"
@@ -64,6 +66,7 @@ def test_a_one_process_checkpoint_resumes_under_tp(straight_modern, char_data, t
     assert_same_run(straight_modern, resumed, range(5, 9))
 
 
+@pytest.mark.slow
 def test_fsdp_by_tp_on_four_ranks_is_the_same_run_as_one_process(straight_modern, char_data,
                                                                  tmp_path):
     # dp=2 rows of tp=2: each row trains on half of each batch, its two ranks split the Blocks.

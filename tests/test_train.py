@@ -45,6 +45,7 @@ def test_resume_is_bit_identical(char_data, tmp_path):
     assert resumed == straight  # bit for bit: floats compared exactly
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_equal_one_process(char_data, tmp_path):
     args = ["--max_iters=5", "--eval_interval=5", "--gradient_accumulation_steps=4"]
     single = run(args, char_data, tmp_path / "one")
@@ -87,6 +88,7 @@ def test_fresh_run_refuses_to_overwrite_and_auto_resumes(char_data, tmp_path):
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 4
 
 
+@pytest.mark.slow
 def test_whole_split_evaluation_is_every_token_once_and_the_same_on_two_ranks(char_data,
                                                                              tmp_path):
     args = ["--max_iters=2", "--eval_interval=2", "--eval_iters=0"]
@@ -108,6 +110,7 @@ def test_whole_split_evaluation_is_every_token_once_and_the_same_on_two_ranks(ch
     assert one[-1]["val_loss"] == pytest.approx(loss.item(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_training_checkpoints_resumes_and_samples(char_data, tmp_path):
     # torch.compile wraps the model in an OptimizedModule whose state_dict keys start with
     # "_orig_mod.": the checkpoint must hold the plain model's keys all the same.
