@@ -216,15 +216,10 @@ def load_optimizer_state(model, optimizer, state, layout):
     from torch.distributed.checkpoint import state_dict as dcp
     names, _ = _names(model)
     by_name = _gpt2_order({names[i]: s for i, s in state["state"].items()}, layout.tp, True)
-    dcp.set_optimizer_state_dict(
-        model, optimizer, {"state": by_name, "param_groups": _named_groups(model, optimizer)},
-        options=dcp.StateDictOptions(full_state_dict=True))
-
-
-def _named_groups(model, optimizer):
-    """optimizer's param_groups, each parameter given by its name."""
     name_of = {param: name for name, param in model.named_parameters()}
-    return [{**g, "params": [name_of[p] for p in g["params"]]} for g in optimizer.param_groups]
+    groups = [{**g, "params": [name_of[p] for p in g["params"]]} for g in optimizer.param_groups]
+    dcp.set_optimizer_state_dict(model, optimizer, {"state": by_name, "param_groups": groups},
+                                 options=dcp.StateDictOptions(full_state_dict=True))
 
 
 def _names(model):
@@ -243,3 +238,9 @@ def _gpt2_order(state, tp, undo=False):
             return {k: fix(v) for k, v in t.items()}
         return regroup_qkv(t, tp, not undo) if torch.is_tensor(t) and t.dim() > 0 else t
     return {k: fix(v) if tp > 1 and ".attn.c_attn." in k else v for k, v in state.items()}
+
+
+def _named_groups(model, optimizer):
+    """optimizer's param_groups, each parameter given by its name."""
+    name_of = {param: name for name, param in model.named_parameters()}
+    return [{**g, "params": [name_of[p] for p in g["params"]]} for g in optimizer.param_groups]
