@@ -197,13 +197,21 @@ def parse_overrides(cls, argv):
     return overrides
 
 
+HELP = ("-h", "--help")
+
+
 def run_main(cls, action, argv, doc, errors=(), base=()):
     """The scripts' main(): --help prints doc and every setting of cls with its default;
     otherwise the settings from base (config files that come first) then argv are validated
     and handed to action. A ConfigError or one of errors is the user's to fix: one line on
     stderr and exit code 2."""
-    if argv in (["-h"], ["--help"]):
-        print(doc + "\nSettings (defaults shown):\n" + help_text(cls, parse_config(cls, base)))
+    if any(arg in HELP for arg in argv):  # anywhere: after a config file too
+        rest = [arg for arg in argv if arg not in HELP]
+        try:
+            shown = parse_config(cls, [*base, *rest])
+        except ConfigError:  # a bad flag beside --help: show the plain defaults
+            shown = parse_config(cls, base)
+        print(doc + "\nSettings (as this command would set them):\n" + help_text(cls, shown))
         return 0
     try:
         action(parse_config(cls, [*base, *argv]).validate())

@@ -196,7 +196,8 @@ def all_reduce_mean(values, device, world_size):
 
 class StopSignals:
     """Turn SIGINT, SIGTERM and SIGHUP (Ctrl-C, a preempted machine, a closed terminal) into
-    a request to stop soon, with a checkpoint. A second Ctrl-C stops at once."""
+    a request to stop soon, with a checkpoint. A second Ctrl-C exits at once, with no new
+    checkpoint."""
 
     def __init__(self):
         self.received = False
@@ -205,7 +206,12 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            # Raising KeyboardInterrupt here would unwind through compiled code, collectives
+            # and a save in progress (a screen of traceback); checkpoints are written
+            # atomically, so leaving at once keeps the last one whole.
+            print("second Ctrl-C: exiting now; the last checkpoint saved is kept",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
         self.received = True
         print(f"{signal.Signals(signum).name} received: stopping with a checkpoint",
               file=sys.stderr, flush=True)
