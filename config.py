@@ -66,7 +66,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine, or wsd: warmup, stable, then a linear cooldown
     cooldown_frac: float = 0.2  # wsd: the share of lr_decay_iters spent cooling down
     warmup_iters: int = 2000  # linear warmup length
-    lr_decay_iters: int = 600000  # iteration at which the cosine reaches min_lr
+    lr_decay_iters: int = 600000  # where the schedule reaches min_lr; a --max_iters flag moves it
     min_lr: float = 6e-5  # floor of the decay, about learning_rate / 10
     # system
     device: str = "auto"  # auto picks cuda, then mps, then cpu; or cuda:1 and so on

@@ -314,6 +314,9 @@ def setup(cfg, named=()):
               f"{raw_model.num_params() / 1e6:.2f}M parameters; "
               f"{accounting.tokens_per_iter(cfg):,} tokens per iteration; starting at "
               f"iteration {iter_num}")
+        busy = runtime.busy_note(device)
+        if busy:
+            print(busy, file=sys.stderr, flush=True)
         if cfg.decay_lr and cfg.lr_decay_iters <= iter_num < cfg.max_iters:
             print(f"note: the learning-rate schedule ended at iteration {cfg.lr_decay_iters} "
                   f"(lr_decay_iters): the rate stays at min_lr={cfg.min_lr:g} from here. To "

@@ -61,10 +61,13 @@ def estimate_loss(run, stop_check, splits=("train", "val"), eval_iters=None):
 
     Fixed batches make successive evaluations comparable; the ranks share the batches out
     (each builds only its own) and average, so the estimate does not depend on the number of
-    processes. The losses stay on the device until the end: no wait for the GPU per batch
-    (under DDP the ranks agree on a stop at every batch: see StopCheck.until_stop)."""
+    processes. A GPU's losses stay on it until the end: no wait for the GPU per batch (under
+    DDP the ranks agree on a stop at every batch: see StopCheck.until_stop). On the CPU each
+    is read at once: 0-d tensors kept between the large logits freed at every batch (25 MB
+    with GPT-2's vocabulary) fragment the heap, which then grows by that much a batch."""
     cfg = run.cfg
     eval_iters = cfg.eval_iters if eval_iters is None else eval_iters
+    on_host = run.device == "cpu"
     run.model.eval()
     out = {}
     try:
@@ -80,12 +83,13 @@ def estimate_loss(run, stop_check, splits=("train", "val"), eval_iters=None):
             for x, y in progress(stop_check.until_stop(batches), f"eval {split}", run.rank):
                 with run.ctx:
                     loss = run.model(x, y)[1]  # the logits are not kept past this line
-                losses.append(loss.detach())
+                losses.append(loss.item() if on_host else loss.detach())
                 counts.append(y.numel())
             if stop_check.stopped:
                 return None
-            means = torch.stack(losses).cpu().double().tolist() if losses else []
-            total = sum(mean * n for mean, n in zip(means, counts))
+            if losses and not on_host:
+                losses = torch.stack(losses).cpu().double().tolist()
+            total = sum(mean * n for mean, n in zip(losses, counts))
             total, count = runtime.all_reduce_mean([total, sum(counts)], run.device,
                                                    run.world_size)
             out[split] = total / count

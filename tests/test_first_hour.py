@@ -79,16 +79,40 @@ def test_a_resumed_run_keeps_its_settings_and_says_when_its_schedule_has_ended(c
     assert proc.returncode == 2 and "has n_layer=3 but the config says 2" in proc.stderr
 
 
-def test_the_readme_laptop_ddp_command_runs_as_written(char_data, tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    line = next(line.split() for line in readme.splitlines()
-                if line.strip().startswith("torchrun --standalone --nproc_per_node=2"))
-    args = line[line.index("train.py") + 1:]
-    proc = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *args, f"--data_dir={char_data}",
-                           f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_iters=2"],
-                          capture_output=True, text=True, env=quiet_env(), cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 2
+def readme_commands():
+    """The README's commands that train or sample on a laptop, in the order it gives them:
+    the two commands, the Training section's, and the laptop's torchrun line."""
+    commands = []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        for part in line.split("#")[0].split("&&"):
+            words = part.split()
+            if words[:2] in (["python", "train.py"], ["python", "sample.py"]) or words[:3] == [
+                    "torchrun", "--standalone", "--nproc_per_node=2"]:
+                commands.append(words)
+        if line.startswith("Resume an interrupted run"):  # the end of those sections
+            return commands
+
+
+def test_the_readme_commands_run_in_order_in_one_folder(char_data, tmp_path):
+    # As written, run one after the other in one folder (relative out_dirs), at a tiny size
+    # and on the test's data; compile=true is left to its own test, for time.
+    tiny = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--max_iters=2", "--eval_iters=2",
+            "--compile=false", "--device=cpu", f"--data_dir={char_data}"]
+    commands = readme_commands()
+    assert [c[:2] for c in commands] == [["python", "train.py"], ["python", "sample.py"]] + [
+        ["python", "train.py"]] * 3 + [["torchrun", "--standalone"]]
+    for words in commands:
+        launcher = TORCHRUN if words[0] == "torchrun" else (sys.executable,)
+        script = words.index("train.py") if "train.py" in words else words.index("sample.py")
+        args = [str(ROOT / a) if a.startswith("config/") else a for a in words[script + 1:]]
+        extra = ["--max_new_tokens=20"] if words[script] == "sample.py" else (
+            [] if "--help" in args else tiny)
+        proc = subprocess.run([*launcher, str(ROOT / words[script]), *args, *extra],
+                              capture_output=True, text=True, env=quiet_env(), cwd=tmp_path)
+        assert proc.returncode == 0, (words, proc.stderr[-3000:])
+    out_dirs = sorted(p.name for p in tmp_path.iterdir())
+    assert out_dirs == ["out-char-gpu", "out-laptop-ddp", "out-shakespeare-char", "out-short"]
+    assert load_checkpoint(tmp_path / "out-laptop-ddp" / "ckpt.pt")["iter_num"] == 2
 
 
 def test_a_run_ends_with_the_whole_split_loss_and_eval_only_reads_the_checkpoint(char_data,
@@ -280,7 +304,8 @@ def test_a_stop_during_the_final_evaluation_saves_and_a_finished_run_says_so(cha
     meta = json.loads((char_data / "meta.json").read_text())
     (big / "meta.json").write_text(json.dumps({**meta, "val_tokens": 20_000_000}))
     (big / "train.bin").write_bytes((char_data / "train.bin").read_bytes())
-    np.random.default_rng(0).integers(0, 65, 20_000_000, dtype=np.uint16).tofile(big / "val.bin")
+    tokens = np.random.default_rng(0).integers(0, meta["vocab_size"], 20_000_000)
+    tokens.astype(np.uint16).tofile(big / "val.bin")
     out = tmp_path / "out"
     proc = start(["--max_iters=0", "--eval_iters=2"], big, out)
     wait_for_rows(out, 1, proc)  # iteration 0 is evaluated and saved: the whole split begins
@@ -325,3 +350,14 @@ def test_a_second_ctrl_c_exits_at_once_in_one_line():
     assert proc.stderr.splitlines() == ["SIGINT received: stopping with a checkpoint",
                                         "second Ctrl-C: exiting now; the last checkpoint saved "
                                         "is kept"]
+
+
+def test_a_busy_machine_is_said_in_one_line(monkeypatch):
+    import runtime
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (4.0, 3.0, 2.0))
+    assert "looks busy (load average 4.0 on 2 cores)" in runtime.busy_note("cpu")
+    assert runtime.busy_note("cuda") is None
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    assert runtime.busy_note("cpu") is None
