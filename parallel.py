@@ -87,7 +87,7 @@ def wrap_ddp(model, layout, device, local_rank):
     # buffers are rotary tables that never change, so nothing is broadcast per step.
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[local_rank] if device.startswith("cuda") else None,
-        gradient_as_bucket_view=True, broadcast_buffers=False)
+        gradient_as_bucket_view=True, forward_sync_buffers=False)
 
 
 def shard(model, mesh, dtype):
