@@ -211,11 +211,12 @@ def fits(n_bytes):
     return [gb for gb in GPU_MEMORY_GB if n_bytes <= gb * 10 ** 9]
 
 
-def report(cfg, world_size=1, model_config=None):
+def report(cfg, world_size=1, model_config=None, device=None):
     """A few lines on what the run costs, for train.py to print at the start.
 
     model_config is the model's GPTConfig; without it, cfg must carry the model's fields,
-    vocab_size (padded) included."""
+    vocab_size (padded) included. device: (name, bytes of memory or None), the one the run
+    uses; without it, the GPU sizes that the estimate fits."""
     m = _model_shape(cfg, model_config)
     n, n_body = num_params(m, non_embedding=False), num_params(m)
     tpi = tokens_per_iter(cfg)
@@ -246,7 +247,7 @@ def report(cfg, world_size=1, model_config=None):
         f"layer keeps its input, one is rerun ({per_channel:g} * n_embd per token)",
         f"  logits {_size(memory['logits'])}; unfused attention would add "
         f"{_size(scores)} of scores, which SDPA does not store",
-        f"  {_fits_text(memory)}",
+        f"  {_fits_text(memory) if device is None else _device_text(memory, *device)}",
         "communication per iteration and process (accounting.communication_per_step): "
         + (", ".join(f"{k} {_size(v)}" for k, v in comms.items()) or "none"),
     ])
@@ -305,6 +306,12 @@ def strategy(cfg, world_size):
     tp = f"TP over {cfg.tp}" if cfg.tp > 1 else ""
     data = f"FSDP over {dp}" if cfg.fsdp else f"DDP over {dp}" if dp > 1 else ""
     return " x ".join(filter(None, (data, tp))) or "one process"
+
+
+def _device_text(memory, name, have):
+    if not have:
+        return f"{name}'s memory is not known here"
+    return f"{sum(memory.values()) / have:.1%} of the {_size(have)} that {name} has"
 
 
 def _fits_text(memory):

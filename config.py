@@ -84,7 +84,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine, or wsd: warmup, stable, then a linear cooldown
     cooldown_frac: float = 0.2  # wsd: the share of lr_decay_iters spent cooling down
     warmup_iters: int = 2000  # linear warmup length
-    lr_decay_iters: int = 600000  # iteration at which the cosine reaches min_lr
+    lr_decay_iters: int = 600000  # where the schedule reaches min_lr; a --max_iters flag moves it
     min_lr: float = 6e-5  # floor of the decay, about learning_rate / 10
     # system
     device: str = "auto"  # auto picks cuda, then mps, then cpu; or cuda:1 and so on
@@ -219,13 +219,21 @@ def parse_overrides(cls, argv):
     return overrides
 
 
+HELP = ("-h", "--help")
+
+
 def run_main(cls, action, argv, doc, errors=(), base=()):
     """The scripts' main(): --help prints doc and every setting of cls with its default;
     otherwise the settings from base (config files that come first) then argv are validated
     and handed to action. A ConfigError or one of errors is the user's to fix: one line on
     stderr and exit code 2."""
-    if argv in (["-h"], ["--help"]):
-        print(doc + "\nSettings (defaults shown):\n" + help_text(cls, parse_config(cls, base)))
+    if any(arg in HELP for arg in argv):  # anywhere: after a config file too
+        rest = [arg for arg in argv if arg not in HELP]
+        try:
+            shown = parse_config(cls, [*base, *rest])
+        except ConfigError:  # a bad flag beside --help: show the plain defaults
+            shown = parse_config(cls, base)
+        print(doc + "\nSettings (as this command would set them):\n" + help_text(cls, shown))
         return 0
     try:
         action(parse_config(cls, [*base, *argv]).validate())

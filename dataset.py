@@ -132,6 +132,10 @@ class TokenData:
                             "block_size")
         return starts
 
+    def check_block_size(self, block_size: int) -> None:
+        """Raise DataError if a shard of this split holds fewer than block_size + 1 tokens."""
+        self._starts(block_size)
+
     def get_batch(self, key: tuple[int, ...], batch_size: int, block_size: int, device):
         """Return (x, y), int64 tensors of shape (batch_size, block_size), y = x shifted by one.
 

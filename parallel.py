@@ -87,7 +87,7 @@ def wrap_ddp(model, layout, device, local_rank):
     # buffers are rotary tables that never change, so nothing is broadcast per step.
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[local_rank] if device.startswith("cuda") else None,
-        gradient_as_bucket_view=True, broadcast_buffers=False)
+        gradient_as_bucket_view=True, forward_sync_buffers=False)
 
 
 def shard(model, mesh, dtype):
@@ -191,9 +191,10 @@ def training_state(model, optimizer, layout):
     from torch.distributed.checkpoint import state_dict as dcp
     whole = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = _gpt2_order(dcp.get_model_state_dict(model, options=whole), layout.tp)
-    if not optimizer.state:  # before the first step there is nothing to gather, and DCP
-        return model_state, optimizer.state_dict()  # would take a step to create the state
-    optim = dcp.get_optimizer_state_dict(model, optimizer, options=whole)  # keyed by name
+    if optimizer.state:
+        optim = dcp.get_optimizer_state_dict(model, optimizer, options=whole)  # keyed by name
+    else:  # nothing to gather yet, and DCP would take a step to create the state
+        optim = {"state": {}, "param_groups": _named_groups(model, optimizer)}
     if not optim:  # ranks other than 0 receive nothing
         return model_state, optim
     names, decay = _names(model)
@@ -242,3 +243,9 @@ def _gpt2_order(state, tp, undo=False):
             return {k: fix(v) for k, v in t.items()}
         return regroup_qkv(t, tp, not undo) if torch.is_tensor(t) and t.dim() > 0 else t
     return {k: fix(v) if tp > 1 and ".attn.c_attn." in k else v for k, v in state.items()}
+
+
+def _named_groups(model, optimizer):
+    """optimizer's param_groups, each parameter given by its name."""
+    name_of = {param: name for name, param in model.named_parameters()}
+    return [{**g, "params": [name_of[p] for p in g["params"]]} for g in optimizer.param_groups]

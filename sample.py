@@ -10,6 +10,7 @@ is not printed, or after max_new_tokens.
 """
 import codecs
 import json
+import os
 import sys
 from dataclasses import dataclass
 
@@ -130,6 +131,10 @@ def sample(cfg, out=sys.stdout):
     """Draw cfg.num_samples samples of each prompt; print them to out, return them as strings."""
     device = runtime.pick_device(cfg.device)
     dtype = runtime.pick_dtype(cfg.dtype, device)
+    if cfg.init_from == "resume" and not any(
+            os.path.isfile(os.path.join(cfg.out_dir, name)) for name in ("ckpt.pt", "last.pt")):
+        raise CheckpointError(f"no checkpoint in {cfg.out_dir}: train one first: python "
+                              f"train.py --out_dir={cfg.out_dir}")
     model, meta, _ = load_model(cfg.init_from, cfg.out_dir)  # refuses non-finite weights
     tokenizer = tokenizer_from_meta(meta)
     model.eval().to(device)

@@ -8,13 +8,13 @@ Each decision is returned, in a Run, not written back into cfg: the settings tha
 and saved with each checkpoint are the ones the run uses.
 """
 import contextlib
+import difflib
 import importlib.util
-import json
 import os
 import runpy
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -172,6 +172,7 @@ def out_dir_lock(out_dir):
         yield
         return
     import fcntl  # Unix only
+    created = not os.path.lexists(out_dir)
     check_writable(out_dir)
     fd = os.open(out_dir, os.O_RDONLY)
     try:
@@ -184,6 +185,24 @@ def out_dir_lock(out_dir):
         yield
     finally:
         os.close(fd)
+        if created:  # a run that failed before writing anything leaves no empty folder
+            with contextlib.suppress(OSError):  # not empty: the run wrote its files
+                os.rmdir(out_dir)
+
+
+def check_dataset(name):
+    """--dataset names a folder under data/: a name that is none is an error listing the
+    datasets prepared, and the closest name."""
+    if (ROOT / "data" / name).is_dir():
+        return
+    known = sorted(p.name for p in (ROOT / "data").iterdir()
+                   if (p / "prepare.py").is_file() or (p / "meta.json").is_file())
+    prepared = [n for n in known if (ROOT / "data" / n / "meta.json").is_file()]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise DataError(f"no dataset {name!r} under data/{hint}; prepared: "
+                    f"{', '.join(prepared) or 'none yet'}; others: "
+                    f"{', '.join(n for n in known if n not in prepared)}; or --data_dir=PATH")
 
 
 def prepare_default_data(rank, world_size):
@@ -226,9 +245,23 @@ class Run:
     optimizer: torch.optim.Optimizer
     micro_steps: int  # forward/backward passes per iteration on each rank
     iter_num: int  # the iteration to start from
+    evaluated: bool  # whether iteration iter_num's evaluation is done (a stop may skip it)
     best_val_loss: float
     origin: str  # scratch, or the pretrained weights the run began from
     elapsed_s: float  # seconds of training before this process, in earlier processes
+
+
+def settings_text(cfg):
+    """The settings that differ from TrainConfig's defaults, as flags, wrapped to 100 wide."""
+    default = TrainConfig()
+    flags = [f"--{f.name}={str(v).lower() if isinstance(v, bool) else v}"
+             for f in fields(cfg) if (v := getattr(cfg, f.name)) != getattr(default, f.name)]
+    lines = ["settings (those not at their defaults):"]
+    for flag in flags:
+        if len(lines[-1]) + len(flag) >= 99:
+            lines.append("")
+        lines[-1] += " " + flag
+    return "\n".join(lines)
 
 
 def setup(cfg, named=()):
@@ -251,9 +284,13 @@ def setup(cfg, named=()):
         raise ConfigError("wandb_log=true needs the wandb package: pip install wandb")
     if not cfg.data_dir and cfg.dataset == "shakespeare_char":
         prepare_default_data(rank, world_size)
+    if not cfg.data_dir:
+        check_dataset(cfg.dataset)
     data_dir = cfg.data_dir or str(ROOT / "data" / cfg.dataset)
     meta = load_meta(data_dir)
     data = {split: TokenData(data_dir, split) for split in ("train", "val")}
+    for split in data.values():  # a block longer than a split would evaluate for ever
+        split.check_block_size(cfg.block_size)
     if init_from == "scratch":
         check_memory(cfg, accounting.model_shape(cfg, meta["vocab_size"]), world_size, device)
     torch.manual_seed(cfg.seed)
@@ -267,27 +304,35 @@ def setup(cfg, named=()):
     parallel.spread(raw_model, layout, dtype)
     optimizer = make_optimizer(raw_model, cfg)
     iter_num, best_val_loss, origin, elapsed_s = 0, float("inf"), cfg.init_from, 0.0
+    evaluated = False
     if ckpt is not None:
         parallel.load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], layout)
         if ckpt["scaler"]:  # empty when saved without float16: the scale then starts afresh
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         origin, elapsed_s = ckpt.get("origin", "scratch"), ckpt.get("elapsed_s", 0.0)
+        # older checkpoints were saved at an evaluation, or by a stop after iteration 0
+        evaluated = bool(ckpt.get("evaluated", iter_num > 0))
         del ckpt  # free the CPU copy of the weights and optimizer state
     model = torch.compile(raw_model) if cfg.compile else raw_model
     model = parallel.wrap_ddp(model, layout, device, local_rank)
     if rank == 0:
-        print(json.dumps(asdict(cfg), indent=1))
-        print(accounting.report(cfg, world_size, raw_model.config))
+        print(settings_text(cfg))  # all of them go into metrics.jsonl and each checkpoint
+        print(accounting.report(cfg, world_size, raw_model.config,
+                                (device, runtime.device_memory(device))))
         print(f"{world_size} process(es) on {device} in {str(dtype).removeprefix('torch.')}; "
               f"{raw_model.num_params() / 1e6:.2f}M parameters; "
               f"{accounting.tokens_per_iter(cfg):,} tokens per iteration; starting at "
               f"iteration {iter_num}")
+        busy = runtime.busy_note(device)
+        if busy:
+            print(busy, file=sys.stderr, flush=True)
         if cfg.decay_lr and cfg.lr_decay_iters <= iter_num < cfg.max_iters:
             print(f"note: the learning-rate schedule ended at iteration {cfg.lr_decay_iters} "
                   f"(lr_decay_iters): the rate stays at min_lr={cfg.min_lr:g} from here. To "
-                  "train on, raise --lr_decay_iters with --max_iters (docs/guarantees.md: "
-                  "resuming a run)", file=sys.stderr, flush=True)
+                  "train on, give --max_iters alone: the schedule follows it "
+                  "(docs/guarantees.md: resuming a run)", file=sys.stderr, flush=True)
     return Run(cfg, rank, world_size, device, dtype, ctx, scaler, data, meta, raw_model, model,
                layout, optimizer, cfg.gradient_accumulation_steps // layout.dp_size, iter_num,
+               evaluated,
                best_val_loss, origin, elapsed_s)

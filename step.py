@@ -87,6 +87,7 @@ class StopCheck:
 
     def __init__(self, run):
         self.run, self.signals, self.pending = run, runtime.StopSignals(), None
+        self.stopped = False  # set by until_stop when the ranks agreed to stop
 
     def should_stop(self, iter_num, loss, norm):
         """Queue this step's flags (call it before the optimizer step); return whether the
@@ -111,6 +112,31 @@ class StopCheck:
         """One process asked to stop stops at once, within a micro-step: it has no other
         rank to agree with."""
         return self.run.world_size == 1 and self.signals.received
+
+    def until_stop(self, batches, filler=None):
+        """The batches of an evaluation, until they run out or a signal comes: then
+        self.stopped is set and no more are given. Ranks may hold different numbers of
+        batches; under DDP they agree before every batch (a collective of two numbers: a
+        signal came, a batch is left) until every rank's batches are done. A rank whose
+        batches are done while others' are not is given filler, if any (under FSDP every
+        forward gathers weights from all ranks: one rank missing would hang the others)."""
+        batches = iter(batches)
+        while True:
+            batch = next(batches, None)
+            if self.run.world_size == 1:
+                signal, left = self.signals.received, batch is not None
+            else:
+                flags = torch.tensor([float(self.signals.received), float(batch is not None)],
+                                     device=self.run.device)
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                signal, left = flags.tolist()
+            if signal:
+                self.stopped = True
+                return
+            if not left:
+                return
+            if batch is not None or filler is not None:
+                yield filler if batch is None else batch
 
     def settle(self):
         """Read the pending flags, waiting for them if need be."""

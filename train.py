@@ -15,7 +15,7 @@ depend on the number of processes.
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -55,43 +55,61 @@ def progress(batches, desc, rank):
 
 
 @torch.no_grad()
-def estimate_loss(run, splits=("train", "val"), eval_iters=None):
+def estimate_loss(run, stop_check, splits=("train", "val"), eval_iters=None):
     """Mean loss per split: over the same eval_iters random batches at every evaluation, or,
-    with eval_iters=0, over every block of the split, each token predicted once.
+    with eval_iters=0, over every block of the split, each token predicted once. None if a
+    stop came during it: an evaluation is abandoned within a batch, not finished first.
 
     Fixed batches make successive evaluations comparable; the ranks share the batches out
     (each builds only its own) and average, so the estimate does not depend on the number of
-    processes. The losses stay on the device until the end: no wait for the GPU per batch."""
+    processes. A GPU's losses stay on it until the end: no wait for the GPU per batch (under
+    DDP the ranks agree on a stop at every batch: see StopCheck.until_stop). On the CPU each
+    is read at once: 0-d tensors kept between the large logits freed at every batch (25 MB
+    with GPT-2's vocabulary) fragment the heap, which then grows by that much a batch."""
     cfg = run.cfg
     eval_iters = cfg.eval_iters if eval_iters is None else eval_iters
+    on_host = run.device == "cpu"
     run.model.eval()
     out = {}
-    for split in splits:
-        if eval_iters:
-            batches = (run.data[split].get_batch((cfg.seed, EVAL_BATCHES[split], k),
-                                                 cfg.batch_size, cfg.block_size, run.device)
-                       for k in range(run.layout.dp_rank, eval_iters, run.layout.dp_size))
-        else:
-            batches = run.data[split].windows(cfg.block_size, cfg.batch_size, run.device,
-                                              run.layout.dp_rank, run.layout.dp_size)
-        losses, counts = [], []
-        for x, y in progress(batches, f"eval {split}", run.rank):
-            with run.ctx:
-                _, loss = run.model(x, y)
-            losses.append(loss.detach())
-            counts.append(y.numel())
-        means = torch.stack(losses).cpu().double().tolist() if losses else []
-        total = sum(mean * n for mean, n in zip(means, counts))
-        total, count = runtime.all_reduce_mean([total, sum(counts)], run.device, run.world_size)
-        out[split] = total / count
-    run.model.train()
-    parallel.after_evaluation(run.raw_model, run.layout)
+    try:
+        for split in splits:
+            if eval_iters:
+                batches = (run.data[split].get_batch((cfg.seed, EVAL_BATCHES[split], k),
+                                                     cfg.batch_size, cfg.block_size, run.device)
+                           for k in range(run.layout.dp_rank, eval_iters, run.layout.dp_size))
+            else:
+                batches = run.data[split].windows(cfg.block_size, cfg.batch_size, run.device,
+                                                  run.layout.dp_rank, run.layout.dp_size)
+            losses, counts = [], []
+            filler = None if not run.layout.fsdp else (torch.zeros(
+                cfg.batch_size, cfg.block_size, dtype=torch.long, device=run.device),) * 2
+            for x, y in progress(stop_check.until_stop(batches, filler), f"eval {split}",
+                                 run.rank):
+                with run.ctx:
+                    loss = run.model(x, y)[1]  # the logits are not kept past this line
+                if filler is not None and x is filler[0]:
+                    continue  # run only to take part in the other ranks' weight gathers
+                losses.append(loss.item() if on_host else loss.detach())
+                counts.append(y.numel())
+            if stop_check.stopped:
+                return None
+            if losses and not on_host:
+                losses = torch.stack(losses).cpu().double().tolist()
+            total = sum(mean * n for mean, n in zip(losses, counts))
+            total, count = runtime.all_reduce_mean([total, sum(counts)], run.device,
+                                                   run.world_size)
+            out[split] = total / count
+    finally:
+        run.model.train()
+        parallel.after_evaluation(run.raw_model, run.layout)
     return out
 
 
-def save(run, iter_num, log, name="ckpt.pt"):
-    """Rank 0 writes a checkpoint into out_dir: everything needed to continue exactly. Every
-    rank calls this: under FSDP or TP each contributes its shards to the whole tensors saved."""
+def save(run, iter_num, log, evaluated, name="ckpt.pt"):
+    """Rank 0 writes a checkpoint into out_dir: everything needed to continue exactly, and
+    whether iteration iter_num's evaluation is done (a stop skips it; the resumed run does
+    it). Every rank calls this: under FSDP or TP each contributes its shards to the whole
+    tensors saved."""
     model_state, optimizer_state = parallel.training_state(run.raw_model, run.optimizer,
                                                            run.layout)
     state = None  # the other ranks only learn whether rank 0's write succeeded
@@ -101,28 +119,36 @@ def save(run, iter_num, log, name="ckpt.pt"):
             "scaler": run.scaler.state_dict(), "config": asdict(run.cfg),
             "model_args": asdict(run.raw_model.config), "meta": run.meta, "origin": run.origin,
             "iter_num": iter_num, "best_val_loss": run.best_val_loss,
-            "elapsed_s": log.elapsed()}
+            "elapsed_s": log.elapsed(), "evaluated": evaluated}
     save_checkpoint(state, os.path.join(run.cfg.out_dir, name), run.world_size)
 
 
-def evaluate_and_checkpoint(run, iter_num, log):
+def evaluate_and_checkpoint(run, iter_num, log, stop_check):
     """Estimate both losses and log them; save on a new best validation loss, or at every
-    evaluation with always_save_checkpoint. Returns the validation loss."""
+    evaluation with always_save_checkpoint. Returns the validation loss, or None if a stop
+    came during the evaluation, which is then abandoned."""
     started = time.time()
-    losses = estimate_loss(run)
+    losses = estimate_loss(run, stop_check)
+    if losses is None:
+        return None
     improved = losses["val"] < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, losses["val"])
     if (improved or run.cfg.always_save_checkpoint) and not run.cfg.eval_only:
-        save(run, iter_num, log)
+        save(run, iter_num, log, evaluated=True)
     log.evaluation(iter_num, losses, seconds=time.time() - started)
     return losses["val"]
 
 
-def save_on_stop(run, iter_num, log):
+def save_on_stop(run, iter_num, log, evaluated):
     """A stopped run's checkpoint: ckpt.pt, or last.pt beside it where ckpt.pt keeps only the
-    best model (resuming takes the newer of the two: checkpoint.latest_checkpoint)."""
+    best model (resuming takes the newer of the two: checkpoint.latest_checkpoint).
+    --eval_only saves nothing: it only stops."""
+    if run.cfg.eval_only:
+        if run.rank == 0:
+            print("stopped by a signal: the evaluation is abandoned", flush=True)
+        return
     name = "ckpt.pt" if run.cfg.always_save_checkpoint else "last.pt"
-    save(run, iter_num, log, name)
+    save(run, iter_num, log, evaluated, name)
     if run.rank == 0:
         print(f"stopped by a signal at iteration {iter_num}; checkpoint saved to "
               f"{os.path.join(run.cfg.out_dir, name)}: resume with --init_from=resume",
@@ -143,6 +169,16 @@ def train_batches(run, iter_num, stop_check):
         yield run.data["train"].get_batch(key, cfg.batch_size, cfg.block_size, run.device)
 
 
+def finished(run):
+    """A resumed run that has already done all its iterations says so, and how to go on."""
+    if run.rank == 0:
+        cfg = run.cfg
+        print(f"the run in {cfg.out_dir} is complete: it has done its max_iters="
+              f"{cfg.max_iters} iterations. To train it longer: python train.py "
+              f"--init_from=resume --out_dir={cfg.out_dir} --max_iters={2 * cfg.max_iters} "
+              "(README: Training)", flush=True)
+
+
 def step_seed(*numbers):
     """A 63-bit seed that is a pure function of the given integers."""
     return int(np.random.SeedSequence(numbers).generate_state(2, np.uint64)[0] >> 1)
@@ -156,24 +192,33 @@ def train(cfg, named=()):
     cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
     log, stop_check = MetricsLog(run), StopCheck(run)
     iter_num, val_loss, stopping = run.iter_num, None, False
-    # A resumed run evaluated its first iteration, and saved, before it stopped: doing it
-    # again would log that iteration twice. (--eval_only evaluates whatever the iteration.)
-    already_evaluated = run.iter_num if run.iter_num > 0 and not cfg.eval_only else None
+    # Whether this iteration's evaluation is done: a resumed run's checkpoint says, so that
+    # the resumed run does every evaluation the uninterrupted one does, once. (--eval_only
+    # evaluates whatever the iteration.)
+    evaluated = run.evaluated and not cfg.eval_only
     try:
+        if evaluated and iter_num >= cfg.max_iters:
+            finished(run)
+            return None
         while True:
             # evaluate the losses and checkpoint, when due; not when stopping, which must be
             # quick (torchrun kills its workers 30 s after its own SIGTERM)
             due = iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters
             if due or stopping:  # nothing is saved before the last step's flags are read
                 stopping = stop_check.settle() or stopping
-            if (due or cfg.eval_only) and iter_num != already_evaluated and not stopping:
-                val_loss = evaluate_and_checkpoint(run, iter_num, log)
+            if (due or cfg.eval_only) and not evaluated and not stopping:
+                val_loss = evaluate_and_checkpoint(run, iter_num, log, stop_check)
+                evaluated, stopping = val_loss is not None, val_loss is None
             if stopping:
-                save_on_stop(run, iter_num, log)
+                save_on_stop(run, iter_num, log, evaluated)
                 break
             if iter_num >= cfg.max_iters or cfg.eval_only:
                 if not cfg.eval_only and cfg.eval_iters:  # the figure the README quotes
-                    log.whole_split(iter_num, estimate_loss(run, ("val",), eval_iters=0))
+                    whole = estimate_loss(run, stop_check, ("val",), eval_iters=0)
+                    if whole is None:  # stopped: the run is complete all the same
+                        save_on_stop(run, iter_num, log, evaluated)
+                        break
+                    log.whole_split(iter_num, whole)
                 break
 
             # the learning rate of this iteration
@@ -196,7 +241,7 @@ def train(cfg, named=()):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
+            iter_num, evaluated = iter_num + 1, False
 
             if iter_num % cfg.log_interval == 0:
                 log.step(iter_num, loss, lr)
@@ -208,14 +253,30 @@ def train(cfg, named=()):
     return val_loss
 
 
+def schedule_follows(cfg, flags):
+    """A --max_iters flag without --lr_decay_iters moves the end of the learning-rate schedule
+    (and so the cooldown, a fraction of it) to the new end of the run: otherwise a shortened
+    run would stop before it cools down, and a lengthened one would idle at min_lr."""
+    if "max_iters" not in flags or "lr_decay_iters" in flags:
+        return cfg
+    if cfg.decay_lr and cfg.lr_decay_iters != cfg.max_iters and os.environ.get("RANK", "0") == "0":
+        print(f"lr_decay_iters follows --max_iters: the learning-rate schedule ends at "
+              f"iteration {cfg.max_iters} (--lr_decay_iters sets it apart)", flush=True)
+    return replace(cfg, lr_decay_iters=cfg.max_iters)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # Flags alone refine the default run; a config file given replaces it.
     base = [] if any(not arg.startswith("-") for arg in argv) else default_config()
 
     def action(cfg):  # a resumed run takes from this command only the settings it names
+        named = set(parse_overrides(TrainConfig, argv))
+        flags = parse_overrides(TrainConfig, [a for a in argv if a.startswith("--")])
+        if "max_iters" in flags:
+            named.add("lr_decay_iters")
         with out_dir_lock(cfg.out_dir):
-            return train(cfg, set(parse_overrides(TrainConfig, argv)))
+            return train(schedule_follows(cfg, flags), named)
     return run_main(TrainConfig, action, argv, __doc__, (DataError, CheckpointError,
                     TrainingError, MetricsError, runtime.DeviceError), base)
 

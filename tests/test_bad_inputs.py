@@ -407,7 +407,7 @@ def test_a_bad_input_is_a_one_line_error_and_changes_nothing(script, flags, mess
 
 def run_process(script, argv, **env):
     return subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True,
-                          text=True, env=quiet_env(**env), timeout=120, cwd=ROOT)
+                          text=True, env=quiet_env(**env), timeout=1800, cwd=ROOT)
 
 
 def test_processes_exit_non_zero_with_one_line_and_no_traceback(world, tmp_path):

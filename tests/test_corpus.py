@@ -34,7 +34,7 @@ def expected_tokens(docs) -> np.ndarray:
 
 def run_script(script: str, *args, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=1800)
 
 
 def shards(out: Path, split: str) -> list[np.ndarray]:

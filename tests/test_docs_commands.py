@@ -121,7 +121,7 @@ def inside(folder):
         os.chdir(here)
 
 
-def run_one(cmd, folder, char_data, shakespeare_path):
+def run_one(cmd, folder, char_data, shakespeare_path, overwrite=True):
     """Run one command in folder, in this process where the script has a main(argv)."""
     if cmd.startswith("printf"):
         subprocess.run(cmd, shell=True, cwd=folder, check=True)
@@ -140,12 +140,12 @@ def run_one(cmd, folder, char_data, shakespeare_path):
                      "--num_proc", "1", "--shard_size", "200000", "--val_tokens", "1000"]
         args = [*args, *extra]
     elif name == "train.py" and args != ["--help"]:
-        # A resumed run takes its data from its checkpoint; a fresh one may replace an earlier
-        # command's run (whether the README's runs each have a folder of their own is the
-        # README sequence test's concern).
+        # A resumed run takes its data from its checkpoint. A fresh one replaces an earlier
+        # command's run only where overwrite says so: not in the README, whose commands each
+        # name an out_dir of their own, so that they run in order in one clone.
         resume = "--init_from=resume" in args
-        args = [*args, *([*TINY, *RESUME] if resume else
-                         [*TRAIN, f"--data_dir={char_data}", "--overwrite=true"])]
+        args = [*args, *([*TINY, *RESUME] if resume else [*TRAIN, f"--data_dir={char_data}"]),
+                *(["--overwrite=true"] if overwrite and not resume else [])]
     elif name == "sample.py":
         args = [*args, *SAMPLE]
     elif name == "bench.py":
@@ -177,7 +177,7 @@ def test_every_command_runs_as_written(char_data, shakespeare_path, tmp_path, ca
             cmd = "python " + " ".join(words)
         with inside(folder):
             try:
-                run_one(cmd, folder, char_data, shakespeare_path)
+                run_one(cmd, folder, char_data, shakespeare_path, page != "README.md")
             except SystemExit as e:
                 assert not e.code, f"{page}: {cmd}: {e}"
         ran.append(cmd)

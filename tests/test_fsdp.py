@@ -8,8 +8,10 @@ import pytest
 from checkpoint import load_checkpoint
 from helpers import ROOT, TORCHRUN, assert_same_run, run_train, train_losses
 
-# Four micro-steps (two per rank) and a clip that bites: norms here are about 1.
-ARGS = ["--gradient_accumulation_steps=4", "--grad_clip=0.5", "--eval_interval=3"]
+# Four micro-steps (two per rank) and a clip that bites: norms here are about 1. Three
+# evaluation batches over two ranks: one rank runs a filler forward beside the other's second.
+ARGS = ["--gradient_accumulation_steps=4", "--grad_clip=0.5", "--eval_interval=3",
+        "--eval_iters=3"]
 FSDP = ["--fsdp=true"]
 
 

@@ -154,11 +154,11 @@ def test_rank_0_decides_to_resume_and_a_rank_without_the_checkpoint_fails_at_onc
     run_train(["--max_iters=2", "--eval_interval=2"], char_data, out)
     start = time.time()
     proc = run_train(["--max_iters=4", "--eval_interval=2", "--init_from=auto",
-                      "--ddp_timeout=60"], char_data, out, launcher=TORCHRUN, expect_ok=False,
+                      "--ddp_timeout=1200"], char_data, out, launcher=TORCHRUN, expect_ok=False,
                      script="tests/hide_checkpoint.py", HIDE_RANK="1")
     assert proc.returncode != 0
     assert f"rank 0 resumes from {out / 'ckpt.pt'}, which rank(s) 1 cannot read" in proc.stderr
-    assert time.time() - start < 50  # at once, not after ddp_timeout
+    assert time.time() - start < 600  # at once, not after ddp_timeout
 
 
 def test_a_stop_does_not_start_an_evaluation(char_data, tmp_path, monkeypatch):

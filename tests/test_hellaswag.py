@@ -117,7 +117,7 @@ def test_evaluate_counts_sum_and_mean_wins(examples_file, gpt2_vocab_path):
 
 def run_cli(*args, launcher=()):
     return subprocess.run([sys.executable, *launcher, str(ROOT / "hellaswag.py"), *args],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+                          capture_output=True, text=True, timeout=1800, cwd=ROOT)
 
 
 def test_cli_on_a_gpt2_weights_folder(gpt2_folder, examples_file, gpt2_vocab_path):

@@ -20,7 +20,7 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nS
 def run_script(script: str, *args, cwd) -> subprocess.CompletedProcess:
     """Run one of the data scripts in a fresh interpreter, from cwd, as a user would."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=1800)
 
 
 def load_script(script: str):

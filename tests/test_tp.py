@@ -56,6 +56,18 @@ def test_tp_is_the_same_run_as_one_process_and_resumes_and_samples_there(
 
 
 @pytest.mark.slow
+def test_a_tp_checkpoint_from_before_the_first_step_resumes_in_one_process(
+        straight, char_data, tmp_path):
+    # Saved at iteration 0, with no optimizer state yet: still in one process's groups.
+    out = tmp_path / "out"
+    run_train(ARGS + TP + ["--max_iters=0"], char_data, out, launcher=TORCHRUN)
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 0
+    resumed = train_losses(run_train(ARGS + ["--max_iters=2", "--init_from=resume"],
+                                     char_data, out))
+    assert_same_run(straight, resumed, range(1, 3))
+
+
+@pytest.mark.slow
 def test_a_one_process_checkpoint_resumes_under_tp(straight_modern, char_data, tmp_path):
     # With the modern options, and activation checkpointing, which must change no loss.
     out = tmp_path / "out"
