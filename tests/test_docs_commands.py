@@ -48,7 +48,7 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 TRAIN = [*TINY, "--max_iters=2", "--eval_iters=1", "--eval_interval=2", "--log_interval=1",
          "--gradient_accumulation_steps=2", "--wandb_log=false"]
 RESUME = ["--max_iters=4", "--eval_iters=1", "--eval_interval=2", "--device=cpu"]
-BENCH = [*TINY, "--gradient_accumulation_steps=1", "--warmup_steps=0", "--timed_steps=1",
+BENCH = [*TINY, "--warmup_steps=0", "--timed_steps=1",
          "--compiles=false", "--prompt_tokens=4", "--max_new_tokens=4", "--sample_repeats=1",
          "--batch_sizes=1,2", "--serve_requests=2", "--serve_slots=2"]
 SAMPLE = ["--max_new_tokens=4", "--device=cpu", "--compile=false"]
