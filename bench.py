@@ -187,7 +187,7 @@ def warm_up(cfg, model_config, device, world_size, dtype_name, compiled, batches
     if world_size > 1 and not cfg.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if cuda else None, gradient_as_bucket_view=True,
-            broadcast_buffers=False)
+            forward_sync_buffers=False)
     step_args = (torch.compile(model) if compiled else model, optimizer, scaler, ctx, batches,
                  cfg.grad_clip)
     t0 = time.perf_counter()

@@ -331,6 +331,9 @@ def test_names_that_do_not_exist_say_what_does(char_data, tmp_path):
                      expect_ok=False)
     assert proc.returncode == 2 and "(did you mean 'shakespeare_char'?)" in proc.stderr
     assert "prepared: " in proc.stderr and not out.exists()  # a failed start leaves nothing
+    proc = run_train(["--block_size=200000"], char_data, out, expect_ok=False)  # > 10,000
+    assert proc.returncode == 2 and "fewer than block_size + 1 = 200001" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"),
                            str(ROOT / "config" / "train_gpt2.toml"), "--help"],
                           capture_output=True, text=True, cwd=tmp_path)
