@@ -314,7 +314,7 @@ def test_a_stop_during_the_final_evaluation_saves_and_a_finished_run_says_so(cha
     assert proc.returncode == 0 and "stopped by a signal at iteration 0" in stdout, stderr
     assert not any("whole_val_loss" in r for r in read_metrics(out))
     before = read_metrics(out)
-    proc = run_train(["--init_from=resume"], big, out, expect_ok=False)
+    proc = run_train(["--init_from=resume", "--max_iters=0"], big, out, expect_ok=False)
     assert proc.returncode == 0 and "is complete" in proc.stdout and "--max_iters=" in (
         proc.stdout)
     assert read_metrics(out) == before  # nothing evaluated again
