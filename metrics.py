@@ -50,7 +50,7 @@ class MetricsLog:
         if run.rank == 0:
             self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
             # a fresh run starts its log; a resumed run, or an evaluation, adds to it
-            resumed = run.iter_num > 0 or cfg.eval_only
+            resumed = run.iter_num > 0 or cfg.init_from == "resume" or cfg.eval_only
             try:
                 if resumed and os.path.exists(self.path):
                     drop_partial_line(self.path)

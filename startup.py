@@ -307,7 +307,7 @@ def setup(cfg, named=()):
             model, device_ids=[local_rank] if device.startswith("cuda") else None,
             gradient_as_bucket_view=True, forward_sync_buffers=False)
     if rank == 0:
-        print(settings_text(cfg))  # all of them go into metrics.jsonl and each checkpoint
+        print(settings_text(cfg))  # all of them are saved in each checkpoint
         print(accounting.report(cfg, world_size, raw_model.config,
                                 (device, runtime.device_memory(device))))
         print(f"{world_size} process(es) on {device} in {str(dtype).removeprefix('torch.')}; "

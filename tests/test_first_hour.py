@@ -320,7 +320,8 @@ def test_a_stop_during_the_final_evaluation_saves_and_a_finished_run_says_so(cha
     assert read_metrics(out) == before  # nothing evaluated again
     # What it printed at start: the settings not at their defaults, the cost, and the memory
     # against the CPU's (not the GPU sizes), in a screen, not 45 lines of JSON.
-    assert "settings (those not at their defaults): --out_dir=" in proc.stdout
+    assert "settings (those not at their defaults):" in proc.stdout
+    assert " --out_dir=" in proc.stdout and " --dtype=float32" in proc.stdout
     assert "that cpu has" in proc.stdout and "fits GPUs" not in proc.stdout
     assert len(proc.stdout.splitlines()) < 20
 
