@@ -317,7 +317,7 @@ def setup(cfg, named=()):
     model = torch.compile(raw_model) if cfg.compile else raw_model
     model = parallel.wrap_ddp(model, layout, device, local_rank)
     if rank == 0:
-        print(settings_text(cfg))  # all of them go into metrics.jsonl and each checkpoint
+        print(settings_text(cfg))  # all of them are saved in each checkpoint
         print(accounting.report(cfg, world_size, raw_model.config,
                                 (device, runtime.device_memory(device))))
         print(f"{world_size} process(es) on {device} in {str(dtype).removeprefix('torch.')}; "
