@@ -325,8 +325,8 @@ def setup(cfg, named=()):
               f"{accounting.tokens_per_iter(cfg):,} tokens per iteration; starting at "
               f"iteration {iter_num}")
         busy = runtime.busy_note(device)
-        if busy:
-            print(busy, file=sys.stderr, flush=True)
+        if busy:  # on stdout with the other start lines: stderr is for what went wrong
+            print(busy, flush=True)
         if cfg.decay_lr and cfg.lr_decay_iters <= iter_num < cfg.max_iters:
             print(f"note: the learning-rate schedule ended at iteration {cfg.lr_decay_iters} "
                   f"(lr_decay_iters): the rate stays at min_lr={cfg.min_lr:g} from here. To "
