@@ -179,7 +179,7 @@ def all_reduce_mean(values, device, world_size):
 def busy_note(device):
     """A line for a CPU run on a machine that other jobs already keep busy, or None. torch's
     threads wait for each other at every operation, so a core taken by another job stalls
-    them all: on a busy 2-core machine one thread ran 3 to 4 times faster than two."""
+    them all (train.py has them wait passively, which helps most: docs/benchmarks.md)."""
     threads, cores = torch.get_num_threads(), os.cpu_count() or 1
     if device != "cpu" or threads == 1 or not hasattr(os, "getloadavg"):
         return None
@@ -187,7 +187,7 @@ def busy_note(device):
     if load < cores:  # this process has not started its threads yet: the load is others'
         return None
     return (f"note: this machine looks busy (load average {load:.1f} on {cores} cores): "
-            f"torch's {threads} threads stall on taken cores; OMP_NUM_THREADS=1 may run faster")
+            "training is slower than on a quiet one, and OMP_NUM_THREADS=1 may help")
 
 
 class StopSignals:

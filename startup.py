@@ -317,7 +317,7 @@ def setup(cfg, named=()):
     model = torch.compile(raw_model) if cfg.compile else raw_model
     model = parallel.wrap_ddp(model, layout, device, local_rank)
     if rank == 0:
-        print(settings_text(cfg))  # all of them go into metrics.jsonl and each checkpoint
+        print(settings_text(cfg))  # all of them are saved in each checkpoint
         print(accounting.report(cfg, world_size, raw_model.config,
                                 (device, runtime.device_memory(device))))
         print(f"{world_size} process(es) on {device} in {str(dtype).removeprefix('torch.')}; "
@@ -325,8 +325,8 @@ def setup(cfg, named=()):
               f"{accounting.tokens_per_iter(cfg):,} tokens per iteration; starting at "
               f"iteration {iter_num}")
         busy = runtime.busy_note(device)
-        if busy:
-            print(busy, file=sys.stderr, flush=True)
+        if busy:  # on stdout with the other start lines: stderr is for what went wrong
+            print(busy, flush=True)
         if cfg.decay_lr and cfg.lr_decay_iters <= iter_num < cfg.max_iters:
             print(f"note: the learning-rate schedule ended at iteration {cfg.lr_decay_iters} "
                   f"(lr_decay_iters): the rate stays at min_lr={cfg.min_lr:g} from here. To "

@@ -17,6 +17,12 @@ import sys
 import time
 from dataclasses import asdict, replace
 
+# torch's OpenMP threads spin while they wait for work (GNU OpenMP's default), and on a machine
+# that other jobs keep busy they spin on the cores the others need: on 2 cores at load 10, 30
+# iterations of the CPU recipe ran at 4.7-6.2 s each by default and 0.15-0.29 s waiting
+# passively, with the same losses (docs/benchmarks.md). Read once, when torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 from tqdm import tqdm

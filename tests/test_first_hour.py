@@ -284,13 +284,14 @@ def test_a_stop_during_the_final_evaluation_saves_and_a_finished_run_says_so(cha
     assert proc.returncode == 0 and "stopped by a signal at iteration 0" in stdout, stderr
     assert not any("whole_val_loss" in r for r in read_metrics(out))
     before = read_metrics(out)
-    proc = run_train(["--init_from=resume"], big, out, expect_ok=False)
+    proc = run_train(["--init_from=resume", "--max_iters=0"], big, out, expect_ok=False)
     assert proc.returncode == 0 and "is complete" in proc.stdout and "--max_iters=" in (
         proc.stdout)
     assert read_metrics(out) == before  # nothing evaluated again
     # What it printed at start: the settings not at their defaults, the cost, and the memory
     # against the CPU's (not the GPU sizes), in a screen, not 45 lines of JSON.
-    assert "settings (those not at their defaults): --out_dir=" in proc.stdout
+    assert "settings (those not at their defaults):" in proc.stdout
+    assert " --out_dir=" in proc.stdout and " --dtype=float32" in proc.stdout
     assert "that cpu has" in proc.stdout and "fits GPUs" not in proc.stdout
     assert len(proc.stdout.splitlines()) < 20
 
@@ -301,6 +302,9 @@ def test_names_that_do_not_exist_say_what_does(char_data, tmp_path):
                      expect_ok=False)
     assert proc.returncode == 2 and "(did you mean 'shakespeare_char'?)" in proc.stderr
     assert "prepared: " in proc.stderr and not out.exists()  # a failed start leaves nothing
+    proc = run_train(["--block_size=200000"], char_data, out, expect_ok=False)  # > 10,000
+    assert proc.returncode == 2 and "fewer than block_size + 1 = 200001" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"),
                            str(ROOT / "config" / "train_gpt2.toml"), "--help"],
                           capture_output=True, text=True, cwd=tmp_path)
