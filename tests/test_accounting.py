@@ -158,6 +158,7 @@ def test_gpt2_xl_memory_on_8_gpus_by_hand():
     assert accumulating["accumulated gradients"] == 6_230_745_600
 
 
+@pytest.mark.slow
 def test_report_and_estimate_give_memory_for_the_run_as_configured():
     run = replace(XL_RUN, fsdp=True)
     report = accounting.report(run, 8, XL)

@@ -410,6 +410,7 @@ def run_process(script, argv, **env):
                           text=True, env=quiet_env(**env), timeout=1800, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_processes_exit_non_zero_with_one_line_and_no_traceback(world, tmp_path):
     before = snapshot(world["root"])
     # An error late in a resumed run, after the model and the optimizer are built.

@@ -14,6 +14,7 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_
         "--timed_steps=2", "--max_new_tokens=24"]
 
 
+@pytest.mark.slow
 def test_bench_writes_sane_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(TINY + ["--dtypes=float32,bfloat16", "--gradient_accumulation_steps=2",
@@ -39,6 +40,7 @@ def test_bench_writes_sane_json(tmp_path, capsys):
     assert "unknown" in capsys.readouterr().out  # the MFU column
 
 
+@pytest.mark.slow
 def test_bench_inference_cost_table(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert bench.main(TINY + ["--train=false", "--batch_sizes=1,3", "--prefill_tokens=5",
@@ -56,6 +58,7 @@ def test_bench_inference_cost_table(tmp_path, capsys):
     assert "prefill tok/s" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_can_skip_parts(tmp_path):
     out = tmp_path / "b.json"
     assert bench.main(TINY + ["--train=false", "--sample_repeats=2", f"--json_out={out}"]) == 0
@@ -77,6 +80,7 @@ def test_bench_rejects_bad_settings(flag, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_option_costs_script_times_every_variant():
     proc = subprocess.run([sys.executable, str(ROOT / "docs" / "option_costs.py"), "2"],
                           capture_output=True, text=True, timeout=1800)  # hang guard

@@ -32,6 +32,7 @@ def one_line(stderr):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_fresh_run_over_a_folder_leaves_nothing_of_the_old_run(char_data, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

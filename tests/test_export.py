@@ -51,6 +51,7 @@ def our_model(run):
     return model.eval(), ckpt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, bias", [("char", False), ("gpt2", True)])
 def test_transformers_computes_our_logits(exported, name, bias):
     import transformers  # test-only dependency; missing, this test fails rather than skips
@@ -73,6 +74,7 @@ def test_transformers_computes_our_logits(exported, name, bias):
         torch.testing.assert_close(ref(idx).logits, ours(idx)[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_gpt2_tokenizer_files_work_in_transformers_offline(exported, shakespeare_path):
     from transformers import AutoTokenizer, pipeline
     run, folder = exported["gpt2"]
@@ -90,6 +92,7 @@ def test_gpt2_tokenizer_files_work_in_transformers_offline(exported, shakespeare
     assert text == ours.decode(generated[0].tolist())
 
 
+@pytest.mark.slow
 def test_character_model_keeps_its_vocabulary_and_loads_back(exported, char_data, tmp_path):
     run, folder = exported["char"]
     _, ckpt = our_model(run)
@@ -112,6 +115,7 @@ def test_character_model_keeps_its_vocabulary_and_loads_back(exported, char_data
     assert rows[0]["val_loss"] == pytest.approx(last["val_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["rope", "qk_norm", "relu2"])
 def test_what_gpt2_cannot_hold_is_refused_and_nothing_written(exported, tmp_path, option,
                                                                capsys):
@@ -127,6 +131,7 @@ def test_what_gpt2_cannot_hold_is_refused_and_nothing_written(exported, tmp_path
     assert not hf.exists()
 
 
+@pytest.mark.slow
 def test_export_refuses_to_write_over_a_folder(exported, capsys):
     run, folder = exported["char"]
     assert export.main([f"--out_dir={run}", f"--hf_dir={folder}"]) == 2

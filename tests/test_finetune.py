@@ -38,6 +38,7 @@ def run(script, args):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_finetune_config_trains_from_local_gpt2_weights_then_samples(gpt2_folder, bpe_data,
                                                                      tmp_path):
     out = tmp_path / "out"

@@ -53,6 +53,7 @@ def test_a_max_iters_flag_moves_the_end_of_the_schedule(monkeypatch, args, lr_de
     assert "lr_decay_iters" in named  # so that a resumed run takes it from this command
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_settings_and_says_when_its_schedule_has_ended(char_data,
                                                                                tmp_path):
     out = tmp_path / "out"
@@ -79,6 +80,7 @@ def test_a_resumed_run_keeps_its_settings_and_says_when_its_schedule_has_ended(c
     assert proc.returncode == 2 and "has n_layer=3 but the config says 2" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_run_ends_with_the_whole_split_loss_and_eval_only_reads_the_checkpoint(char_data,
                                                                                  tmp_path):
     out = tmp_path / "out"
@@ -205,6 +207,7 @@ def test_a_foreign_or_broken_checkpoint_is_one_line_on_resume(char_data, tmp_pat
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_evaluations_are_not_counted_in_the_next_step_and_elapsed_spans_a_resume(char_data,
                                                                                  tmp_path):
     from metrics import MetricsLog

@@ -130,6 +130,7 @@ def test_the_readme_multi_node_example_divides_evenly():
         assert cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps == 491_520
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, then", [("float32", "float16"), ("float16", "bfloat16")])
 def test_resuming_with_another_precision_works(char_data, tmp_path, first, then):
     out = tmp_path / "out"

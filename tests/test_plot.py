@@ -33,6 +33,7 @@ def assert_png(path):
     assert height > 100 and width > 100 and channels in (3, 4)
 
 
+@pytest.mark.slow
 def test_two_runs_make_a_png(runs, capsys):
     stopped, resumed = runs
     assert plot.main([str(stopped), str(resumed)]) == 0
@@ -40,6 +41,7 @@ def test_two_runs_make_a_png(runs, capsys):
     assert capsys.readouterr().out == f"wrote {stopped / 'loss.png'}\n"
 
 
+@pytest.mark.slow
 def test_a_resumed_run_is_one_curve(runs):
     stopped, resumed = runs
     # The second process appended its rows after the first's; it does not evaluate again
@@ -75,6 +77,7 @@ def test_overlapping_rows_of_a_resumed_run_keep_the_later(tmp_path):
     assert val == [(0, 0.0, 4.1), (4, 2.0, 3.75)]
 
 
+@pytest.mark.slow
 def test_learning_rate_schedule_of_a_config(runs, tmp_path):
     iters, rates, title = plot.lr_schedule(str(CPU_RECIPE))
     cfg = parse_config(TrainConfig, [str(CPU_RECIPE)])
@@ -89,6 +92,7 @@ def test_learning_rate_schedule_of_a_config(runs, tmp_path):
     assert_png(out)
 
 
+@pytest.mark.slow
 def test_without_matplotlib_one_line_says_how_to_get_it(runs, monkeypatch, capsys, tmp_path):
     # None in sys.modules makes an import fail; the submodule too, in case it is loaded.
     monkeypatch.setitem(sys.modules, "matplotlib", None)

@@ -15,6 +15,7 @@ from helpers import ROOT, TORCHRUN, train_losses
 from helpers import run_train as run
 
 
+@pytest.mark.slow
 def test_loss_falls_then_sample_from_the_checkpoint(char_data, tmp_path):
     out = tmp_path / "out"
     rows = run(["--max_iters=60", "--eval_interval=30"], char_data, out)
@@ -34,6 +35,7 @@ def test_loss_falls_then_sample_from_the_checkpoint(char_data, tmp_path):
     assert len(samples[0].strip()) == len("ROMEO:") + 50  # one character per token
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(char_data, tmp_path):
     # Dropout is on, so the resumed run must also reproduce the random masks.
     common = ["--eval_interval=3", "--dropout=0.1", "--lr_decay_iters=6"]
@@ -75,6 +77,7 @@ def test_checkpoint_is_plain_and_safe(char_data, tmp_path):
     assert load_checkpoint(out / "ckpt.pt")["best_val_loss"] == raw["best_val_loss"]
 
 
+@pytest.mark.slow
 def test_fresh_run_refuses_to_overwrite_and_auto_resumes(char_data, tmp_path):
     out = tmp_path / "out"
     run(["--max_iters=2", "--eval_interval=2"], char_data, out)
