@@ -97,7 +97,7 @@ def test_the_pages_hold_commands_and_every_listed_one_is_still_there():
     assert set(CANNOT_RUN) <= found, set(CANNOT_RUN) - found  # the list does not rot
 
 
-def script_argv(cmd, folder):
+def script_argv(cmd):
     """The script and arguments of a command: no env settings, no /usr/bin/time, no python;
     files the repository holds (config/..., a script) named by their absolute path."""
     words = [w for w in shlex.split(cmd) if not re.match(r"^[A-Z_]+=", w)]
@@ -126,7 +126,7 @@ def run_one(cmd, folder, char_data, shakespeare_path, overwrite=True):
     if cmd.startswith("printf"):
         subprocess.run(cmd, shell=True, cwd=folder, check=True)
         return
-    script, args = script_argv(cmd, folder)
+    script, args = script_argv(cmd)
     name = os.path.relpath(script, ROOT)
     if name.startswith("data/"):  # from the shared copy, into the scratch folder
         if "prepare.py" in name and "shakespeare" in name:
@@ -167,14 +167,15 @@ def test_every_command_runs_as_written(char_data, shakespeare_path, tmp_path, ca
                 char_data, shakespeare_path)
     ran = []
     for page, cmd in all_commands():
-        if cmd in ran or cmd in CANNOT_RUN or cmd.startswith("torchrun") and " train.py " not in cmd + " ":
+        words = cmd.split()
+        if cmd in CANNOT_RUN or words[0] == "torchrun" and "train.py" not in words:
             continue
-        if cmd.startswith("torchrun"):  # here in one process, so that the commands after it
-            # find its checkpoint; test_every_torchrun_command_runs_as_written runs it as written
-            words = cmd.split()
-            words = [w for w in words[words.index("train.py"):]
-                     if w.split("=")[0] not in ("--tp", "--fsdp")]
-            cmd = "python " + " ".join(words)
+        if words[0] == "torchrun":  # here in one process, so that the commands after it find
+            # its checkpoint; test_every_torchrun_command_runs_as_written runs it as written
+            cmd = "python " + " ".join(w for w in words[words.index("train.py"):]
+                                       if w.split("=")[0] not in ("--tp", "--fsdp"))
+        if cmd in ran:  # a command that two pages give runs once
+            continue
         with inside(folder):
             try:
                 run_one(cmd, folder, char_data, shakespeare_path, page != "README.md")
@@ -197,7 +198,7 @@ def test_every_torchrun_command_runs_as_written(cmd, char_data, tmp_path):
     script = next(i for i, w in enumerate(words) if w.endswith(".py"))
     nproc = next(int(w.split("=")[1]) for w in words if w.startswith("--nproc_per_node="))
     launcher = [*TORCHRUN[:-1], f"--nproc_per_node={nproc}"]
-    _, args = script_argv("python " + " ".join(words[script:]), tmp_path)
+    _, args = script_argv("python " + " ".join(words[script:]))
     extra = BENCH if words[script] == "bench.py" else TRAIN
     if words[script] == "train.py":
         extra = [*extra, f"--data_dir={char_data}"]
