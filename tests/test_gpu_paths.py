@@ -186,6 +186,7 @@ def test_a_stop_does_not_start_an_evaluation(char_data, tmp_path, monkeypatch):
     assert events[third:] == ["step"]  # stopped, without another evaluation
 
 
+@pytest.mark.slow
 def test_the_loop_never_waits_for_the_device_per_step_or_per_batch(char_data, tmp_path,
                                                                    monkeypatch):
     # On a GPU, Tensor.item() and bool(tensor) make the host wait for every queued kernel.
@@ -216,6 +217,7 @@ def test_the_loop_never_waits_for_the_device_per_step_or_per_batch(char_data, tm
     assert waits(3, 6) - short == 2 * 2 * 4
 
 
+@pytest.mark.slow
 def test_a_diverged_step_never_reaches_the_weights_although_it_is_read_a_step_late(
         char_data, tmp_path, monkeypatch):
     import train
