@@ -179,7 +179,7 @@ def all_reduce_mean(values, device, world_size):
 def busy_note(device):
     """A line for a CPU run on a machine that other jobs already keep busy, or None. torch's
     threads wait for each other at every operation, so a core taken by another job stalls
-    them all (train.py has them wait passively, which helps most: docs/benchmarks.md)."""
+    them all (train.py then has them sleep at once, which helps most: docs/benchmarks.md)."""
     threads, cores = torch.get_num_threads(), os.cpu_count() or 1
     if device != "cpu" or threads == 1 or not hasattr(os, "getloadavg"):
         return None

@@ -17,11 +17,15 @@ import sys
 import time
 from dataclasses import asdict, replace
 
-# torch's OpenMP threads spin while they wait for work (GNU OpenMP's default), and on a machine
-# that other jobs keep busy they spin on the cores the others need: on 2 cores at load 10, 30
-# iterations of the CPU recipe ran at 4.7-6.2 s each by default and 0.15-0.29 s waiting
-# passively, with the same losses (docs/benchmarks.md). Read once, when torch loads OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch's OpenMP threads spin while they wait for work (GNU OpenMP: 300,000 turns), and on a
+# machine that other jobs keep busy they spin on the cores the others need. On 2 cores
+# (docs/benchmarks.md): quiet, a short spin is twice as fast as sleeping at once; beside two
+# busy jobs, the default spin is some 30x slower than sleeping at once, and 10,000 turns about
+# 3x. So: 10,000 turns, or none on a machine already busy at start, unless the environment
+# says. Read once, when torch loads OpenMP.
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1)
+    os.environ["GOMP_SPINCOUNT"] = "0" if busy else "10000"
 
 import numpy as np
 import torch
