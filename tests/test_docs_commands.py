@@ -8,7 +8,6 @@ import re
 import runpy
 import shlex
 import subprocess
-import sys
 
 import pytest
 
