@@ -72,8 +72,10 @@ class TrainConfig:
     rope: bool = False  # rotary position embeddings instead of a learned position table
     qk_norm: bool = False  # RMS-normalise queries and keys per head
     relu2: bool = False  # ReLU squared instead of GELU in the MLP
-    # AdamW
-    learning_rate: float = 6e-4  # peak learning rate
+    # optimizer
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the Blocks' matrices, AdamW the rest
+    learning_rate: float = 6e-4  # peak learning rate (of AdamW's parameters)
+    muon_lr: float = 0.02  # optimizer=muon: the peak learning rate of the Blocks' matrices
     max_iters: int = 600000  # total optimizer steps
     weight_decay: float = 0.1  # decoupled weight decay on 2-D weights
     beta1: float = 0.9  # AdamW's first-moment decay
@@ -106,8 +108,11 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         # Written as `not x > 0` so that nan fails too.
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        for name in ("learning_rate", "muon_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.seed >= 2 ** 63:  # torch's generators take a signed 64-bit seed
             raise ConfigError(f"seed must be below 2**63, got {self.seed}")
         for name in ["seed", "eval_iters", "min_lr", "weight_decay",

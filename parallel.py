@@ -197,24 +197,24 @@ def training_state(model, optimizer, layout):
         optim = {"state": {}, "param_groups": _named_groups(model, optimizer)}
     if not optim:  # ranks other than 0 receive nothing
         return model_state, optim
-    names, decay = _names(model)
+    names, kind = _names(model, optimizer)
     number = {name: i for i, name in enumerate(names)}
-    groups = {}  # one per kind of parameter (decayed or not), as one process has them
+    groups = {}  # one per kind of parameter, as one process has them
     for g in optim["param_groups"]:
-        merged = groups.setdefault(g["params"][0] in decay, {**g, "params": []})
+        merged = groups.setdefault(kind[g["params"][0]], {**g, "params": []})
         merged["params"] = sorted(merged["params"] + [number[n] for n in g["params"]])
     return model_state, {
         "state": {number[n]: s for n, s in _gpt2_order(optim["state"], layout.tp).items()},
-        "param_groups": [groups[kind] for kind in (True, False) if kind in groups]}
+        "param_groups": [groups[k] for k in sorted(groups)]}
 
 
 def load_optimizer_state(model, optimizer, state, layout):
     """Load a checkpoint's optimizer state, whichever way the run is spread over ranks now,
     once it is checked to fit the model (checkpoint.check_optimizer_state)."""
-    names, decay = _names(model)
+    names, kind = _names(model, optimizer)
     shapes = dict((name, p.shape) for name, p in model.named_parameters())  # whole, as DTensors
     check_optimizer_state(state, [(n, shapes[n]) for n in names],
-                          [n for n in (len(decay), len(names) - len(decay)) if n])
+                          [n for n in map(list(kind.values()).count, (0, 1, 2)) if n])
     if not layout.sharded:
         return optimizer.load_state_dict(state)
     if not state["state"]:  # saved before the first step: a new optimizer is the same
@@ -227,12 +227,12 @@ def load_optimizer_state(model, optimizer, state, layout):
                                  options=dcp.StateDictOptions(full_state_dict=True))
 
 
-def _names(model):
+def _names(model, optimizer):
     """The parameters' names as one process's optimizer numbers them (step.make_optimizer:
-    the decayed matrices, then the rest), and the set of the decayed ones."""
-    named = list(model.named_parameters())
-    decay = [n for n, p in named if p.dim() >= 2]
-    return decay + [n for n, p in named if p.dim() < 2], set(decay)
+    Muon's matrices if any, the other decayed matrices, then the rest), and each one's kind."""
+    muon = {p for g in optimizer.param_groups if g.get("muon") for p in g["params"]}
+    kind = {n: 0 if p in muon else 1 if p.dim() >= 2 else 2 for n, p in model.named_parameters()}
+    return sorted(kind, key=kind.get), kind  # sorted keeps the model's order within a kind
 
 
 def _gpt2_order(state, tp, undo=False):

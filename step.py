@@ -10,20 +10,28 @@ import torch
 
 import parallel
 import runtime
+from muon import MuonAdamW
 
 
 def make_optimizer(model, cfg):
-    """AdamW decaying the 2-D weights (matmuls, embeddings) but not biases or norms; each
-    kind in groups of one kind of tensor (parallel.by_mesh), as the fused kernel needs."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": group, "weight_decay": decay}
-              for decay, kind in ((cfg.weight_decay, True), (0.0, False))
-              for group in parallel.by_mesh([p for p in params if (p.dim() >= 2) == kind])]
+    """AdamW decaying the 2-D weights (matmuls, embeddings) but not biases or norms; with
+    optimizer=muon, Muon takes the Blocks' matrices (muon.py). Each kind in groups of one kind
+    of tensor (parallel.by_mesh), as the fused kernel needs. A Muon group's lr_scale makes the
+    one schedule peak at muon_lr there."""
+    kinds = {"muon": [], "decay": [], "rest": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            muon = cfg.optimizer == "muon" and name.startswith("transformer.h.") and p.dim() == 2
+            kinds["muon" if muon else "decay" if p.dim() >= 2 else "rest"].append(p)
+    muon_group = {"muon": True, "lr_scale": cfg.muon_lr / cfg.learning_rate, "momentum": 0.95}
+    groups = [{"params": group, "weight_decay": 0.0 if kind == "rest" else cfg.weight_decay,
+               **(muon_group if kind == "muon" else {})}
+              for kind, params in kinds.items() for group in parallel.by_mesh(params)]
     # The fused kernel (CUDA, MPS and the CPU have it) updates every parameter in one launch,
     # and skips the whole update on the device when its found_inf flag is set: StopCheck,
-    # below, relies on that.
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=True)
+    # below, relies on that (and MuonAdamW does the same).
+    kind = MuonAdamW if cfg.optimizer == "muon" else torch.optim.AdamW
+    return kind(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def get_lr(it, cfg):

@@ -233,8 +233,8 @@ def train(cfg, named=()):
 
             # the learning rate of this iteration
             lr = get_lr(iter_num, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group in optimizer.param_groups:  # Muon's peak at muon_lr (step.py)
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             # Dropout draws from the global generator: seed it per step and rank, so a resumed
             # run draws the same masks as the uninterrupted one without saving generator state.
             torch.manual_seed(step_seed(cfg.seed, iter_num, run.layout.dp_rank))

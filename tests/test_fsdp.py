@@ -1,5 +1,6 @@
 """FSDP (fully_shard) and activation checkpointing, on the CPU with two gloo ranks: the same
-run as one process, and checkpoints that move between one process, DDP and FSDP."""
+run as one process, and checkpoints that move between one process, DDP and FSDP; Muon under
+every layout."""
 import subprocess
 import sys
 
@@ -51,6 +52,22 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(straight, char_data, tmp_path):
     resumed = train_losses(run_train(ARGS + FSDP + ["--max_iters=6", "--init_from=resume"],
                                      char_data, out, launcher=TORCHRUN))
     assert_same_run(straight, resumed, range(4, 7))
+
+
+@pytest.mark.slow
+def test_muon_trains_alike_in_one_process_and_under_ddp_fsdp_and_tp(char_data, tmp_path):
+    # Under FSDP and TP each rank orthogonalises the whole update, gathered from the shards
+    # (muon.orthogonalise); the FSDP run's checkpoint, momentum included, resumes in one
+    # process.
+    args = ARGS + ["--optimizer=muon"]
+    one = train_losses(run_train(args + ["--max_iters=6"], char_data, tmp_path / "one"))
+    for name, layout in (("ddp", []), ("fsdp", FSDP), ("tp", ["--tp=2"])):
+        spread = train_losses(run_train(args + layout + ["--max_iters=3"], char_data,
+                                        tmp_path / name, launcher=TORCHRUN))
+        assert_same_run(one, spread, range(1, 4))
+    resumed = train_losses(run_train(args + ["--max_iters=6", "--init_from=resume"], char_data,
+                                     tmp_path / "fsdp"))
+    assert_same_run(one, resumed, range(4, 7))
 
 
 @pytest.mark.slow

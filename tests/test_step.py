@@ -1,10 +1,11 @@
-"""The pieces of a training step: the optimizer's groups, the learning-rate schedules,
-gradient accumulation and clipping."""
+"""The pieces of a training step: the optimizer's groups (AdamW, Muon), the learning-rate
+schedules, gradient accumulation and clipping."""
 import pytest
 import torch
 
 from config import TrainConfig
 from model import GPT, GPTConfig
+from muon import MuonAdamW, orthogonalise
 from runtime import training_precision
 from step import clip_gradients, forward_backward, get_lr, make_optimizer
 
@@ -23,6 +24,54 @@ def test_optimizer_decays_only_2d_weights():
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    m = tiny_model()
+    opt = make_optimizer(m, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02))
+    assert isinstance(opt, MuonAdamW)
+    muon, decay, rest = opt.param_groups
+    names = {p: n for n, p in m.named_parameters()}
+    assert sorted(names[p].split(".", 3)[3] for p in muon["params"]) == sorted(
+        ["attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"] * 2)
+    assert muon["lr_scale"] == pytest.approx(20)  # the schedule's 1e-3 peak is 0.02 there
+    # the embeddings (the head is tied to wte)
+    assert [names[p] for p in decay["params"]] == ["transformer.wte.weight",
+                                                   "transformer.wpe.weight"]
+    assert all(p.dim() < 2 for p in rest["params"]) and rest["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("shape", [(64, 16), (16, 48)])
+def test_orthogonalise_sets_every_singular_value_near_one(shape):
+    torch.manual_seed(0)
+    # Singular values spread over a factor of 100 (5 steps lift up to ~3.4^5 = 480x).
+    u, _, v = torch.linalg.svd(torch.randn(shape), full_matrices=False)
+    m = u @ torch.diag(torch.logspace(-2, 0, min(shape))) @ v * 37
+    s = torch.linalg.svdvals(orthogonalise(m))
+    assert 0.6 < s.min() and s.max() < 1.2  # Jordan's quintic: near 1, not exactly 1
+    # The same directions: U V^T is the polar factor, and ours is close to it.
+    assert torch.nn.functional.cosine_similarity((u @ v).flatten(), orthogonalise(m).flatten(),
+                                                 dim=0) > 0.95
+
+
+def test_a_step_flagged_found_inf_changes_neither_weights_nor_state():
+    m = tiny_model()
+    opt = make_optimizer(m, TrainConfig(optimizer="muon", learning_rate=1e-3))
+    x = torch.randint(0, 50, (2, 16))
+    for poisoned in (False, True):
+        m(x, x)[1].backward()
+        if poisoned:
+            for p in m.parameters():
+                p.grad.fill_(float("nan"))
+            before = ({n: p.clone() for n, p in m.named_parameters()},
+                      {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
+        opt.found_inf = torch.tensor(float(poisoned))  # as StopCheck sets it
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    weights, state = before
+    assert all(torch.equal(p, weights[n]) for n, p in m.named_parameters())
+    assert all(torch.equal(v, state[id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
+    assert any("momentum_buffer" in s for s in opt.state.values())
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():

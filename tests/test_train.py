@@ -36,9 +36,11 @@ def test_loss_falls_then_sample_from_the_checkpoint(char_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_is_bit_identical(char_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_identical(char_data, tmp_path, optimizer):
     # Dropout is on, so the resumed run must also reproduce the random masks.
-    common = ["--eval_interval=3", "--dropout=0.1", "--lr_decay_iters=6"]
+    common = ["--eval_interval=3", "--dropout=0.1", "--lr_decay_iters=6",
+              f"--optimizer={optimizer}"]
     straight = train_losses(run(common + ["--max_iters=6"], char_data, tmp_path / "a"))
     run(common + ["--max_iters=3"], char_data, tmp_path / "b")
     resumed = train_losses(run(common + ["--max_iters=6", "--init_from=resume"],
