@@ -76,6 +76,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw, or muon: Muon for the Blocks' matrices, AdamW the rest
     learning_rate: float = 6e-4  # peak learning rate (of AdamW's parameters)
     muon_lr: float = 0.02  # optimizer=muon: the peak learning rate of the Blocks' matrices
+    muon_ns_steps: int = 5  # optimizer=muon: Newton-Schulz iterations per update; 3 is cheaper
     max_iters: int = 600000  # total optimizer steps
     weight_decay: float = 0.1  # decoupled weight decay on 2-D weights
     beta1: float = 0.9  # AdamW's first-moment decay
@@ -103,7 +104,8 @@ class TrainConfig:
     def validate(self):
         """Reject values no run can use; the message names the setting."""
         positive = ["eval_interval", "log_interval", "batch_size", "block_size", "tp",
-                    "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "ddp_timeout"]
+                    "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "ddp_timeout",
+                    "muon_ns_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -35,15 +35,16 @@ def orthogonalise(m, steps=5):
     x = x if wide else x.T  # (k, n), k <= n: the Gram matrix X X^T is the small (k, k) one
     x = x / (x.norm() + 1e-7)  # singular values at most 1, where the iteration converges
     for _ in range(steps):
-        gram = x @ x.T
-        x = A * x + (B * gram + C * gram @ gram) @ x
+        gram = x @ x.T  # (k, k)
+        poly = torch.addmm(gram, gram, gram, beta=B, alpha=C)  # B gram + C gram^2, fused
+        x = torch.addmm(x, poly, x, beta=A)  # A x + poly x
     return (x if wide else x.T).to(m.dtype)
 
 
 class MuonAdamW(torch.optim.AdamW):
     """AdamW (fused) whose param groups marked muon=True take Muon's update instead: momentum
-    (nesterov), orthogonalised, scaled by sqrt(max(1, rows / cols)) so that tall and wide
-    matrices move alike, and decoupled weight decay.
+    (nesterov), orthogonalised by ns_steps iterations, scaled by sqrt(max(1, rows / cols)) so
+    that tall and wide matrices move alike, and decoupled weight decay.
 
     Like the fused AdamW, it honours found_inf on the device: a step whose flag is set changes
     neither the weights nor the momentum (step.StopCheck relies on it)."""
@@ -64,7 +65,8 @@ class MuonAdamW(torch.optim.AdamW):
                                  momentum_buffer=torch.zeros_like(p))
                 buf = state["momentum_buffer"]
                 new_buf = buf.lerp(p.grad, 1 - beta)
-                update = orthogonalise(p.grad.lerp(new_buf, beta))  # nesterov's look-ahead
+                nesterov = p.grad.lerp(new_buf, beta)  # momentum's look-ahead
+                update = orthogonalise(nesterov, group["ns_steps"])
                 rows, cols = p.shape  # whole, also for a shard
                 new_p = p * (1 - lr * decay) - update * (lr * max(1, rows / cols) ** 0.5)
                 for old, new in ((buf, new_buf), (p, new_p)):  # each rank its own shard

@@ -23,7 +23,8 @@ def make_optimizer(model, cfg):
         if p.requires_grad:
             muon = cfg.optimizer == "muon" and name.startswith("transformer.h.") and p.dim() == 2
             kinds["muon" if muon else "decay" if p.dim() >= 2 else "rest"].append(p)
-    muon_group = {"muon": True, "lr_scale": cfg.muon_lr / cfg.learning_rate, "momentum": 0.95}
+    muon_group = {"muon": True, "lr_scale": cfg.muon_lr / cfg.learning_rate, "momentum": 0.95,
+                  "ns_steps": cfg.muon_ns_steps}
     groups = [{"params": group, "weight_decay": 0.0 if kind == "rest" else cfg.weight_decay,
                **(muon_group if kind == "muon" else {})}
               for kind, params in kinds.items() for group in parallel.by_mesh(params)]
