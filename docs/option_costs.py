@@ -1,4 +1,4 @@
-"""Time per training step of the CPU recipe with each option switched off, measured
+"""Time per training step of the CPU recipe with each option switched off (or Muon on), measured
 round-robin in one process: every variant takes one step in turn, so a machine that slows
 down slows them all alike. Prints the median of `rounds` steps for each.
 
@@ -11,7 +11,7 @@ before those options were removed."""
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -32,14 +32,17 @@ VARIANTS = {
     "recipe without rope": dict(rope=False),
     "recipe without qk_norm": dict(qk_norm=False),
     "recipe without relu2 (GELU)": dict(relu2=False),
+    "recipe with muon": dict(optimizer="muon"),
+    "recipe with muon, 3 NS steps": dict(optimizer="muon", muon_ns_steps=3),
 }
 
 
 def make_step(cfg, options):
     """One float32 training step as train.py takes it (bench.train_step), of a fresh model
-    with cfg's shape and the given options changed."""
+    and optimizer with cfg's settings and the given options changed."""
     torch.manual_seed(0)
-    model = GPT(config_from_dict({**asdict(cfg), "vocab_size": VOCAB, **options}))
+    cfg = replace(cfg, **options)
+    model = GPT(config_from_dict({**asdict(cfg), "vocab_size": VOCAB}))
     optimizer = make_optimizer(model, cfg)
     _, ctx, scaler = runtime.training_precision("float32", "cpu")
     batch = [tuple(torch.randint(VOCAB, (cfg.batch_size, cfg.block_size)) for _ in range(2))]

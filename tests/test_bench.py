@@ -88,7 +88,8 @@ def test_option_costs_script_times_every_variant():
     rows = proc.stdout.splitlines()[1:]
     assert [r.split("  ")[0] for r in rows] == ["reference (nanoGPT's)", "recipe",
                                                 "recipe without rope", "recipe without qk_norm",
-                                                "recipe without relu2 (GELU)"]
+                                                "recipe without relu2 (GELU)", "recipe with muon",
+                                                "recipe with muon, 3 NS steps"]
     assert all(float(r.split()[-6]) > 0 for r in rows)  # ms per step
 
 
