@@ -31,8 +31,8 @@ def make_optimizer(model, cfg):
     # The fused kernel (CUDA, MPS and the CPU have it) updates every parameter in one launch,
     # and skips the whole update on the device when its found_inf flag is set: StopCheck,
     # below, relies on that (and MuonAdamW does the same).
-    kind = MuonAdamW if cfg.optimizer == "muon" else torch.optim.AdamW
-    return kind(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+    optimizer = MuonAdamW if cfg.optimizer == "muon" else torch.optim.AdamW
+    return optimizer(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def get_lr(it, cfg):
