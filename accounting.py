@@ -11,8 +11,6 @@ import re
 
 import torch
 
-import runtime
-from config import ConfigError
 from model import GPT, config_from_dict
 
 GIB = 2 ** 30
@@ -165,37 +163,6 @@ def communication_per_step(cfg, m, world_size=1):
         size = cfg.batch_size * cfg.block_size * m.n_embd * act_bytes
         parts["TP"] = exchanges * 2 * (tp - 1) * size // tp
     return parts
-
-
-def sampling_memory(m, slots, samples, prompt_tokens, new_tokens, dtype_bytes=4):
-    """(device bytes, host bytes) that sampling needs beyond the weights, an estimate. On the
-    device, per slot (a row decoded at a time, serve.py): its KV cache, allocated whole for
-    block_size positions in every layer; the prompt's activations, one layer at a time (34 *
-    n_embd bytes a token in 16 bits, as in memory_per_rank); the last position's logits with
-    the copies that sampling makes of them (probabilities, sorted for top-k and top-p: 4 fp32
-    copies). On the host, every sample's tokens and text, kept until printed: about 64 bytes a
-    token as Python objects."""
-    T = min(prompt_tokens, m.block_size)
-    per_slot = (2 * m.n_layer * m.block_size * m.n_embd * dtype_bytes
-                + T * 34 * m.n_embd * dtype_bytes // 2 + 4 * 4 * m.vocab_size)
-    return slots * per_slot, samples * 64 * (prompt_tokens + new_tokens)
-
-
-def check_sampling_memory(m, slots, samples, prompt_tokens, new_tokens, device, dtype):
-    """Refuse, before anything is allocated, to sample more than the memory holds: the weights
-    and the slots on the device, the samples' text on the host (the same memory on a CPU)."""
-    on_device, on_host = sampling_memory(m, slots, samples, prompt_tokens, new_tokens,
-                                         dtype.itemsize)
-    on_device += 4 * num_params(m, non_embedding=False)
-    needs = ([(on_device + on_host, device)] if device == "cpu"
-             else [(on_device, device), (on_host, "cpu")])
-    for need, where in needs:
-        have = runtime.device_memory(where)
-        if have and need > have:
-            raise ConfigError(f"sampling {samples:,} sequences, {slots:,} at a time, needs about "
-                              f"{need / GIB:,.1f} GiB on {where} (accounting.sampling_memory), "
-                              f"more than its {have / GIB:,.1f} GiB: lower num_samples or "
-                              "batch_size")
 
 
 # GPU memory sizes, in GB of 10^9 bytes, and the boards that have them (NVIDIA's datasheets).
