@@ -1,7 +1,7 @@
 """Reading and writing models: our checkpoints, and OpenAI's GPT-2 weights.
 
-    model, meta, ckpt = load_model("resume", "out")  # train.py, sample.py, hellaswag.py, bench.py
-    model, meta, _ = load_model("gpt2")              # OpenAI's weights: a hub name or a folder
+    save_checkpoint(state, "out/ckpt.pt")  # train.py; loading.load_model for the other scripts
+    model = load_pretrained("gpt2")        # OpenAI's weights: a hub name or a folder
 
 A checkpoint is a dict of tensors and plain Python values (no classes), so that it loads
 with torch.load(weights_only=True): a file from the internet can hold data, never a program.
@@ -27,7 +27,6 @@ from config import TrainConfig
 from model import GPT, config_from_dict
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257}  # what OpenAI's weights read and write
 
 
 class CheckpointError(RuntimeError):
@@ -300,35 +299,6 @@ class _Index(pickle.Unpickler):
 
     def persistent_load(self, pid):  # a tensor's storage, in a record not read here
         return None
-
-
-def load_model(init_from, out_dir="out", dropout=0.0):
-    """(model, meta, checkpoint) for init_from: "resume" reads out_dir's latest checkpoint,
-    and checkpoint is then its whole dict (optimizer state, iteration) for train.py to
-    continue from; a GPT-2 size or a folder of GPT-2 files gives OpenAI's weights, and
-    checkpoint None. meta describes the model's tokenizer, as a dataset's meta.json does. Any
-    failure is a CheckpointError that names where the model was to come from."""
-    if init_from != "resume":
-        return load_pretrained(init_from, dropout), pretrained_meta(init_from), None
-    path = latest_checkpoint(out_dir)
-    ckpt = load_checkpoint(path)
-    return (*model_from_checkpoint(ckpt, path, dropout), ckpt)
-
-
-def pretrained_meta(name_or_path):
-    """The tokenizer of GPT-2 weights: GPT-2's own, unless their folder holds a meta.json,
-    which export.py writes beside a character model."""
-    path = os.path.join(name_or_path, "meta.json")
-    if not os.path.isfile(path):
-        return GPT2_META
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:  # JSON errors are ValueErrors
-        raise CheckpointError(f"{path}: cannot read the tokenizer: {e}") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: not a tokenizer's meta.json")
-    return meta
 
 
 def load_pretrained(name_or_path, dropout=0.0):

@@ -24,10 +24,11 @@ import torch
 from torch.nn import functional as F
 
 import runtime
-from checkpoint import CheckpointError, load_model
+from checkpoint import CheckpointError
 from config import ConfigError, check_dtype, run_main
 from data.preparation import download
 from dataset import DataError
+from loading import load_model
 from tokenizer import TokenizerError, tokenizer_from_meta
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"

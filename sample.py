@@ -18,8 +18,9 @@ import torch
 
 import accounting
 import runtime
-from checkpoint import CheckpointError, load_model
+from checkpoint import CheckpointError
 from config import ConfigError, check_dtype, check_seed, run_main
+from loading import load_model
 from serve import Request, serve
 from tokenizer import TokenizerError, tokenizer_from_meta
 
