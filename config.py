@@ -25,12 +25,6 @@ def check_dtype(dtype):
         raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
 
 
-def check_seed(seed):
-    """torch's generators take a seed from 0 to 2**63 - 1 (a signed 64-bit integer)."""
-    if not 0 <= seed < 2 ** 63:
-        raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {seed}")
-
-
 def check_output_file(name, path):
     """The file setting name says to write can be written: its folder exists and takes files.
     Checked at the start, so that a typo does not cost a whole benchmark or plot first."""

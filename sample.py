@@ -19,7 +19,7 @@ import torch
 import accounting
 import runtime
 from checkpoint import CheckpointError
-from config import ConfigError, check_dtype, check_seed, run_main
+from config import ConfigError, check_dtype, run_main
 from loading import load_model
 from serve import Request, serve
 from tokenizer import TokenizerError, tokenizer_from_meta
@@ -57,7 +57,8 @@ class SampleConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         check_dtype(self.dtype)
-        check_seed(self.seed)
+        if not 0 <= self.seed < 2 ** 63:  # torch's generators take a signed 64-bit seed
+            raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
         return self
 
 
