@@ -18,8 +18,9 @@ GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257}  # what OpenAI's weights 
 def load_model(init_from, out_dir="out", dropout=0.0):
     """(model, meta, checkpoint) for init_from: "resume" reads out_dir's latest checkpoint,
     and checkpoint is then its whole dict (optimizer state, iteration, settings); a GPT-2 size
-    or a folder of GPT-2 files gives OpenAI's weights, and checkpoint None. meta describes the model's tokenizer, as a dataset's meta.json does. Any
-    failure is a CheckpointError that names where the model was to come from."""
+    or a folder of GPT-2 files gives OpenAI's weights, and checkpoint None. meta describes the
+    model's tokenizer, as a dataset's meta.json does. Any failure is a CheckpointError that
+    names where the model was to come from."""
     if init_from != "resume":
         return load_pretrained(init_from, dropout), pretrained_meta(init_from), None
     path = latest_checkpoint(out_dir)
