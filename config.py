@@ -1,9 +1,9 @@
-"""Typed settings: one dataclass of defaults, overridden by TOML files and --key=value flags.
+"""Typed settings: one dataclass of defaults, overridden by TOML files, then --key=value flags.
 
     python train.py config/train_shakespeare_char.toml --batch_size=32 --compile=false
 
-Files apply in order, then flags. An unknown key, or a value that does not convert to the
-setting's type, is a ConfigError naming the key (and the closest valid one). Nothing is exec'd.
+An unknown key, or a value not of the setting's type, is a ConfigError naming the key (and the
+closest valid one). Nothing is exec'd.
 """
 import difflib
 import inspect
@@ -155,9 +155,8 @@ def _field_type(cls, key, source):
 
 
 def _convert(cls, key, value, source):
-    """value (a TOML value, or a flag's string) as the type of setting key of cls.
-
-    A setting typed `int | None` also takes the word none."""
+    """value (a TOML value, or a flag's string) as the type of setting key of cls; a setting
+    typed `int | None` also takes the word none."""
     want = _field_type(cls, key, source)
     if isinstance(want, types.UnionType):  # X | None
         if isinstance(value, str) and value.strip().lower() == "none":
@@ -174,18 +173,16 @@ def _convert(cls, key, value, source):
         except ValueError:
             raise ConfigError(f"{source}: {key} must be {want.__name__}, "
                               f"got {value!r}") from None
-    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
+    if want is float and type(value) is int:  # TOML's 1 for a float setting
         return float(value)
-    if not ok:
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: {key} must be {want.__name__}, got {value!r}")
     return value
 
 
 def parse_config(cls, argv):
-    """Build cls from its defaults, then TOML files, then --key=value flags, in argv order.
-
-    A bare --flag sets a boolean setting to true."""
+    """Build cls from its defaults, then TOML files, then --key=value flags, in argv order (a
+    bare --flag sets a boolean setting to true)."""
     return cls(**parse_overrides(cls, argv))
 
 
