@@ -7,7 +7,6 @@ closest valid one). Nothing is exec'd.
 """
 import difflib
 import inspect
-import os
 import re
 import sys
 import tomllib
@@ -23,17 +22,6 @@ def check_dtype(dtype):
     """The dtype settings of every script take the same four words."""
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-
-
-def check_output_file(name, path):
-    """The file setting name says to write can be written: its folder exists and takes files.
-    Checked at the start, so that a typo does not cost a whole benchmark or plot first."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{name}: cannot write {path}: the folder {folder} does not exist")
-    if os.path.isdir(path) or not os.access(folder, os.W_OK):
-        raise ConfigError(f"{name}: cannot write {path}: "
-                          + ("it is a folder" if os.path.isdir(path) else "permission denied"))
 
 
 @dataclass

@@ -20,9 +20,9 @@ import accounting
 import runtime
 from checkpoint import CheckpointError
 from config import ConfigError, check_dtype, run_main
-from loading import load_model
 from serve import Request, serve
 from tokenizer import TokenizerError, tokenizer_from_meta
+from tools import load_model
 
 
 @dataclass

@@ -13,7 +13,7 @@ from checkpoint import load_checkpoint
 from config import TrainConfig, parse_config
 from helpers import ROOT, TORCHRUN, train_losses
 from helpers import run_train as run
-from loading import load_model
+from tools import load_model
 
 
 @pytest.mark.slow

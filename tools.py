@@ -1,16 +1,16 @@
-"""The one model loader of the scripts that use a trained model (sample.py, hellaswag.py):
-our checkpoint, or OpenAI's GPT-2 weights, with the meta.json of its tokenizer.
+"""What the tools share that train.py does not need: the one model loader of the scripts that
+use a trained model (sample.py, hellaswag.py), and the check of a file a tool is to write
+(bench.py, plot.py). train.py builds its model in startup.py from the same pieces.
 
     model, meta, ckpt = load_model("resume", "out")  # the latest checkpoint in out
     model, meta, _ = load_model("gpt2")              # OpenAI's weights: a hub name or a folder
-
-train.py builds its model in startup.py from the same pieces of checkpoint.py.
 """
 import json
 import os
 
 from checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_pretrained,
                         model_from_checkpoint)
+from config import ConfigError
 
 GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257}  # what OpenAI's weights read and write
 
@@ -42,3 +42,14 @@ def pretrained_meta(name_or_path):
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: not a tokenizer's meta.json")
     return meta
+
+
+def check_output_file(name, path):
+    """The file setting name says to write can be written: its folder exists and takes files.
+    Checked at the start, so that a typo does not cost a whole benchmark or plot first."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{name}: cannot write {path}: the folder {folder} does not exist")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"{name}: cannot write {path}: "
+                          + ("it is a folder" if os.path.isdir(path) else "permission denied"))
