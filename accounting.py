@@ -2,17 +2,13 @@
 
     print(accounting.report(cfg, world_size, raw_model.config))  # at the start of training
 
-cfg holds the run's settings (a TrainConfig); m, the model's shape (a GPTConfig), which the
-config alone does not fix: the vocabulary comes from the dataset, padded, and a pretrained model
-brings its own. All of it is arithmetic on these numbers, on a model of that shape that holds no
-data, and on the table of GPUs below. estimate.py prints the time and energy it implies.
+cfg holds the run's settings (a TrainConfig); m, the model's shape (a GPTConfig: the vocabulary
+comes from the dataset, or pretrained weights bring their own). All of it is arithmetic.
 """
 import re
 
 import torch
 
-import runtime
-from config import ConfigError
 from model import GPT, config_from_dict
 
 GIB = 2 ** 30
@@ -20,7 +16,7 @@ GIB = 2 ** 30
 
 def padded_vocab_size(vocab_size):
     """A large vocabulary padded up to a multiple of 64 (GPT-2's 50257 to 50304) for faster
-    matmuls, as model_shape pads it; a character vocabulary is kept as it is."""
+    matmuls; a character vocabulary is kept as it is."""
     return -(-vocab_size // 64) * 64 if vocab_size > 256 else vocab_size
 
 
@@ -31,24 +27,19 @@ def model_shape(cfg, vocab_size):
 
 
 def shape_model(m):
-    """GPT with the shape m (a GPTConfig, or a TrainConfig with vocab_size set) on PyTorch's
-    meta device: every parameter has its shape but no storage, so even gpt2-xl costs nothing.
-    Counting on the model itself keeps one definition of the parameters and FLOPs."""
+    """GPT of shape m on the meta device (shapes, no storage: gpt2-xl costs nothing), so that
+    the model itself is the one definition of the parameters and FLOPs."""
     with torch.device("meta"):
         return GPT(config_from_dict(vars(m)))
 
 
 def num_params(m, non_embedding=True):
-    """GPT(m).num_params(non_embedding): the position table, a lookup that does no matmul,
-    is left out when non_embedding."""
+    """GPT(m).num_params(non_embedding)."""
     return shape_model(m).num_params(non_embedding)
 
 
 def flops_per_token(m, seq_len):
-    """Training FLOPs per token, forward and backward: 6N + 12 * n_layer * n_embd * seq_len
-    (the PaLM paper's appendix B). 6N: each weight does a multiply-add (2 FLOPs) forward and
-    two backward; the second term is attention's q k^T and (scores) v, which no parameter
-    accounts for."""
+    """GPT(m).flops_per_token(seq_len): training FLOPs per token, forward and backward."""
     return shape_model(m).flops_per_token(seq_len)
 
 
@@ -64,48 +55,26 @@ def total_flops(cfg, m):
 
 
 def memory_per_rank(cfg, m, world_size=1):
-    """Bytes one process needs at its peak, by part, for the run as cfg configures it (DDP or
-    FSDP over world_size processes, with or without activation checkpointing). An estimate,
-    not a measurement; N is the parameter count.
-
-    DDP, or one process: the weights stay in fp32 under autocast, with fp32 gradients and
-    AdamW's two fp32 moments: 16 bytes per parameter; DDP adds its gradient buckets, 4 more.
-
-    FSDP (cfg.fsdp, PyTorch's fully_shard on each Block, then on the root model): each rank
-    holds 1/world_size of the fp32 weights, gradients and AdamW moments, 16N / world_size.
-    What is gathered, in the compute dtype (bf16 with MixedPrecisionPolicy), is counted apart
-    (torch/distributed/fsdp/_fully_shard, torch 2.13):
-    - gathered parameters: the root's own (wte, tied to lm_head, wpe and ln_f) stay gathered
-      from forward to the end of backward (fully_shard's reshard_after_forward is False for the
-      root, by default); of the Blocks, two at a time: the one computing and the next,
-      gathered ahead (FSDPParamGroup's backward prefetch; in forward, the gather of the next
-      Block is issued while this one computes).
-    - gathered gradients: the root's full gradient, whose lm_head half is the first computed
-      in backward and reduce-scattered last; one Block's full gradient plus its fp32 copy
-      that reduce-scatter reads (foreach_reduce's buffer, in MixedPrecisionPolicy's
-      reduce_dtype).
-    - accumulated gradients: with more than one micro-step per rank, the gradients are not
-      reduce-scattered until the last (set_requires_gradient_sync(False), DDP's no_sync):
-      FSDP then keeps every parameter's full gradient in fp32 in between, 4N
-      (FSDPParam.to_accumulated_grad_if_needed). One micro-step per rank avoids it.
-
-    Activations for one micro-batch (batch_size x block_size tokens) follow Korthikanti et
-    al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4.1:
-    34 * n_embd bytes per token per layer with 16-bit activations (doubled here in float32),
-    leaving out the 5 * n_head * block_size bytes of attention scores, which SDPA's fused
-    kernels never store. With activation checkpointing each Block keeps only its input, the
-    residual stream: float32 under autocast (the embeddings are float32, and float32 plus
-    bfloat16 is float32), 4 * n_embd bytes per token per layer; under FSDP in 16 bits, 2
-    (MixedPrecisionPolicy casts each Block's inputs); plus, in backward, the 34 * n_embd of
-    the one Block being recomputed.
-    The logits are counted apart: the loss holds them in 16 bits, in fp32, and as fp32
-    log-probabilities (10 bytes each; 8 in float32).
-    TP (cfg.tp, parallel.tensor_parallel): each rank holds 1/tp of the Blocks' split matrices
-    and their gradients and moments (local_params), and 10 + 24/tp of the 34 bytes of
-    activations; the embeddings, norms and logits are whole on every rank. 2-D: FSDP then
-    divides this rank's share by the world_size / tp data-parallel rows.
-    Not counted: the CUDA context, allocator fragmentation, autocast's cached weight copies,
-    FSDP's padding of each shard to equal sizes, communication buffers of a few MB."""
+    """Bytes one process needs at its peak, by part, for the run as cfg spreads it over
+    world_size processes. An estimate, not a measurement; N is the parameter count.
+    - One process, or DDP: fp32 weights (autocast keeps them), gradients and AdamW's two
+      moments, 16N; DDP's gradient buckets add 4N.
+    - FSDP (torch 2.13's fully_shard per Block, then the root): 16N / world_size, plus what is
+      gathered in the compute dtype: the root's weights (wte, wpe, ln_f), gathered from
+      forward to the end of backward, and two Blocks' (the one computing, the next
+      prefetched); the root's gradient and one Block's, with its fp32 copy for the
+      reduce-scatter; and, with several micro-steps per rank, every full gradient in fp32
+      (4N) kept between them, as gradients are reduce-scattered at the last one only.
+    - TP: 1/tp of the Blocks' split matrices and their state (local_params); embeddings,
+      norms and logits whole on every rank. 2-D: FSDP divides that share over the dp rows.
+    - Activations of one micro-batch: 34 * n_embd bytes per token per layer in 16 bits
+      (Korthikanti et al. 2022, section 4.1; 10 + 24/tp under TP, section 4.2.2), twice that
+      in float32, without the attention scores that SDPA never stores. Checkpointed, a
+      Block keeps only its input, the residual stream (fp32 under autocast: 4 * n_embd; 16
+      bits under FSDP, which casts Block inputs), plus one Block rerun in backward.
+    - Logits: 16-bit, fp32 and fp32 log-probabilities in the loss, 10 bytes each (8 in fp32).
+    Not counted: the CUDA context, fragmentation, autocast's weight copies, FSDP's padding,
+    communication buffers of a few MB."""
     fsdp, checkpointing, tp = cfg.fsdp, cfg.activation_checkpointing, cfg.tp
     dp = world_size // tp
     n, (n_root, n_block) = num_params(m, non_embedding=False), local_params(m, tp)
@@ -123,7 +92,6 @@ def memory_per_rank(cfg, m, world_size=1):
         parts = {"weights": 4 * n_local, "gradients": 4 * n_local, "optimizer state": 8 * n_local}
         if dp > 1:
             parts["DDP buckets"] = 4 * n
-    # Under TP, 24 of the 34 are inside the split layers (Korthikanti, section 4.2.2)
     one_layer = tokens * (10 * tp + 24) * m.n_embd * act_bytes // (2 * tp)
     if checkpointing:
         residual_bytes = act_bytes if fsdp else 4
@@ -167,41 +135,8 @@ def communication_per_step(cfg, m, world_size=1):
     return parts
 
 
-def sampling_memory(m, slots, samples, prompt_tokens, new_tokens, dtype_bytes=4):
-    """(device bytes, host bytes) that sampling needs beyond the weights, an estimate. On the
-    device, per slot (a row decoded at a time, serve.py): its KV cache, allocated whole for
-    block_size positions in every layer; the prompt's activations, one layer at a time (34 *
-    n_embd bytes a token in 16 bits, as in memory_per_rank); the last position's logits with
-    the copies that sampling makes of them (probabilities, sorted for top-k and top-p: 4 fp32
-    copies). On the host, every sample's tokens and text, kept until printed: about 64 bytes a
-    token as Python objects."""
-    T = min(prompt_tokens, m.block_size)
-    per_slot = (2 * m.n_layer * m.block_size * m.n_embd * dtype_bytes
-                + T * 34 * m.n_embd * dtype_bytes // 2 + 4 * 4 * m.vocab_size)
-    return slots * per_slot, samples * 64 * (prompt_tokens + new_tokens)
-
-
-def check_sampling_memory(m, slots, samples, prompt_tokens, new_tokens, device, dtype):
-    """Refuse, before anything is allocated, to sample more than the memory holds: the weights
-    and the slots on the device, the samples' text on the host (the same memory on a CPU)."""
-    on_device, on_host = sampling_memory(m, slots, samples, prompt_tokens, new_tokens,
-                                         dtype.itemsize)
-    on_device += 4 * num_params(m, non_embedding=False)
-    needs = ([(on_device + on_host, device)] if device == "cpu"
-             else [(on_device, device), (on_host, "cpu")])
-    for need, where in needs:
-        have = runtime.device_memory(where)
-        if have and need > have:
-            raise ConfigError(f"sampling {samples:,} sequences, {slots:,} at a time, needs about "
-                              f"{need / GIB:,.1f} GiB on {where} (accounting.sampling_memory), "
-                              f"more than its {have / GIB:,.1f} GiB: lower num_samples or "
-                              "batch_size")
-
-
-# GPU memory sizes, in GB of 10^9 bytes, and the boards that have them (NVIDIA's datasheets).
-# A run fits when its estimate is at most the size in 10^9 bytes: a little under what each
-# of these boards can allocate (their sizes are in GiB of 2^30 bytes, less a little that the
-# driver keeps), which leaves some room for what the estimate leaves out.
+# GPU memory sizes in GB and the boards that have them. A run fits when its estimate is at
+# most the size in 10^9 bytes: under the GiB the boards have, for what the estimate leaves out.
 GPU_MEMORY_GB = {24: "RTX 4090, A10G, L4", 40: "A100 40GB", 80: "A100 80GB, H100",
                  141: "H200"}
 
@@ -212,12 +147,13 @@ def fits(n_bytes):
 
 
 def report(cfg, world_size=1, model_config=None, device=None):
-    """A few lines on what the run costs, for train.py to print at the start.
-
-    model_config is the model's GPTConfig; without it, cfg must carry the model's fields,
-    vocab_size (padded) included. device: (name, bytes of memory or None), the one the run
-    uses; without it, the GPU sizes that the estimate fits."""
-    m = _model_shape(cfg, model_config)
+    """A few lines on what the run costs, for train.py to print at the start. model_config:
+    the model's GPTConfig, else cfg's fields (vocab_size included). device: (name, bytes of
+    memory or None), the run's; without it, the GPU sizes that the estimate fits."""
+    m = cfg if model_config is None else model_config
+    if not hasattr(m, "vocab_size"):
+        raise ValueError("the vocabulary size is not in the run's settings: pass the model's "
+                         "GPTConfig as model_config")
     n, n_body = num_params(m, non_embedding=False), num_params(m)
     tpi = tokens_per_iter(cfg)
     memory = memory_per_rank(cfg, m, world_size)
@@ -253,12 +189,9 @@ def report(cfg, world_size=1, model_config=None, device=None):
     ])
 
 
-# Dense (no sparsity) peak tensor throughput in FLOP/s, by board and autocast dtype, float32
-# meaning TF32 tensor cores where the board has them. Sources: NVIDIA's datasheets ("NVIDIA
-# A100 Tensor Core GPU"; "H100 Tensor Core GPU" for the SXM, PCIe and NVL boards; "H200 Tensor
-# Core GPU" for H200 SXM and NVL; "NVIDIA L4", "NVIDIA L40", "NVIDIA L40S"; the "Ada Lovelace
-# architecture" whitepaper, appendix A, FP32 accumulate, for the RTX 4090). The Hopper and
-# Ada datasheets quote figures with 2:4 sparsity; those are halved here.
+# Dense peak tensor FLOP/s by board and autocast dtype (float32: TF32 where the board has it),
+# from NVIDIA's datasheets (A100, H100, H200, L4, L40, L40S) and the Ada Lovelace whitepaper's
+# appendix A (RTX 4090, FP32 accumulate); figures quoted with 2:4 sparsity are halved here.
 PEAK_FLOPS = {
     "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},
     "A100 PCIe": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},
@@ -276,10 +209,10 @@ PEAK_FLOPS = {
     "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
 }
 
+
 def board(device_name):
-    """The key of PEAK_FLOPS that names this device, or None. Names match as whole words,
-    the most specific first: "NVIDIA H100 PCIe" is the H100 PCIe, "NVIDIA H100 80GB HBM3" the
-    H100 (SXM), and "NVIDIA L40S" neither the L40 nor the L4."""
+    """The key of PEAK_FLOPS that names this device, or None: whole words, the most specific
+    first ("NVIDIA H100 PCIe" is the H100 PCIe, "NVIDIA L40S" neither the L40 nor the L4)."""
     words = set(re.split(r"[\s\-]+", device_name.upper()))
     matches = [key for key in PEAK_FLOPS if set(key.upper().split()) <= words]
     return max(matches, key=lambda key: len(key.split()), default=None)
@@ -291,14 +224,6 @@ def peak_flops(device, dtype):
         return None
     key = board(torch.cuda.get_device_name(device))
     return PEAK_FLOPS[key].get(dtype) if key else None
-
-
-def _model_shape(cfg, model_config):
-    m = cfg if model_config is None else model_config
-    if not hasattr(m, "vocab_size"):
-        raise ValueError("the vocabulary size is not in the run's settings: pass the model's "
-                         "GPTConfig as model_config")
-    return m
 
 
 def strategy(cfg, world_size):

@@ -41,11 +41,12 @@ import torch
 import accounting
 import parallel
 import runtime
-from config import ConfigError, TrainConfig, check_output_file, help_text, parse_config
+from config import ConfigError, TrainConfig, help_text, parse_config
 from dataset import DataError, load_meta
 from model import GPT, KVCache, config_from_dict, sample_next
 from serve import Request, serve
 from step import clip_gradients, forward_backward, make_optimizer
+from tools import check_output_file
 
 ROOT = Path(__file__).resolve().parent
 

@@ -1,12 +1,8 @@
 """Reading and writing models: our checkpoints, and OpenAI's GPT-2 weights.
 
-    model, meta, ckpt = load_model("resume", "out")  # train.py, sample.py, hellaswag.py, bench.py
-    model, meta, _ = load_model("gpt2")              # OpenAI's weights: a hub name or a folder
-
-A checkpoint is a dict of tensors and plain Python values (no classes), so that it loads
-with torch.load(weights_only=True): a file from the internet can hold data, never a program.
-GPT-2's files are held to the same rule: safetensors is parsed here (it is data only), and
-pytorch_model.bin loads with weights_only too.
+A checkpoint is a dict of tensors and plain Python values (no classes), so that it loads with
+torch.load(weights_only=True): a file from the internet can hold data, never a program. GPT-2's
+files too: safetensors is parsed here (data only), pytorch_model.bin loads with weights_only.
 """
 import dataclasses
 import glob
@@ -27,7 +23,6 @@ from config import TrainConfig
 from model import GPT, config_from_dict
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257}  # what OpenAI's weights read and write
 
 
 class CheckpointError(RuntimeError):
@@ -35,14 +30,11 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state, path, world_size=1):
-    """Write state to path so that a crash at any moment leaves the old file intact.
-
-    The new file is written beside the old one, flushed to disk, then renamed over it:
-    os.replace is atomic on one filesystem, so readers see the old file or the new one. A
-    write that fails (a full disk) is a CheckpointError, and the old file is still there.
-    Under torchrun every rank calls this, rank 0 alone with a state to write: its failure is
-    raised on every rank, so that all stop with the same one line, instead of the others
-    failing with a traceback in their next collective once rank 0 has exited."""
+    """Write state to path so that a crash at any moment leaves the old file intact: written
+    beside it, flushed, then renamed over it (atomic on one filesystem). A failed write (a full
+    disk) is a CheckpointError, the old file still there. Every rank calls this, rank 0 alone
+    with a state: its failure is raised on all, which then stop with the same one line
+    instead of a traceback in their next collective once rank 0 has exited."""
     error = None
     if state is not None:
         try:
@@ -82,8 +74,7 @@ def _write(state, path):
                                   f"{error.strerror or error}; the previous checkpoint there "
                                   "is intact") from None
         raise
-    # Make the rename itself durable (the directory entry), where the OS allows it.
-    if hasattr(os, "O_DIRECTORY"):
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable, where the OS allows it
         dir_fd = os.open(folder, os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
@@ -92,10 +83,9 @@ def _write(state, path):
 
 
 def check_optimizer_state(state, params, group_sizes):
-    """The saved optimizer state fits this model: params are its (name, whole shape) in the
-    order one process's optimizer numbers them, in groups of group_sizes. A state that does not
-    fit (another shape, other groups) is a CheckpointError: AdamW would take it, and the run
-    diverge many iterations later. Shapes are whole, also where FSDP or TP hold a shard."""
+    """The saved optimizer state fits this model, whose (name, whole shape) params are in one
+    process's optimizer's order, in groups of group_sizes; else a CheckpointError (AdamW would
+    take it, and the run diverge many iterations later)."""
     groups = state["param_groups"]
     sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in groups]
     if sizes != list(group_sizes):
@@ -114,21 +104,18 @@ def check_optimizer_state(state, params, group_sizes):
 
 
 def load_checkpoint(path, map_location="cpu", resume=False):
-    """Read a checkpoint with weights_only=True; every failure is a CheckpointError. Its fields
-    are checked here, once (check_fields), and with resume=True so are those that continuing
-    a run needs, so that a damaged file fails now, in one line, not later in a traceback."""
+    """Read a checkpoint with weights_only=True and check its fields (with resume, also those
+    continuing a run needs): a damaged file fails now in one line, a CheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         with warnings.catch_warnings():  # damaged files set off torch's pickle-protocol notes
             warnings.simplefilter("ignore")
-            # mmap: tensors are read from the file as they are used, so that eight ranks
-            # resuming a large model do not each hold a whole copy in memory at once.
+            # mmap: tensors are read as they are used, not copied whole into every rank.
             state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        # weights_only names the first class or function the file asks for (torch 2.13 says
-        # "unsupported GLOBAL posix.system whose module posix is blocked", older ones
-        # "Unsupported global: GLOBAL ..."); anything else it cannot parse is damage.
+        # weights_only names the first class or function asked for ("unsupported GLOBAL
+        # posix.system ..."; older torch "Unsupported global: GLOBAL ..."); else it is damage.
         code = re.search(r"(?i)unsupported (?:global: )?GLOBAL (\S+)", str(e))
         if code:
             raise CheckpointError(
@@ -154,9 +141,8 @@ def _first_sentence(error, limit=200):
     return text[:cut + 1] if cut > 0 else text[:text.rfind(" ", 0, limit)] + " ..."
 
 
-# The entries of a checkpoint and the type each must have; the first three are needed to
-# build the model, the rest to continue training (resume). Checked at load, so that a
-# damaged or hand-edited file is refused in one line before anything is built from it.
+# The entries of a checkpoint and the type each must have: the first three build the model,
+# the rest continue training (resume).
 FIELDS = {"model": dict, "model_args": dict, "meta": dict,
           "optimizer": dict, "iter_num": int, "best_val_loss": (float, int), "config": dict,
           "scaler": dict, "elapsed_s": (float, int), "origin": str}
@@ -165,10 +151,9 @@ MAX_PARAMS = 10e9  # as for GPT-2's config.json: GPT-2 XL has 1.6e9; more is a d
 
 
 def check_fields(ckpt, path, resume=False):
-    """Every entry present has its type and a sane value; with resume, every entry that
-    continuing a run needs is present. model_args must describe a model that can be built:
-    positive sizes, and no more than MAX_PARAMS parameters (n_layer=10**6 would take hours
-    to allocate, then fail)."""
+    """Every entry present has its type and a sane value (model_args: positive sizes, at most
+    MAX_PARAMS parameters, as n_layer=10**6 would take hours to allocate, then fail); with
+    resume, every entry that continuing a run needs is present."""
     def refuse(reason):
         raise CheckpointError(f"{path}: cannot load this checkpoint: {reason}")
 
@@ -219,8 +204,8 @@ def _short(value):
 
 
 def model_from_checkpoint(ckpt, path, dropout=0.0):
-    """(model, meta): the GPT that a checkpoint of ours holds, and its tokenizer's meta.
-    A checkpoint of another project, or whose weights are not finite, is a CheckpointError."""
+    """(model, meta): the GPT of a checkpoint of ours, and its tokenizer's meta; another
+    project's checkpoint, or weights not finite, are a CheckpointError."""
     try:
         model = GPT(config_from_dict({**ckpt["model_args"], "dropout": dropout}))
         model.load_state_dict(ckpt["model"])
@@ -241,10 +226,8 @@ def check_finite(model, source):
 
 
 def latest_checkpoint(out_dir):
-    """The checkpoint to resume from: ckpt.pt, or last.pt where a stop wrote one later (a run
-    that keeps only its best model in ckpt.pt saves its stopping point beside it). One that
-    cannot be read is passed over, with a note, where the other can: a damaged last.pt does
-    not stand in the way of ckpt.pt."""
+    """The checkpoint to resume from: ckpt.pt, or last.pt where a stop wrote one later (beside
+    a best-only ckpt.pt). One that cannot be read is passed over, with a note, for the other."""
     best, last = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "last.pt")
     if not os.path.isfile(last):
         return best
@@ -261,16 +244,10 @@ def latest_checkpoint(out_dir):
 
 
 def checkpoint_iteration(path):
-    """A checkpoint's iter_num, read without its tensors.
-
-    torch.save writes a zip archive: data.pkl, the pickled dict, whose tensors are references
-    to records of their own (data/0, data/1, ...). Only data.pkl is read here, a few kB,
-    where torch.load rebuilds every tensor of two whole checkpoints to compare two integers
-    (for a 1.6 GB file, in the page cache: 7 ms here, 92 ms for torch.load with mmap, 2 s
-    without). A file beside each checkpoint holding its iteration would be cheaper still,
-    but could disagree with the checkpoint after a crash between the two writes.
-    The unpickler imports nothing: every class or function named in the file becomes an
-    inert stand-in, so this runs no code from the file either."""
+    """A checkpoint's iter_num, read without its tensors: torch.save's zip holds data.pkl, the
+    pickled dict, whose tensors refer to records of their own. Reading data.pkl alone takes
+    7 ms for a 1.6 GB file, torch.load 92 ms with mmap, 2 s without. The unpickler imports
+    nothing (every class or function becomes an inert stand-in), so no code from the file runs."""
     try:
         with zipfile.ZipFile(path) as archive:
             index = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
@@ -286,9 +263,8 @@ def checkpoint_iteration(path):
 
 
 class _Inert(dict):
-    """What every class, function and tensor of a checkpoint's index unpickles to: a dict
-    (state dicts are OrderedDicts, filled item by item) that takes any arguments and any
-    attributes, and does nothing."""
+    """What every class, function and tensor of the index unpickles to: a dict (state dicts
+    are OrderedDicts, filled item by item) that takes any arguments, and does nothing."""
 
     def __init__(self, *args, **kwargs):
         super().__init__()
@@ -302,38 +278,9 @@ class _Index(pickle.Unpickler):
         return None
 
 
-def load_model(init_from, out_dir="out", dropout=0.0):
-    """(model, meta, checkpoint) for init_from: "resume" reads out_dir's latest checkpoint,
-    and checkpoint is then its whole dict (optimizer state, iteration) for train.py to
-    continue from; a GPT-2 size or a folder of GPT-2 files gives OpenAI's weights, and
-    checkpoint None. meta describes the model's tokenizer, as a dataset's meta.json does. Any
-    failure is a CheckpointError that names where the model was to come from."""
-    if init_from != "resume":
-        return load_pretrained(init_from, dropout), pretrained_meta(init_from), None
-    path = latest_checkpoint(out_dir)
-    ckpt = load_checkpoint(path)
-    return (*model_from_checkpoint(ckpt, path, dropout), ckpt)
-
-
-def pretrained_meta(name_or_path):
-    """The tokenizer of GPT-2 weights: GPT-2's own, unless their folder holds a meta.json,
-    which export.py writes beside a character model."""
-    path = os.path.join(name_or_path, "meta.json")
-    if not os.path.isfile(path):
-        return GPT2_META
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:  # JSON errors are ValueErrors
-        raise CheckpointError(f"{path}: cannot read the tokenizer: {e}") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: not a tokenizer's meta.json")
-    return meta
-
-
 def load_pretrained(name_or_path, dropout=0.0):
-    """load_gpt2, with every failure (an unknown name, a folder without the files, no
-    network, damaged weights) a one-line CheckpointError naming the source."""
+    """load_gpt2, with every failure (an unknown name, no files, no network, damaged weights)
+    a one-line CheckpointError naming the source."""
     try:
         model = load_gpt2(name_or_path, dropout)
     except (ValueError, OSError, ImportError, RuntimeError, KeyError) as e:
@@ -389,12 +336,9 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 
 
 def read_safetensors(path):
-    """Parse a .safetensors file: an 8-byte header length, a JSON header, then raw tensors.
-
-    The format holds data only, so reading it needs no trust, and no extra package. Every field
-    of the header is checked, as it may come from anywhere: ValueError for any that is wrong.
-    The file is memory-mapped, not read: the tensors are views of the page cache, so eight
-    ranks loading GPT-2 XL on one machine do not each hold a private copy of the file."""
+    """Parse a .safetensors file: an 8-byte header length, a JSON header, then raw tensors:
+    data only, so it needs no trust and no package. Every header field is checked (ValueError).
+    Memory-mapped: the tensors are views of the page cache, not a private copy per rank."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")

@@ -1,13 +1,12 @@
-"""Typed settings: one dataclass of defaults, overridden by TOML files and --key=value flags.
+"""Typed settings: one dataclass of defaults, overridden by TOML files, then --key=value flags.
 
     python train.py config/train_shakespeare_char.toml --batch_size=32 --compile=false
 
-Files apply in order, then flags. An unknown key, or a value that does not convert to the
-setting's type, is a ConfigError naming the key (and the closest valid one). Nothing is exec'd.
+An unknown key, or a value not of the setting's type, is a ConfigError naming the key (and the
+closest valid one). Nothing is exec'd.
 """
 import difflib
 import inspect
-import os
 import re
 import sys
 import tomllib
@@ -23,23 +22,6 @@ def check_dtype(dtype):
     """The dtype settings of every script take the same four words."""
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-
-
-def check_seed(seed):
-    """torch's generators take a seed from 0 to 2**63 - 1 (a signed 64-bit integer)."""
-    if not 0 <= seed < 2 ** 63:
-        raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {seed}")
-
-
-def check_output_file(name, path):
-    """The file setting name says to write can be written: its folder exists and takes files.
-    Checked at the start, so that a typo does not cost a whole benchmark or plot first."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{name}: cannot write {path}: the folder {folder} does not exist")
-    if os.path.isdir(path) or not os.access(folder, os.W_OK):
-        raise ConfigError(f"{name}: cannot write {path}: "
-                          + ("it is a folder" if os.path.isdir(path) else "permission denied"))
 
 
 @dataclass
@@ -168,9 +150,8 @@ def _field_type(cls, key, source):
 
 
 def _convert(cls, key, value, source):
-    """value (a TOML value, or a flag's string) as the type of setting key of cls.
-
-    A setting typed `int | None` also takes the word none."""
+    """value (a TOML value, or a flag's string) as the type of setting key of cls; a setting
+    typed `int | None` also takes the word none."""
     want = _field_type(cls, key, source)
     if isinstance(want, types.UnionType):  # X | None
         if isinstance(value, str) and value.strip().lower() == "none":
@@ -187,18 +168,16 @@ def _convert(cls, key, value, source):
         except ValueError:
             raise ConfigError(f"{source}: {key} must be {want.__name__}, "
                               f"got {value!r}") from None
-    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
+    if want is float and type(value) is int:  # TOML's 1 for a float setting
         return float(value)
-    if not ok:
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: {key} must be {want.__name__}, got {value!r}")
     return value
 
 
 def parse_config(cls, argv):
-    """Build cls from its defaults, then TOML files, then --key=value flags, in argv order.
-
-    A bare --flag sets a boolean setting to true."""
+    """Build cls from its defaults, then TOML files, then --key=value flags, in argv order (a
+    bare --flag sets a boolean setting to true)."""
     return cls(**parse_overrides(cls, argv))
 
 

@@ -1,10 +1,8 @@
 """Datasets on disk, and the one sampler that draws batches from them.
 
 A dataset is a folder holding `meta.json` (the tokenizer and the token counts) and, per split,
-either one `{split}.bin` or shards `{split}_000000.bin, {split}_000001.bin, ...`: flat arrays of
-uint16 token ids, the format nanoGPT uses. The sampler memory-maps them, so a dataset larger than
-RAM costs nothing to open. This is the reading side only: data/preparation.py writes datasets
-from text files, and data/corpus.py streams web-scale corpora into shards.
+one `{split}.bin` or shards `{split}_000000.bin, ...`: flat arrays of uint16 token ids, as in
+nanoGPT, memory-mapped. data/preparation.py and data/corpus.py write them.
 """
 import json
 import os
@@ -47,9 +45,8 @@ def _vocab_problem(meta: dict) -> str | None:
 
 
 def load_meta(data_dir) -> dict:
-    """Read data_dir/meta.json, or raise DataError saying how to create it. The vocabulary
-    must fit its tokenizer and the token counts must be counts: a damaged or hand-edited
-    meta.json is refused here, not found out at sampling time."""
+    """Read data_dir/meta.json, or raise DataError saying how to create it; a vocabulary that
+    does not fit its tokenizer, or token counts that are not counts, are refused here."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise DataError(f"{path} not found; {_prepare_hint(Path(data_dir))}")
@@ -84,16 +81,10 @@ def _split_rows(rows: np.ndarray, device):
 
 
 class TokenData:
-    """One split of a dataset folder; get_batch draws uniformly over all its windows.
-
-    No random state is kept: a batch depends on its key alone, which is what makes resume and
-    multi-GPU runs reproduce a single-process run exactly. Where meta.json records the split's
-    token count, the files must hold exactly that many tokens.
-
-    The files are opened once, here, and read through those open files: a dataset prepared
-    again under a running training (written beside, then renamed over the old files) leaves the
-    run reading the old files, which the system keeps while they are open.
-    """
+    """One split of a dataset folder; get_batch draws uniformly over all its windows. No random
+    state is kept: a batch depends on its key alone, so resumed and multi-GPU runs reproduce a
+    single-process run exactly. The files are opened once, here: a dataset prepared again
+    under a running training (renamed over the old files) leaves it reading the old ones."""
 
     def __init__(self, data_dir, split: str):
         data_dir = Path(data_dir)
@@ -137,12 +128,9 @@ class TokenData:
         self._starts(block_size)
 
     def get_batch(self, key: tuple[int, ...], batch_size: int, block_size: int, device):
-        """Return (x, y), int64 tensors of shape (batch_size, block_size), y = x shifted by one.
-
-        key: non-negative ints, e.g. (seed, split_code, step, micro_step); the batch is a pure
-        function of it. Each row's window is uniform over every (shard, start) pair of the split,
-        so a shard is chosen in proportion to its number of starts.
-        """
+        """(x, y), int64 (batch_size, block_size), y = x shifted by one: a pure function of key,
+        non-negative ints such as (seed, stream, step, micro_step). Each row's window is uniform
+        over every (shard, start) pair of the split."""
         starts = self._starts(block_size)
         ends = np.cumsum(starts)  # window number g lies in the first shard with g < ends[shard]
         rng = np.random.default_rng(key)  # hashes all the ints through a SeedSequence
@@ -160,10 +148,9 @@ class TokenData:
         return _split_rows(rows, device)
 
     def windows(self, block_size: int, batch_size: int, device, rank=0, world_size=1):
-        """Yield (x, y) batches of every non-overlapping block of the split, in order: the
-        whole-split evaluation, where each token is predicted once (a shard's last partial
-        block is left out). Shared over world_size ranks: rank gets batches rank,
-        rank + world_size, ... of that sequence, and builds no other."""
+        """Yield (x, y) batches of every non-overlapping block of the split, in order (a shard's
+        last partial block left out), each token predicted once; rank gets batches rank,
+        rank + world_size, ... of them, and builds no other."""
         k = 0  # the batch's number in the whole sequence
         for file, n in zip(self.files, self.lengths):
             tokens = np.memmap(file, dtype=np.uint16, mode="r")
@@ -177,11 +164,8 @@ class TokenData:
             del tokens
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Raise DataError if any token id is >= vocab_size.
-
-        This reads every token: a second for Shakespeare, but minutes for a web-scale dataset,
-        whose writer records its vocab in meta.json; there, trust that and skip this check.
-        """
+        """Raise DataError if any token id is >= vocab_size. This reads every token: a second
+        for Shakespeare, minutes for a web-scale dataset (startup.check_vocab skips those)."""
         for path, file, n in zip(self.paths, self.files, self.lengths):
             if n == 0:
                 continue

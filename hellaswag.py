@@ -24,11 +24,12 @@ import torch
 from torch.nn import functional as F
 
 import runtime
-from checkpoint import CheckpointError, load_model
+from checkpoint import CheckpointError
 from config import ConfigError, check_dtype, run_main
 from data.preparation import download
 from dataset import DataError
 from tokenizer import TokenizerError, tokenizer_from_meta
+from tools import load_model
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE = Path(__file__).resolve().parent / "data" / "hellaswag" / "hellaswag_val.jsonl"

@@ -1,9 +1,6 @@
-"""The run's log: what train.py prints, and metrics.jsonl, one JSON object per line.
-
-Evaluation rows hold iter, train_loss, val_loss and elapsed_s (seconds of training since the
-began); training rows hold iter, loss, lr, ms (per iteration), tokens_per_sec and mfu. A resumed
-run appends to the same file, after cutting any partial last line a full disk or a kill left,
-so the file always parses. With wandb_log the rows go to Weights & Biases too.
+"""The run's log: what train.py prints, and metrics.jsonl, one JSON object per line (and
+Weights & Biases with wandb_log). Evaluation rows hold iter, train_loss, val_loss, elapsed_s;
+training rows iter, loss, lr, ms (per iteration), tokens_per_sec and mfu.
 """
 import errno
 import json
@@ -32,8 +29,8 @@ def _write_error(path, e):
 
 
 def drop_partial_line(path):
-    """Cut path back to its last newline: a row half written when a run died is removed.
-    (The file is read whole, once per resume: some 100 MB for 600,000 rows.)"""
+    """Cut path back to its last newline, so that a row half written when a run died (a full
+    disk, a kill) does not break the file that a resumed run appends to."""
     with open(path, "rb+") as f:
         f.truncate(f.read().rfind(b"\n") + 1)
 
@@ -49,9 +46,8 @@ class MetricsLog:
         self.peak = accounting.peak_flops(run.device, run.dtype)  # None where unknown
         if run.rank == 0:
             self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
-            # A fresh run starts its log; a resumed run, or an evaluation, adds to it. Resumed
-            # is what setup decided, not iter_num > 0: a run resumed from its checkpoint of
-            # iteration 0 (saved before a full disk ended it) must not empty its log.
+            # A fresh run starts its log; a resumed one (even from iteration 0), or an
+            # evaluation, adds to it.
             resumed = cfg.init_from == "resume" or run.iter_num > 0 or cfg.eval_only
             try:
                 if resumed and os.path.exists(self.path):

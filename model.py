@@ -1,8 +1,6 @@
-"""The GPT-2 language model and its key/value-cached sampler.
-
-The parts come in the order they build on each other: attention, MLP, Block, GPT. Parameter
-names are GPT-2's own, so OpenAI's weights map one to one (GPT.from_gpt2, after transposing
-their Conv1D weights); checkpoint.py reads the files. At import this file needs torch alone.
+"""The GPT-2 language model and its key/value-cached sampler, in the order the parts build on
+each other: attention, MLP, Block, GPT. Parameter names are GPT-2's own, so OpenAI's weights map
+one to one (GPT.from_gpt2; checkpoint.py reads the files). This file needs torch alone.
 """
 import math
 from dataclasses import dataclass, fields
@@ -29,9 +27,8 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for one attention layer. With cols, a tensor
-    (B,) that its owner updates, each row writes its new token at its own column and gets the
-    whole buffer: one shape for a compiled step, whose mask hides what is unwritten (serve.py)."""
+    """Keys and values of the tokens seen so far, for one attention layer. With cols (B,), each
+    row writes its new token at its own column and gets the whole buffer, masked (serve.py)."""
 
     def __init__(self, max_len, cols=None):
         self.max_len, self.length, self.cols = max_len, 0, cols
@@ -191,10 +188,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             if self.activation_checkpointing and self.training and kv_caches is None:
-                # Keep only the block's input x (B, T, C); backward reruns the block to get
-                # the ~34 * n_embd bytes per token (16-bit) it would otherwise have stored.
-                # The RNG state is saved and restored for the rerun, so dropout draws the
-                # same masks: the gradients are exactly those of the plain forward.
+                # Keep only the block's input x (B, T, C); backward reruns the block, with the
+                # RNG state restored so dropout draws the same masks: the same gradients.
                 x = checkpoint(block, x, rotary, None, use_reentrant=False)
             else:
                 x = block(x, rotary, None if kv_caches is None else kv_caches[i], mask)
@@ -216,16 +211,13 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
     @torch.no_grad()
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        generator=None):
-        """Yield max_new_tokens next tokens, each of shape (B, 1), continuing idx (B, T).
-
-        The prompt is processed once and its keys and values cached; each later step feeds one
-        token. Once the sequence outgrows block_size, every cached key and value is stale: it
-        was computed at a position that has shifted, and (past the first layer) from tokens
-        that have left the window. So the cache is rebuilt on the last block_size tokens at
-        every step from then on: the result is exactly what recomputing the cropped context
-        gives, at the same cost."""
+    def generate_tokens(self, idx, max_new_tokens, **sampling):
+        """Yield max_new_tokens tokens, each (B, 1), continuing idx (B, T), drawn by
+        sample_next(**sampling): the prompt is cached once, then each step feeds one token.
+        Once the sequence outgrows block_size, every cached key and value is stale: computed at
+        a position that has shifted, and (past the first layer) from tokens that have left the
+        window. So from then on the cache is rebuilt on the last block_size tokens at every
+        step: exactly what recomputing the cropped context gives, at the same cost."""
         cfg, caches = self.config, None
         for _ in range(max_new_tokens):
             if caches is None or caches[0].length == cfg.block_size:
@@ -234,24 +226,21 @@ class GPT(nn.Module):
             else:
                 context = idx[:, -1:]
             logits = self.lm_head(self.hidden_states(context, caches)[:, -1, :])
-            idx_next = sample_next(logits, temperature, top_k, top_p, generator)
+            idx_next = sample_next(logits, **sampling)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 generator=None):
-        """Return idx (B, T) followed by max_new_tokens sampled tokens; temperature 0 is greedy."""
-        new = self.generate_tokens(idx, max_new_tokens, temperature, top_k, top_p, generator)
-        return torch.cat([idx, *new], dim=1)
+    def generate(self, idx, max_new_tokens, **sampling):
+        """Return idx (B, T) followed by max_new_tokens tokens drawn by sample_next(**sampling)."""
+        return torch.cat([idx, *self.generate_tokens(idx, max_new_tokens, **sampling)], dim=1)
 
     @torch.no_grad()
-    def generate_uncached(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                          generator=None):
+    def generate_uncached(self, idx, max_new_tokens, **sampling):
         """The textbook loop, the cached sampler's reference: rerun the context for each token."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
-            idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx_next = sample_next(logits[:, -1, :], **sampling)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
@@ -259,8 +248,8 @@ class GPT(nn.Module):
     def from_gpt2(cls, hf_config, tensors, dropout=0.0):
         """GPT-2 from OpenAI's (or transformers') parameters: hf_config is their config.json as
         a dict, tensors their state dict, in the hub's names ("h.0.attn.c_attn.weight") or
-        save_pretrained's ("transformer.h.0..."). ValueError for anything that does not fit."""
-        # config.json comes from a folder the user names: check it before allocating anything.
+        save_pretrained's ("transformer.h.0..."). ValueError for anything that does not fit,
+        found before anything is allocated."""
         if not isinstance(hf_config, dict):
             raise ValueError("config.json is not a JSON object")
         keys = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
@@ -305,10 +294,8 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Draw one token id per row of logits (B, vocab_size); returns (B, 1).
-
-    temperature 0 takes the most likely token. top_k keeps the k most likely tokens; top_p
-    keeps the smallest set of most likely tokens whose probabilities sum to at least top_p."""
+    """Draw one token id (B, 1) per row of logits (B, vocab_size); temperature 0 is greedy. top_k
+    keeps the k likeliest tokens; top_p the fewest likeliest whose probabilities reach top_p."""
     # Below float32's smallest normal number a temperature scales every gap between logits
     # past float32's range, which is greedy decoding; it would also divide by zero in float32.
     if temperature < torch.finfo(torch.float32).tiny:

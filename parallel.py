@@ -35,9 +35,8 @@ class Layout:
 
 
 def check(cfg, world_size, dtype):
-    """Refuse, in one line, a layout that cannot run: FSDP and TP need torchrun's processes;
-    float16's gradient scaler would need a sharded variant (bfloat16 does without); TP splits
-    whole heads, and the MLP's hidden width, evenly. cfg holds the model's shape."""
+    """Refuse, in one line, a layout that cannot run (float16's scaler would need a sharded
+    variant; TP splits whole heads and the MLP's width evenly). cfg has the model's shape."""
     tp, what = cfg.tp, "fsdp=true" if cfg.fsdp else f"tp={cfg.tp}"
     if (cfg.fsdp or tp > 1) and "RANK" not in os.environ:
         raise DeviceError(f"{what} spreads the model over the processes of torchrun: run it "
@@ -71,8 +70,7 @@ def make_layout(cfg, rank, world_size, device):
 # ----------------------------------------------------------------------------- the layouts
 
 def spread(model, layout, dtype):
-    """Split the model (in place) as layout says: TP inside each row, then FSDP over the
-    rows. A whole model goes in, as one process would train it."""
+    """Split the whole model, in place, as layout says: TP inside each row, then FSDP over them."""
     if layout.tp > 1:
         tensor_parallel(model, layout.mesh["tp"])
     if layout.fsdp:
@@ -91,11 +89,10 @@ def wrap_ddp(model, layout, device, local_rank):
 
 
 def shard(model, mesh, dtype):
-    """FSDP2: each Block, then the rest (embeddings, final norm, head), becomes a unit whose
-    weights, gradients and AdamW moments are split over the ranks of mesh. A unit's weights
-    are gathered whole just before its forward (and again for its backward) and freed after;
-    its gradients are reduce-scattered, each rank keeping its shard. In 16 bits, FSDP computes
-    in dtype and keeps the master weights and the gradient reductions in float32."""
+    """FSDP2: each Block, then the rest, becomes a unit whose weights, gradients and AdamW
+    moments are split over mesh; its weights are gathered just before its forward (and its
+    backward) and freed after, its gradients reduce-scattered. In 16 bits it computes in dtype,
+    keeping the master weights and the gradient reductions in float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     half = None if dtype == torch.float32 else dtype
     policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
@@ -112,14 +109,12 @@ def tensor_parallel(model, mesh):
             └── c_attn[cols 1] ── heads of rank 1 ── c_proj[rows 1] ──┴── all-reduce (+) ── y
         (and so c_fc, the activation, and the MLP's c_proj)
 
-    Heads are independent, and so are the hidden units of the MLP: from the whole x a rank
-    computes its columns, then its rows' partial sum of y, with no exchange in between. One
-    all-reduce per pair adds the partial sums up; one in backward sums x's gradient.
-    Embeddings, norms and the head stay whole on every rank: they are a small part of a large
-    model, and splitting the vocabulary would untie the head from wte.
+    Heads are independent, and so are the MLP's hidden units: from the whole x a rank computes
+    its columns, then its rows' partial sum of y, with no exchange in between; one all-reduce
+    per pair adds them up (one in backward sums x's gradient). Embeddings, norms and the head
+    stay whole: a small part of a large model, and a split vocabulary would untie wte.
     c_attn's rows are [q; k; v]: a plain split would give rank 0 all of q and half of k. They
-    are regrouped once, here, so that each rank's shard is the q, k, v of its own heads;
-    checkpoints undo it (training_state) and keep GPT-2's layout."""
+    are regrouped once, so each rank holds its own heads' q, k, v (checkpoints undo it)."""
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
     plan = {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
@@ -141,8 +136,7 @@ def regroup_qkv(t, tp, undo=False):
 
 def gradient_sync(model, last):
     """The context of one micro-step: until the last, DDP and FSDP keep each rank's gradients
-    to itself, so that the ranks exchange them once per iteration, not once per micro-step.
-    TP needs nothing: its all-reduces are part of every forward and backward."""
+    to itself, exchanging them once per iteration (TP's all-reduces are in every pass)."""
     if hasattr(model, "set_requires_gradient_sync"):  # a module that fully_shard made
         model.set_requires_gradient_sync(last)
     elif isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from config import ConfigError, TrainConfig, check_output_file, parse_config, run_main
+from config import ConfigError, TrainConfig, parse_config, run_main
 from step import get_lr
+from tools import check_output_file
 
 
 @dataclass

@@ -1,6 +1,5 @@
-"""Where and how the code runs: the device, the precision, and the group of processes.
-
-The one place that decides these, shared by train.py, sample.py, hellaswag.py and bench.py.
+"""Where and how the code runs: the device, the precision, the group of processes, signals.
+The one place that decides these, for train.py, sample.py, hellaswag.py and bench.py.
 """
 import contextlib
 import datetime
@@ -21,9 +20,8 @@ def device_type(device):
 
 
 def pick_device(requested="auto", local_rank=None):
-    """'auto' is CUDA, then Apple's MPS, then the CPU; anything else is checked to exist.
-
-    Under torchrun (local_rank given) each process on a machine takes a GPU of its own."""
+    """'auto' is CUDA, then Apple's MPS, then the CPU; anything else is checked to exist. Under
+    torchrun (local_rank given) each process on a machine takes a GPU of its own."""
     if requested == "auto":
         if torch.cuda.is_available():
             requested = "cuda"
@@ -49,9 +47,8 @@ def pick_device(requested="auto", local_rank=None):
 
 
 def native_bfloat16(device):
-    """Whether device computes in bfloat16 natively: CUDA GPUs of compute capability 8.0 and
-    up (Ampere, Ada, Hopper). torch.cuda.is_bf16_supported() also says yes for a V100 or T4,
-    which only emulate it, slowly."""
+    """Whether device computes in bfloat16 natively: CUDA GPUs since Ampere (capability 8.0);
+    torch.cuda.is_bf16_supported() also says yes for a V100 or T4, which emulate it slowly."""
     return device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 8
 
 
@@ -92,17 +89,12 @@ def device_memory(device):
 
 
 def training_precision(requested, device, deterministic=False):
-    """(dtype, autocast context, gradient scaler) for training on device.
-
-    float16 has so few exponent bits that small gradients underflow to zero: the scaler
-    multiplies the loss before backward and divides the gradients after, skipping steps
-    whose gradients overflowed. bfloat16 and float32 need no scaler (it is then a no-op).
-    On GPUs since Ampere, float32 matmuls may use TF32 tensor cores: nearly free speed.
-
-    deterministic: the same inputs give bit-identical results on a GPU too, at some cost in
-    speed. Flash attention's backward and some cuBLAS kernels add in a varying order; torch
-    then picks deterministic kernels (or raises for an op that has none), and cuBLAS needs a
-    fixed workspace, set before its first use."""
+    """(dtype, autocast context, gradient scaler) for training on device. float16 has so few
+    exponent bits that small gradients underflow to zero: the scaler multiplies the loss before
+    backward and divides the gradients after, skipping steps that overflowed (a no-op in other
+    dtypes). float32 matmuls may use TF32 tensor cores (since Ampere): nearly free speed.
+    deterministic: bit-identical results on a GPU too, slower: flash attention's backward and
+    some cuBLAS kernels add in a varying order; cuBLAS then needs a fixed workspace."""
     dtype = pick_dtype(requested, device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -114,14 +106,9 @@ def training_precision(requested, device, deterministic=False):
 
 
 def setup_distributed(requested_device="auto", backend="auto", timeout_s=600):
-    """Pick this process's device and join the process group that torchrun describes in the
-    environment, if any. Returns (rank, local_rank, world_size, device); (0, 0, 1, device)
-    when not launched by torchrun. The timeout bounds how long a rank waits on a collective
-    whose peer has died.
-
-    Under torchrun each process takes the GPU of its local rank; the backend follows the
-    device actually used: NCCL for GPUs, gloo for CPUs (so --device=cpu works on a GPU host).
-    """
+    """(rank, local_rank, world_size, device): this process's device, in the process group
+    that torchrun describes, joined ((0, 0, 1, device) without torchrun). The backend follows
+    the device: NCCL for GPUs, gloo for CPUs. timeout_s bounds a wait on a dead peer."""
     if "RANK" not in os.environ:
         device = pick_device(requested_device)
         if device.startswith("cuda:"):  # else pinned copies would open a context on GPU 0
@@ -166,9 +153,8 @@ def setup_distributed(requested_device="auto", backend="auto", timeout_s=600):
 
 
 def all_reduce_mean(values, device, world_size):
-    """Average a list of numbers (floats, or tensors of one element) over all ranks; every
-    rank must call this. One process needs no tensor, which spares a device round trip (and
-    MPS, which has no float64)."""
+    """Average a list of numbers (floats, or 1-element tensors) over all ranks, which must all
+    call this. One process needs no tensor (no device round trip; MPS has no float64)."""
     if world_size == 1:
         return [float(v) for v in values]
     t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
@@ -177,9 +163,8 @@ def all_reduce_mean(values, device, world_size):
 
 
 def busy_note(device):
-    """A line for a CPU run on a machine that other jobs already keep busy, or None. torch's
-    threads wait for each other at every operation, so a core taken by another job stalls
-    them all (train.py then has them sleep at once, which helps most: docs/benchmarks.md)."""
+    """A line for a CPU run on a machine that other jobs keep busy, or None: torch's threads
+    wait for each other at every operation, so a core taken by another job stalls them all."""
     threads, cores = torch.get_num_threads(), os.cpu_count() or 1
     if device != "cpu" or threads == 1 or not hasattr(os, "getloadavg"):
         return None
@@ -191,9 +176,8 @@ def busy_note(device):
 
 
 class StopSignals:
-    """Turn SIGINT, SIGTERM and SIGHUP (Ctrl-C, a preempted machine, a closed terminal) into
-    a request to stop soon, with a checkpoint. A second Ctrl-C exits at once, with no new
-    checkpoint."""
+    """SIGINT, SIGTERM and SIGHUP (Ctrl-C, a preempted machine, a closed terminal) ask to stop
+    soon, with a checkpoint; a second Ctrl-C exits at once, with no new checkpoint."""
 
     def __init__(self):
         self.received = False
@@ -202,9 +186,8 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.received and signum == signal.SIGINT:
-            # Raising KeyboardInterrupt here would unwind through compiled code, collectives
-            # and a save in progress (a screen of traceback); checkpoints are written
-            # atomically, so leaving at once keeps the last one whole.
+            # Not KeyboardInterrupt, a screen of traceback through collectives and a save:
+            # checkpoints are written atomically, so leaving at once keeps the last one whole.
             print("second Ctrl-C: exiting now; the last checkpoint saved is kept",
                   file=sys.stderr, flush=True)
             os._exit(130)

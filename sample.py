@@ -18,10 +18,11 @@ import torch
 
 import accounting
 import runtime
-from checkpoint import CheckpointError, load_model
-from config import ConfigError, check_dtype, check_seed, run_main
+from checkpoint import CheckpointError
+from config import ConfigError, check_dtype, run_main
 from serve import Request, serve
 from tokenizer import TokenizerError, tokenizer_from_meta
+from tools import load_model
 
 
 @dataclass
@@ -56,7 +57,8 @@ class SampleConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         check_dtype(self.dtype)
-        check_seed(self.seed)
+        if not 0 <= self.seed < 2 ** 63:  # torch's generators take a signed 64-bit seed
+            raise ConfigError(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
         return self
 
 
@@ -127,6 +129,37 @@ def stream(tokenizer, tokens, out=sys.stdout):
     return ids
 
 
+def sampling_memory(m, slots, samples, prompt_tokens, new_tokens, dtype_bytes=4):
+    """(device bytes, host bytes) that sampling needs beyond the weights, an estimate. On the
+    device, per slot (a row decoded at a time, serve.py): its KV cache, allocated whole for
+    block_size positions in every layer; the prompt's activations, one layer at a time (34 *
+    n_embd bytes a token in 16 bits, as in accounting.memory_per_rank); the last position's
+    logits with the copies that sampling makes of them (probabilities, sorted for top-k and
+    top-p: 4 fp32 copies). On the host, every sample's tokens and text, kept until printed:
+    about 64 bytes a token as Python objects."""
+    T = min(prompt_tokens, m.block_size)
+    per_slot = (2 * m.n_layer * m.block_size * m.n_embd * dtype_bytes
+                + T * 34 * m.n_embd * dtype_bytes // 2 + 4 * 4 * m.vocab_size)
+    return slots * per_slot, samples * 64 * (prompt_tokens + new_tokens)
+
+
+def check_sampling_memory(m, slots, samples, prompt_tokens, new_tokens, device, dtype):
+    """Refuse, before anything is allocated, to sample more than the memory holds: the weights
+    and the slots on the device, the samples' text on the host (the same memory on a CPU)."""
+    on_device, on_host = sampling_memory(m, slots, samples, prompt_tokens, new_tokens,
+                                         dtype.itemsize)
+    on_device += 4 * accounting.num_params(m, non_embedding=False)
+    needs = ([(on_device + on_host, device)] if device == "cpu"
+             else [(on_device, device), (on_host, "cpu")])
+    for need, where in needs:
+        have = runtime.device_memory(where)
+        if have and need > have:
+            raise ConfigError(f"sampling {samples:,} sequences, {slots:,} at a time, needs about "
+                              f"{need / 2**30:,.1f} GiB on {where} (sample.sampling_memory), "
+                              f"more than its {have / 2**30:,.1f} GiB: lower num_samples or "
+                              "batch_size")
+
+
 def sample(cfg, out=sys.stdout):
     """Draw cfg.num_samples samples of each prompt; print them to out, return them as strings."""
     device = runtime.pick_device(cfg.device)
@@ -142,8 +175,8 @@ def sample(cfg, out=sys.stdout):
     prompts = read_prompts(cfg.prompts) if cfg.prompts else [("prompt", start)]
     ids = [encode(tokenizer, text, where, model.config.block_size) for where, text in prompts]
     samples = len(ids) * cfg.num_samples
-    accounting.check_sampling_memory(model.config, min(cfg.batch_size, samples), samples,
-                                     max(map(len, ids)), cfg.max_new_tokens, device, dtype)
+    check_sampling_memory(model.config, min(cfg.batch_size, samples), samples,
+                          max(map(len, ids)), cfg.max_new_tokens, device, dtype)
     # Sample k of the output draws from its own generator, seeded seed + k: its text does not
     # depend on batch_size, nor on which rows shared its steps, and the same seed repeats it.
     requests = [Request(ids[k // cfg.num_samples], cfg.max_new_tokens,

@@ -1,11 +1,8 @@
-"""From settings to a ready run, for train.py: the processes and the device, the precision, the
-data, the model (new, resumed or pretrained) and its optimizer; the checks that refuse a run
-before it costs anything; the default run, and the lock that keeps two runs off one out_dir.
+"""From settings to a ready run, for train.py: processes, device, precision, data, the model
+(new, resumed or pretrained) and its optimizer, with the checks that refuse a run before it
+costs anything; the default run; the lock that keeps two runs off one out_dir.
 
     run = setup(cfg, named)  # then train.py loops over run.model, run.data and run.optimizer
-
-Each decision is returned, in a Run, not written back into cfg: the settings that are printed
-and saved with each checkpoint are the ones the run uses.
 """
 import contextlib
 import difflib
@@ -67,14 +64,10 @@ def check_writable(out_dir):
 def resolve_init(cfg, rank, world_size):
     """(init_from, checkpoint path) as this run takes them: auto is resume if out_dir holds a
     checkpoint, else scratch; --eval_only evaluates the run's checkpoint unless it names
-    pretrained weights. A fresh run refuses to overwrite a checkpoint; with --overwrite=true
-    it deletes the old run's checkpoints, ckpt.pt and last.pt, so that nothing of that run is
-    resumed or sampled from later (last.pt, of a later iteration, would win over ours).
-
-    Rank 0 decides from what its disk holds and tells the others: on several machines, a node
-    without the checkpoint would otherwise start afresh while the rest resume, and their
-    collectives would wait on each other until ddp_timeout. Every rank then checks that it
-    can read the checkpoint too, and all fail together, at once, if one cannot."""
+    pretrained weights. A fresh run refuses to overwrite a checkpoint; --overwrite=true deletes
+    ckpt.pt and last.pt, so that nothing of the old run is resumed or sampled from later.
+    Rank 0 decides and tells the others (a node without the checkpoint must not start afresh
+    while the rest resume); all fail together if one of them cannot read the checkpoint."""
     decision = [cfg.init_from, None, None]  # init_from, path, or the error all ranks raise
     if rank == 0:
         decision[1] = path = latest_checkpoint(cfg.out_dir)
@@ -165,9 +158,8 @@ def check_memory(cfg, model_config, world_size, device):
 
 @contextlib.contextmanager
 def out_dir_lock(out_dir):
-    """One run per out_dir: rank 0 holds a lock on the folder while the run lasts, so that a
-    second run on it fails at once instead of overwriting this one's checkpoints and log.
-    The OS drops the lock when the process ends, however it ends; no file is left behind."""
+    """One run per out_dir: rank 0 locks the folder while the run lasts, so a second run on it
+    fails at once; the OS drops the lock however the process ends, and leaves no file."""
     if os.environ.get("RANK", "0") != "0":
         yield
         return
@@ -265,9 +257,8 @@ def settings_text(cfg):
 
 
 def setup(cfg, named=()):
-    """Turn the settings into a ready run: processes, device and precision, data, the model
-    (new, resumed or pretrained) and its optimizer. Rank 0 prints what the run will cost.
-    named: the settings that this command names, which a resumed run takes from it."""
+    """Turn the settings into a ready run; rank 0 prints what it will cost. named: the settings
+    this command names, which a resumed run takes from it."""
     rank, local_rank, world_size, device = runtime.setup_distributed(
         cfg.device, cfg.backend, cfg.ddp_timeout)
     if rank == 0:
@@ -334,5 +325,4 @@ def setup(cfg, named=()):
                   "(docs/guarantees.md: resuming a run)", file=sys.stderr, flush=True)
     return Run(cfg, rank, world_size, device, dtype, ctx, scaler, data, meta, raw_model, model,
                layout, optimizer, cfg.gradient_accumulation_steps // layout.dp_size, iter_num,
-               evaluated,
-               best_val_loss, origin, elapsed_s)
+               evaluated, best_val_loss, origin, elapsed_s)

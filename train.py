@@ -4,25 +4,20 @@
     python train.py config/train_gpt2.toml --batch_size=8   # any config, flags override it
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.toml
 
-The page reads as a run goes: startup.setup() turns the settings into a ready run (processes,
-device, data, model, optimizer), then train() loops: evaluate and checkpoint when due, set the
-learning rate, forward and backward over the micro-steps, clip, step, log.
-
-The batch each (iteration, micro-step) sees is a pure function of the seed, so a resumed run
-repeats exactly what the uninterrupted run would have done, and the global batch does not
-depend on the number of processes.
+startup.setup() turns the settings into a ready run, then train() loops: evaluate and checkpoint
+when due, set the learning rate, forward and backward over the micro-steps, clip, step, log.
+Each batch is a pure function of the seed, (iteration, micro-step): a resumed run repeats the
+uninterrupted one exactly, and the global batch does not depend on the number of processes.
 """
 import os
 import sys
 import time
 from dataclasses import asdict, replace
 
-# torch's OpenMP threads spin while they wait for work (GNU OpenMP: 300,000 turns), and on a
-# machine that other jobs keep busy they spin on the cores the others need. On 2 cores
-# (docs/benchmarks.md): quiet, a short spin is twice as fast as sleeping at once; beside two
-# busy jobs, the default spin is some 30x slower than sleeping at once, and 10,000 turns about
-# 3x. So: 10,000 turns, or none on a machine already busy at start, unless the environment
-# says. Read once, when torch loads OpenMP.
+# torch's OpenMP threads spin while they wait for work (GNU: 300,000 turns), on the cores other
+# jobs need. On 2 cores (docs/benchmarks.md), quiet, a short spin is 2x faster than none; beside
+# two busy jobs the default is ~30x slower than none, 10,000 turns ~3x. So 10,000 turns, or none
+# on a machine busy at start, unless the environment says. Read once, when torch loads OpenMP.
 if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
     busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1)
     os.environ["GOMP_SPINCOUNT"] = "0" if busy else "10000"
@@ -49,8 +44,7 @@ EVAL_BATCHES = {"train": 2, "val": 3}
 # ----------------------------------------------------------------------------- the loop's parts
 
 def progress(batches, desc, rank):
-    """batches, reporting progress from rank 0: a bar at a terminal; elsewhere (a log file, a
-    cluster job) a line every 30 seconds, so that a long evaluation is not silent."""
+    """batches, with rank 0 showing progress: a bar at a terminal, else a line every 30 s."""
     if rank != 0:
         yield from batches
     elif sys.stderr.isatty():
@@ -66,16 +60,12 @@ def progress(batches, desc, rank):
 
 @torch.no_grad()
 def estimate_loss(run, stop_check, splits=("train", "val"), eval_iters=None):
-    """Mean loss per split: over the same eval_iters random batches at every evaluation, or,
-    with eval_iters=0, over every block of the split, each token predicted once. None if a
-    stop came during it: an evaluation is abandoned within a batch, not finished first.
-
-    Fixed batches make successive evaluations comparable; the ranks share the batches out
-    (each builds only its own) and average, so the estimate does not depend on the number of
-    processes. A GPU's losses stay on it until the end: no wait for the GPU per batch (under
-    DDP the ranks agree on a stop at every batch: see StopCheck.until_stop). On the CPU each
-    is read at once: 0-d tensors kept between the large logits freed at every batch (25 MB
-    with GPT-2's vocabulary) fragment the heap, which then grows by that much a batch."""
+    """Mean loss per split: over the same eval_iters random batches at every evaluation (so
+    that they compare), or, with eval_iters=0, over every block of the split. The ranks share
+    the batches out and average. None if a stop came: the evaluation is then abandoned.
+    A GPU's losses stay on it until the end, with no wait per batch; on the CPU each is read at
+    once: 0-d tensors kept between the large logits freed at every batch (25 MB with GPT-2's
+    vocabulary) fragment the heap, which then grows by that much a batch."""
     cfg = run.cfg
     eval_iters = cfg.eval_iters if eval_iters is None else eval_iters
     on_host = run.device == "cpu"
@@ -117,9 +107,8 @@ def estimate_loss(run, stop_check, splits=("train", "val"), eval_iters=None):
 
 def save(run, iter_num, log, evaluated, name="ckpt.pt"):
     """Rank 0 writes a checkpoint into out_dir: everything needed to continue exactly, and
-    whether iteration iter_num's evaluation is done (a stop skips it; the resumed run does
-    it). Every rank calls this: under FSDP or TP each contributes its shards to the whole
-    tensors saved."""
+    whether iteration iter_num's evaluation is done. Every rank calls this (FSDP and TP gather
+    the shards of every rank)."""
     model_state, optimizer_state = parallel.training_state(run.raw_model, run.optimizer,
                                                            run.layout)
     state = None  # the other ranks only learn whether rank 0's write succeeded
@@ -134,9 +123,8 @@ def save(run, iter_num, log, evaluated, name="ckpt.pt"):
 
 
 def evaluate_and_checkpoint(run, iter_num, log, stop_check):
-    """Estimate both losses and log them; save on a new best validation loss, or at every
-    evaluation with always_save_checkpoint. Returns the validation loss, or None if a stop
-    came during the evaluation, which is then abandoned."""
+    """Estimate and log both losses; save on a new best validation loss (or always, with
+    always_save_checkpoint). Returns the validation loss, or None if a stop came."""
     started = time.time()
     losses = estimate_loss(run, stop_check)
     if losses is None:
@@ -150,9 +138,8 @@ def evaluate_and_checkpoint(run, iter_num, log, stop_check):
 
 
 def save_on_stop(run, iter_num, log, evaluated):
-    """A stopped run's checkpoint: ckpt.pt, or last.pt beside it where ckpt.pt keeps only the
-    best model (resuming takes the newer of the two: checkpoint.latest_checkpoint).
-    --eval_only saves nothing: it only stops."""
+    """A stopped run's checkpoint: ckpt.pt, or last.pt where ckpt.pt keeps only the best model
+    (resuming takes the newer: checkpoint.latest_checkpoint). --eval_only saves nothing."""
     if run.cfg.eval_only:
         if run.rank == 0:
             print("stopped by a signal: the evaluation is abandoned", flush=True)
@@ -166,10 +153,9 @@ def save_on_stop(run, iter_num, log, evaluated):
 
 
 def train_batches(run, iter_num, stop_check):
-    """This rank's micro-batches of iteration iter_num. Micro-steps are numbered across all
-    ranks, and the ranks take consecutive slices, so the global batch is the same for any
-    number of processes. One process asked to stop gets no more: it stops within a
-    micro-step (ranks stop together, at the end of a step: see StopCheck)."""
+    """This rank's micro-batches of iteration iter_num: micro-steps are numbered across the
+    ranks, each taking a consecutive slice, so the global batch is the same for any number of
+    processes. One process asked to stop gets no more (ranks stop together: see StopCheck)."""
     cfg = run.cfg
     first = run.layout.dp_rank * run.micro_steps  # the ranks of a tensor-parallel row share it
     for micro in range(run.micro_steps):
@@ -265,8 +251,7 @@ def train(cfg, named=()):
 
 def schedule_follows(cfg, flags):
     """A --max_iters flag without --lr_decay_iters moves the end of the learning-rate schedule
-    (and so the cooldown, a fraction of it) to the new end of the run: otherwise a shortened
-    run would stop before it cools down, and a lengthened one would idle at min_lr."""
+    to the new end of the run: else a shorter run would not cool down, a longer idle at min_lr."""
     if "max_iters" not in flags or "lr_decay_iters" in flags:
         return cfg
     if cfg.decay_lr and cfg.lr_decay_iters != cfg.max_iters and os.environ.get("RANK", "0") == "0":

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_model
+from checkpoint import load_checkpoint
 from config import TrainConfig, parse_config
 from helpers import ROOT, TORCHRUN, train_losses
 from helpers import run_train as run
+from tools import load_model
 
 
 @pytest.mark.slow
