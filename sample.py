@@ -201,8 +201,12 @@ def sample(cfg, out=sys.stdout):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    return run_main(SampleConfig, sample, argv, __doc__,
-                    (CheckpointError, TokenizerError, runtime.DeviceError))
+    try:
+        return run_main(SampleConfig, sample, argv, __doc__,
+                        (CheckpointError, TokenizerError, runtime.DeviceError))
+    except BrokenPipeError:  # the reader left (python sample.py | head): done, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for exit's flush
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
-"""sample.py: where it looks by default, streaming, and temperatures too small for float32."""
+"""sample.py: where it looks by default, streaming, a reader that leaves early, and
+temperatures too small for float32."""
 import io
+import subprocess
+import sys
 from dataclasses import asdict
 
 import torch
@@ -40,6 +43,22 @@ def test_sample_py_at_temperature_1e_45_prints_the_greedy_sample(tmp_path):
         texts[temperature] = sample(cfg.validate(), out)
         assert out.getvalue() == texts[temperature][0] + "\n"  # as it streamed
     assert texts[1e-45] == texts[0.0] and len(texts[0.0][0]) == 32
+
+
+def test_a_reader_that_leaves_early_is_no_error(tmp_path):
+    # python sample.py | head -3: head exits, and the next write finds the pipe closed.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=4, n_layer=1, n_head=1, n_embd=8))
+    meta = {"tokenizer": "char", "vocab_size": 4, "chars": ["a", "b", "c", "\n"]}
+    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
+                     "meta": meta}, tmp_path / "ckpt.pt")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--out_dir={tmp_path}",
+                             "--device=cpu", "--num_samples=1", "--max_new_tokens=20000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    assert proc.wait(timeout=600) == 0  # a hang guard
+    assert proc.stderr.read() == b""
 
 
 def old_stream(tokenizer, ids, out):
