@@ -18,6 +18,8 @@ orthogonalises all of them.
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from runtime import native_bfloat16
+
 # A quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X, its coefficients chosen (Keller Jordan's
 # Muon post) to push every singular value towards 1 fast, not exactly to 1: 0.7 to 1.2 is enough.
 A, B, C = 3.4445, -4.7750, 2.0315
@@ -25,12 +27,12 @@ A, B, C = 3.4445, -4.7750, 2.0315
 
 def orthogonalise(m, steps=5):
     """About U V^T for the matrix m = U S V^T. A DTensor (a rank's shard) is gathered whole,
-    orthogonalised, and split again as it was. In bfloat16 on CUDA's tensor cores; in float32
-    elsewhere (a CPU without bfloat16 units takes 30x longer in it)."""
+    orthogonalised, and split again as it was. In bfloat16 on GPUs that have it natively; in
+    float32 elsewhere (a CPU without bfloat16 units takes 30x longer in it)."""
     if isinstance(m, DTensor):
         whole = orthogonalise(m.full_tensor(), steps)
         return distribute_tensor(whole, m.device_mesh, m.placements, src_data_rank=None)
-    x = m.to(torch.bfloat16 if m.is_cuda else torch.float32)
+    x = m.to(torch.bfloat16 if native_bfloat16(str(m.device)) else torch.float32)
     wide = x.size(0) <= x.size(1)
     x = x if wide else x.T  # (k, n), k <= n: the Gram matrix X X^T is the small (k, k) one
     x = x / (x.norm() + 1e-7)  # singular values at most 1, where the iteration converges
