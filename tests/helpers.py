@@ -82,3 +82,19 @@ def write_gpt2_folder(folder, state, config, fmt="safetensors"):
     else:
         torch.save(state, folder / "pytorch_model.bin")
     return folder
+
+
+def char_checkpoint(folder, chars="abc\n", block_size=16):
+    """A one-layer, 8-wide character model of chars, untrained (seed 0), saved as
+    folder/ckpt.pt as train.py saves one: for sample.py and serve.py to load."""
+    from dataclasses import asdict
+
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=len(chars), n_layer=1, n_head=1,
+                          n_embd=8))
+    meta = {"tokenizer": "char", "vocab_size": len(chars), "chars": list(chars)}
+    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
+                     "meta": meta}, Path(folder) / "ckpt.pt")
+    return folder

@@ -3,14 +3,12 @@ temperatures too small for float32."""
 import io
 import subprocess
 import sys
-from dataclasses import asdict
 
 import torch
 
-from checkpoint import save_checkpoint
 from config import TrainConfig, parse_config
-from helpers import ROOT
-from model import GPT, GPTConfig, sample_next
+from helpers import ROOT, char_checkpoint
+from model import sample_next
 from sample import SampleConfig, sample, stream
 from tokenizer import CharTokenizer, GPT2Tokenizer
 
@@ -30,11 +28,7 @@ def test_a_tiny_temperature_is_greedy_not_nan():
 
 
 def test_sample_py_at_temperature_1e_45_prints_the_greedy_sample(tmp_path):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=4, n_layer=1, n_head=1, n_embd=8))
-    meta = {"tokenizer": "char", "vocab_size": 4, "chars": ["a", "b", "c", "d"]}
-    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
-                     "meta": meta}, tmp_path / "ckpt.pt")
+    char_checkpoint(tmp_path, "abcd")
     texts = {}
     for temperature in (0.0, 1e-45):
         cfg = SampleConfig(out_dir=str(tmp_path), start="ab", num_samples=1, device="cpu",
@@ -47,11 +41,7 @@ def test_sample_py_at_temperature_1e_45_prints_the_greedy_sample(tmp_path):
 
 def test_a_reader_that_leaves_early_is_no_error(tmp_path):
     # python sample.py | head -3: head exits, and the next write finds the pipe closed.
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=4, n_layer=1, n_head=1, n_embd=8))
-    meta = {"tokenizer": "char", "vocab_size": 4, "chars": ["a", "b", "c", "\n"]}
-    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
-                     "meta": meta}, tmp_path / "ckpt.pt")
+    char_checkpoint(tmp_path)
     proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--out_dir={tmp_path}",
                              "--device=cpu", "--num_samples=1", "--max_new_tokens=20000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -6,15 +6,14 @@ a batch and a lone run agree to rounding and so draw the same tokens.
 import functools
 import io
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
 import torch._dynamo.utils
 
 import bench
+import helpers
 import sample
-from checkpoint import save_checkpoint
 from config import parse_config
 from model import GPT, GPTConfig
 from serve import Request, serve
@@ -100,12 +99,7 @@ def test_compiled_decode_compiles_once_and_draws_the_same_tokens(monkeypatch):
 
 @pytest.fixture
 def char_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=4, n_layer=1, n_head=1, n_embd=8))
-    meta = {"tokenizer": "char", "vocab_size": 4, "chars": ["a", "b", "c", "\n"]}
-    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
-                     "meta": meta}, tmp_path / "ckpt.pt")
-    return tmp_path
+    return helpers.char_checkpoint(tmp_path, block_size=32)
 
 
 def run_sample(out_dir, *flags):
