@@ -98,3 +98,11 @@ def char_checkpoint(folder, chars="abc\n", block_size=16):
     save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config),
                      "meta": meta}, Path(folder) / "ckpt.pt")
     return folder
+
+
+def assert_samples(out_dir):
+    """sample.py samples from out_dir's checkpoint, as a user runs it after training."""
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={out_dir}",
+                           "--num_samples=1", "--max_new_tokens=10", "--start=A"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("A"), proc.stderr

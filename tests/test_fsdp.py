@@ -1,13 +1,11 @@
 """FSDP (fully_shard) and activation checkpointing, on the CPU with two gloo ranks: the same
 run as one process, and checkpoints that move between one process, DDP and FSDP; Muon under
 every layout."""
-import subprocess
-import sys
 
 import pytest
 
 from checkpoint import load_checkpoint
-from helpers import ROOT, TORCHRUN, assert_same_run, run_train, train_losses
+from helpers import TORCHRUN, assert_same_run, assert_samples, run_train, train_losses
 
 # Four micro-steps (two per rank) and a clip that bites: norms here are about 1. Three
 # evaluation batches over two ranks: one rank runs a filler forward beside the other's second.
@@ -39,10 +37,7 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_and_samples(straight, char_da
     resumed = train_losses(run_train(ARGS + ["--max_iters=6", "--init_from=resume",
                                              "--fsdp=false"], char_data, out))
     assert_same_run(straight, resumed, range(4, 7))
-    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={out}",
-                           "--num_samples=1", "--max_new_tokens=10", "--start=A"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.startswith("A"), proc.stderr
+    assert_samples(out)
 
 
 @pytest.mark.slow

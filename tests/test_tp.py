@@ -1,7 +1,5 @@
 """Tensor parallelism (--tp) and its 2-D combination with FSDP, on the CPU with gloo ranks: the
 same run as one process, and checkpoints that move between one process and TP either way."""
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -10,7 +8,7 @@ import torch
 import parallel
 from checkpoint import load_checkpoint
 from config import TrainConfig
-from helpers import ROOT, TORCHRUN, assert_same_run, run_train, train_losses
+from helpers import TORCHRUN, assert_same_run, assert_samples, run_train, train_losses
 from runtime import DeviceError
 
 # Four micro-steps and a clip that bites (norms here are about 1), as in test_fsdp.py; dropout 0.
@@ -49,10 +47,7 @@ def test_tp_is_the_same_run_as_one_process_and_resumes_and_samples_there(
     resumed = train_losses(run_train(ARGS + ["--max_iters=10", "--init_from=resume"],
                                      char_data, out))
     assert_same_run(straight, resumed, range(9, 11))
-    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={out}",
-                           "--num_samples=1", "--max_new_tokens=10", "--start=A"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.startswith("A"), proc.stderr
+    assert_samples(out)
 
 
 @pytest.mark.slow
