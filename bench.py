@@ -406,7 +406,8 @@ def bench(cfg):
     if cfg.train:
         results["train"] = bench_training(cfg, model_config, device, layout)
     if world_size > 1:
-        torch.distributed.destroy_process_group()
+        parallel.release(layout)
+        runtime.leave_process_group()
         if rank > 0:
             return None  # rank 0 reports
     if cfg.sample and world_size == 1:

@@ -157,8 +157,7 @@ def run(cfg):
         examples = load_examples(examples_path(cfg, rank, world_size), cfg.limit)
         result = evaluate(model, tokenizer, examples, device, autocast, rank, world_size)
     finally:
-        if world_size > 1:
-            torch.distributed.destroy_process_group()
+        runtime.leave_process_group()
     if rank == 0:
         print(f"hellaswag: acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | "
               f"{result['count']} examples")

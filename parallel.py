@@ -67,6 +67,13 @@ def make_layout(cfg, rank, world_size, device):
     return Layout(rank // cfg.tp, world_size // cfg.tp, cfg.tp, cfg.fsdp, mesh)
 
 
+def release(layout):
+    """Let go of the mesh's process groups at the end of a run: torch's DTensor caches keep
+    the mesh alive, and the groups with it, past runtime.leave_process_group (see there)."""
+    if layout.mesh is not None:
+        getattr(layout.mesh, "_pg_registry", {}).clear()  # a private dict in torch 2.13
+
+
 # ----------------------------------------------------------------------------- the layouts
 
 def spread(model, layout, dtype):

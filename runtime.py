@@ -3,6 +3,7 @@ The one place that decides these, for train.py, sample.py, hellaswag.py and benc
 """
 import contextlib
 import datetime
+import gc
 import os
 import signal
 import sys
@@ -136,6 +137,9 @@ def setup_distributed(requested_device="auto", backend="auto", timeout_s=600):
     if backend == "nccl" and device_type(device) != "cuda":
         raise DeviceError(f"backend nccl connects CUDA GPUs, and this run is on {device}: "
                           "use --backend=gloo, or auto")
+    # Imported now, before the group exists: this module, which FSDP and DCP import, keeps
+    # the default group as a default argument, which would outlive leave_process_group.
+    from torch.distributed.nn import functional  # noqa: F401
     timeout = datetime.timedelta(seconds=timeout_s)
     store = None
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -150,6 +154,17 @@ def setup_distributed(requested_device="auto", backend="auto", timeout_s=600):
     torch.distributed.init_process_group(backend=backend, store=store, rank=rank,
                                          world_size=world_size, timeout=timeout)
     return rank, local_rank, world_size, device
+
+
+def leave_process_group():
+    """Destroy the process groups, and with them their threads, once nothing holds the model
+    or its optimizer (which hold the groups). A gloo thread still running as Python exits may
+    let go of a finished collective's tensor after the interpreter is gone, and the process
+    aborts (SIGABRT, "terminate called without an active exception") after a run that did
+    its work: rarely, and more often on a busy machine."""
+    if torch.distributed.is_initialized():
+        gc.collect()  # a sharded model's hooks and states refer to each other, and to the group
+        torch.distributed.destroy_process_group()
 
 
 def all_reduce_mean(values, device, world_size):

@@ -244,8 +244,7 @@ def train(cfg, named=()):
     finally:
         stop_check.signals.restore()
         log.close()
-        if run.world_size > 1:
-            torch.distributed.destroy_process_group()
+        parallel.release(run.layout)
     return val_loss
 
 
@@ -272,8 +271,11 @@ def main(argv=None):
             named.add("lr_decay_iters")
         with out_dir_lock(cfg.out_dir):
             return train(schedule_follows(cfg, flags), named)
-    return run_main(TrainConfig, action, argv, __doc__, (DataError, CheckpointError,
-                    TrainingError, MetricsError, runtime.DeviceError), base)
+    try:
+        return run_main(TrainConfig, action, argv, __doc__, (DataError, CheckpointError,
+                        TrainingError, MetricsError, runtime.DeviceError), base)
+    finally:  # here, where the run's model and optimizer are gone
+        runtime.leave_process_group()
 
 
 if __name__ == "__main__":
