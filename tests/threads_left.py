@@ -15,5 +15,7 @@ import train  # noqa: E402
 code = train.main()
 names = [Path(f"/proc/self/task/{t}/comm").read_text().strip()
          for t in os.listdir("/proc/self/task")]
-print("gloo threads left:", sorted(name for name in names if "gloo" in name), flush=True)
+left = sorted(name for name in names if "gloo" in name)
+# one write of the whole line: the ranks share one pipe, unbuffered under torchrun
+os.write(sys.stdout.fileno(), f"gloo threads left: {left}\n".encode())
 sys.exit(code)
