@@ -289,8 +289,8 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0):
         """OpenAI's GPT-2, by hub name (gpt2 ... gpt2-xl) or folder, as nanoGPT's call gave it."""
-        from checkpoint import load_pretrained  # it reads the files, and imports this module
-        return load_pretrained(name_or_path, dropout)
+        from training.safe_load import load_pretrained  # reads the files, given this class
+        return load_pretrained(cls, name_or_path, dropout)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-import accounting
-import runtime
-from checkpoint import CheckpointError
-from config import ConfigError, check_dtype, run_main
-from serve import Request, serve
-from tokenizer import TokenizerError, tokenizer_from_meta
-from tools import load_model
+from data.tokenizer import TokenizerError, tokenizer_from_meta
+from serving.batching import Request, serve
+from serving.loading import load_model
+from training import accounting, runtime
+from training.safe_load import CheckpointError
+from training.settings import ConfigError, check_dtype, run_main
 
 
 @dataclass

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data.dataset import DataError
 from data.preparation import ArgumentParser, replace_atomically, replacing_dataset
-from dataset import DataError
-from tokenizer import GPT2Tokenizer
+from data.tokenizer import GPT2Tokenizer
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 

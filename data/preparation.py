@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset import DataError
-from tokenizer import get_tokenizer
+from data.dataset import DataError
+from data.tokenizer import get_tokenizer
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")

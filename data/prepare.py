@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 
 from data.preparation import ArgumentParser, prepare_file  # noqa: E402
-from dataset import DataError  # noqa: E402
+from data.dataset import DataError  # noqa: E402
 
 
 def main(argv=None) -> dict:

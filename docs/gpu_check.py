@@ -68,8 +68,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import accounting  # noqa: E402
-from config import ConfigError, help_text, parse_config  # noqa: E402
+from training import accounting  # noqa: E402
+from training.settings import ConfigError, help_text, parse_config  # noqa: E402
 
 PARTS = ("mfu", "char", "decode", "tests", "parallel")
 TARGET_MFU = 0.5

@@ -18,11 +18,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import runtime  # noqa: E402
-from bench import train_step  # noqa: E402
-from config import TrainConfig, parse_config  # noqa: E402
+from training import runtime  # noqa: E402
+from tools.bench import train_step  # noqa: E402
+from training.settings import TrainConfig, parse_config  # noqa: E402
 from model import GPT, config_from_dict  # noqa: E402
-from step import make_optimizer  # noqa: E402
+from training.step import make_optimizer  # noqa: E402
 
 RECIPE = ROOT / "config" / "train_shakespeare_char_cpu.toml"
 VOCAB = 65  # Tiny Shakespeare's characters

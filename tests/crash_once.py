@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import dataset  # noqa: E402
+from data import dataset  # noqa: E402
 import train  # noqa: E402
 
 FAIL_AT, FAIL_RANK = int(os.environ["FAIL_AT"]), os.environ.get("FAIL_RANK", "1")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import checkpoint  # noqa: E402
+from training import checkpoint  # noqa: E402
 import train  # noqa: E402
 
 
@@ -40,7 +40,7 @@ class FullDisk(io.RawIOBase):
 
 
 def filling_disk(saves_that_fit):
-    """An open() for checkpoint.py under which saves after the first saves_that_fit fail."""
+    """An open() for training/checkpoint.py under which saves after the first saves_that_fit fail."""
     saves = []
 
     def open_checkpoint(fd, mode):

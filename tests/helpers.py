@@ -89,7 +89,7 @@ def char_checkpoint(folder, chars="abc\n", block_size=16):
     folder/ckpt.pt as train.py saves one: for sample.py and serve.py to load."""
     from dataclasses import asdict
 
-    from checkpoint import save_checkpoint
+    from training.checkpoint import save_checkpoint
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=block_size, vocab_size=len(chars), n_layer=1, n_head=1,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import dataset  # noqa: E402
+from data import dataset  # noqa: E402
 import train  # noqa: E402
 
 SIGNAL_AT, SIGNAL_RANK = os.environ["SIGNAL_AT"], os.environ.get("SIGNAL_RANK", "1")

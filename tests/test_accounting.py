@@ -5,11 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import accounting
-import estimate
-import runtime
-from config import TrainConfig, parse_config
 from model import GPT, GPTConfig
+from tools import estimate
+from training import accounting, runtime
+from training.settings import TrainConfig, parse_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "config"
 

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
-from model import GPT, GPTConfig
-
 from helpers import ROOT, TINY, hub_state, quiet_env, write_gpt2_folder
+from model import GPT, GPTConfig
+from training.checkpoint import save_checkpoint
+from training.safe_load import load_checkpoint
 
 STEPS = ["--max_iters=1", "--eval_interval=1", "--eval_iters=1"]
 
@@ -440,7 +440,7 @@ def test_gpt2_weights_unavailable_offline(tmp_path):
 def test_gpt2_vocabulary_unavailable_offline(world, capsys, monkeypatch):
     # No network and no GPT2_VOCAB: tiktoken cannot fetch GPT-2's vocabulary. The model loads;
     # the tokenizer then fails, and must say how to work offline in one line.
-    import tokenizer
+    from data import tokenizer
 
     def no_network(name):
         raise OSError("no network")

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-import bench
 from helpers import ROOT
+from tools import bench
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2",
         "--vocab_size=50", "--device=cpu", "--dtype=float32", "--warmup_steps=1",

@@ -10,16 +10,15 @@ import zipfile
 
 import pytest
 import torch
-
-import checkpoint
-import plot
-import sample
-import train
-from checkpoint import (CheckpointError, checkpoint_iteration, latest_checkpoint,
-                        load_checkpoint, save_checkpoint)
 from full_disk import filling_disk
 
+import sample
+import train
 from helpers import ROOT, TINY, TORCHRUN, quiet_env, read_metrics
+from tools import plot
+from training import safe_load
+from training.checkpoint import latest_checkpoint, save_checkpoint
+from training.safe_load import CheckpointError, checkpoint_iteration, load_checkpoint
 
 
 def run_args(data, out, *flags):
@@ -91,8 +90,8 @@ def test_the_newer_checkpoint_is_found_from_the_index_alone(tmp_path):
 
 def test_a_long_reason_is_cut_at_a_sentence_or_a_word():
     first = "The archive is damaged. " * 5
-    assert checkpoint._first_sentence(first + "x" * 300) == first.strip()
-    cut = checkpoint._first_sentence("word " * 100)
+    assert safe_load._first_sentence(first + "x" * 300) == first.strip()
+    cut = safe_load._first_sentence("word " * 100)
     assert cut.endswith("word ...") and len(cut) <= 204
 
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from config import ConfigError, TrainConfig, help_text, parse_config
 from sample import SampleConfig
+from training.settings import ConfigError, TrainConfig, help_text, parse_config
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "config").glob("*.toml"))
 

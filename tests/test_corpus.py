@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from data.corpus import iter_documents, prepare_corpus
-from dataset import DataError, TokenData
-from tokenizer import EOT, GPT2Tokenizer
+from data.dataset import DataError, TokenData
+from data.tokenizer import EOT, GPT2Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD, VAL = 600, 250  # tokens per train shard and in val_000000.bin: the corpus makes ~8

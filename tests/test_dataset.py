@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset import DataError, TokenData, load_meta
+from data.dataset import DataError, TokenData, load_meta
 
 
 def read_bin(path) -> np.ndarray:

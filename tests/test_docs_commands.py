@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from config import TrainConfig, parse_config
 from helpers import ROOT, TORCHRUN, quiet_env
+from training.settings import TrainConfig, parse_config
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PROGRAMS = {"python", "python3", "torchrun", "pip", "printf", "/usr/bin/time", "mkdir", "cp",

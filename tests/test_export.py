@@ -8,12 +8,13 @@ import sys
 import pytest
 import torch
 
-import export
 import sample
-from checkpoint import load_checkpoint, read_safetensors, save_checkpoint
+from data.tokenizer import GPT2Tokenizer
 from helpers import ROOT, quiet_env, read_metrics, run_train
 from model import GPT, config_from_dict
-from tokenizer import GPT2Tokenizer
+from tools import export
+from training.checkpoint import save_checkpoint
+from training.safe_load import load_checkpoint, read_safetensors
 
 STEPS = ["--max_iters=3", "--eval_interval=3"]
 

@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
 from data.preparation import prepare_text
 from helpers import ROOT, hub_state, quiet_env, read_metrics, write_gpt2_folder
 from model import GPT, GPTConfig
+from training.safe_load import load_checkpoint
 
 SMALL = ["--block_size=32", "--batch_size=2", "--gradient_accumulation_steps=2",
          "--eval_iters=4", "--device=cpu", "--dtype=float32"]

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import train
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from config import TrainConfig, parse_config
 from helpers import ROOT, TORCHRUN, quiet_env, read_metrics, run_train, train_cmd
+from training.checkpoint import save_checkpoint
+from training.safe_load import CheckpointError, load_checkpoint
+from training.settings import TrainConfig, parse_config
 
 CPU_RECIPE = ROOT / "config" / "train_shakespeare_char_cpu.toml"
 
@@ -210,7 +211,7 @@ def test_a_foreign_or_broken_checkpoint_is_one_line_on_resume(char_data, tmp_pat
 @pytest.mark.slow
 def test_evaluations_are_not_counted_in_the_next_step_and_elapsed_spans_a_resume(char_data,
                                                                                  tmp_path):
-    from metrics import MetricsLog
+    from training.metrics import MetricsLog
     fake = types.SimpleNamespace(
         cfg=TrainConfig(out_dir=str(tmp_path), log_interval=1, max_iters=10), rank=0,
         world_size=1, device="cpu", dtype=torch.float32, iter_num=0, elapsed_s=100.0,
@@ -330,7 +331,7 @@ def test_a_second_ctrl_c_exits_at_once_in_one_line():
 
 
 def test_a_busy_machine_is_said_in_one_line(monkeypatch):
-    import runtime
+    from training import runtime
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(runtime.os, "getloadavg", lambda: (4.0, 3.0, 2.0))

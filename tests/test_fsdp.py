@@ -4,8 +4,8 @@ every layout."""
 
 import pytest
 
-from checkpoint import load_checkpoint
 from helpers import TORCHRUN, assert_same_run, assert_samples, run_train, train_losses
+from training.safe_load import load_checkpoint
 
 # Four micro-steps (two per rank) and a clip that bites: norms here are about 1. Three
 # evaluation batches over two ranks: one rank runs a filler forward beside the other's second.

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint import read_safetensors
+from training.safe_load import read_safetensors
 
 
 def test_read_safetensors_equals_the_safetensors_package(tmp_path):

@@ -70,9 +70,9 @@ def test_the_cpu_rehearsal_reports_every_figure_against_its_target(tmp_path):
 
 def test_the_gpu_commands_are_valid_settings_of_bench_and_train(tmp_path, monkeypatch):
     # What only the GPU runs, checked here: a typo in a flag would cost a loan.
-    import bench
+    from tools import bench
     monkeypatch.chdir(ROOT)  # the commands name config files from the repository root
-    from config import TrainConfig, parse_config
+    from training.settings import TrainConfig, parse_config
     gpu_check = load_script()
     cfg = gpu_check.CheckConfig(device="cuda", out=str(tmp_path))
     commands = [(bench.BenchConfig, gpu_check.mfu_command(cfg, "m.json")),

@@ -9,11 +9,10 @@ import time
 import pytest
 import torch
 
-import accounting
-import runtime
-from config import ConfigError, TrainConfig, parse_config
 from helpers import ROOT, TORCHRUN, run_train, train_cmd
 from model import GPT, GPTConfig, KVCache
+from training import accounting, runtime
+from training.settings import ConfigError, TrainConfig, parse_config
 
 
 def fake_gpu(monkeypatch, capability=(8, 0), count=2, name="NVIDIA H100 80GB HBM3"):
@@ -108,7 +107,7 @@ def test_the_kv_cache_holds_keys_and_values_in_the_compute_dtype(monkeypatch):
 
 
 def test_gradient_accumulation_error_says_which_values_work():
-    import startup
+    from training import startup
     with pytest.raises(ConfigError, match=r"\(16\): try 32 or 48"):
         startup.check_divisible(TrainConfig(gradient_accumulation_steps=40), 16)
     startup.check_divisible(TrainConfig(gradient_accumulation_steps=32), 16)

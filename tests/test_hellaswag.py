@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import hellaswag
-from checkpoint import save_checkpoint
-from hellaswag import ending_losses, evaluate, load_examples, render_example
+from data.tokenizer import GPT2Tokenizer
 from helpers import hub_state, write_gpt2_folder
 from model import GPT, GPTConfig
-from tokenizer import GPT2Tokenizer
+from tools import hellaswag
+from tools.hellaswag import ending_losses, evaluate, load_examples, render_example
+from training.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD, LOGIT = 922, 12.0  # " good", the one token with a logit above 0

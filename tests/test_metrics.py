@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from config import TrainConfig
-from metrics import MetricsError, MetricsLog
+from training.metrics import MetricsError, MetricsLog
+from training.settings import TrainConfig
 
 
 def fake_run(out_dir, iter_num):

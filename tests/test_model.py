@@ -7,9 +7,9 @@ import torch
 from torch.nn import functional as F
 
 import model as model_module
-from checkpoint import CheckpointError, load_gpt2
 from helpers import hub_state, write_gpt2_folder
 from model import GPT, GPTConfig, sample_next
+from training.safe_load import CheckpointError, load_gpt2
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -180,7 +180,7 @@ def test_golden_logits_match_transformers(tmp_path, layout):
         ref.save_pretrained(folder)
     else:
         write_hub_layout(ref, folder, layout.removeprefix("hub_"))
-    ours = load_gpt2(str(folder)).eval()
+    ours = load_gpt2(GPT, str(folder)).eval()
     idx = torch.randint(0, 100, (2, 32))
     with torch.no_grad():
         expected = ref(idx).logits
@@ -194,13 +194,13 @@ def test_golden_logits_match_transformers(tmp_path, layout):
 
 def test_from_pretrained_rejects_unknown_names_and_mismatched_weights(tmp_path):
     with pytest.raises(ValueError, match="unknown model"):
-        load_gpt2("gpt3")
+        load_gpt2(GPT, "gpt3")
     ref = reference_gpt2()
     ref.save_pretrained(tmp_path)
     cfg = (tmp_path / "config.json").read_text().replace('"n_embd": 32', '"n_embd": 64')
     (tmp_path / "config.json").write_text(cfg)
     with pytest.raises(ValueError, match="shape"):
-        load_gpt2(str(tmp_path))
+        load_gpt2(GPT, str(tmp_path))
 
 
 def test_gpt_from_pretrained_is_nanogpts_call(tmp_path):

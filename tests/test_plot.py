@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-import plot
-from config import TrainConfig, parse_config
 from helpers import ROOT, read_metrics, run_train
-from step import get_lr
+from tools import plot
+from training.settings import TrainConfig, parse_config
+from training.step import get_lr
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CPU_RECIPE = ROOT / "config" / "train_shakespeare_char_cpu.toml"

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data.dataset import DataError, TokenData, load_meta
 from data.preparation import download, prepare_text
-from dataset import DataError, TokenData, load_meta
-from tokenizer import get_tokenizer, tokenizer_from_meta
+from data.tokenizer import get_tokenizer, tokenizer_from_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 3
@@ -121,7 +121,7 @@ def test_a_failed_download_under_train_names_the_command_that_takes_input(tmp_pa
     # A bare `python train.py` prepares Shakespeare itself, and train.py has no --input: the
     # error must name the prepare script that does.
     import data.preparation
-    import startup
+    from training import startup
     script = tmp_path / "data" / "shakespeare_char" / "prepare.py"
     script.parent.mkdir(parents=True)
     script.write_bytes((ROOT / "data" / "shakespeare_char" / "prepare.py").read_bytes())

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from helpers import (ROOT, TORCHRUN, quiet_env, read_metrics, run_train, train_cmd,
-                     train_losses)
+from helpers import ROOT, TORCHRUN, quiet_env, read_metrics, run_train, train_cmd, train_losses
+from training.checkpoint import save_checkpoint
+from training.safe_load import CheckpointError, load_checkpoint
 
 
 def wait_for(predicate, timeout=600, what="condition"):
@@ -106,7 +106,7 @@ def test_a_kill_during_a_save_leaves_the_old_checkpoint(tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", f"""
 import sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-from checkpoint import save_checkpoint
+from training.checkpoint import save_checkpoint
 big = {{"model": {{"w": torch.zeros(150_000_000)}}, "iter_num": 2}}  # 600 MB: a slow write
 while True:
     save_checkpoint(big, {str(path)!r})
@@ -188,13 +188,14 @@ def test_a_checkpoint_carrying_code_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_weights_carrying_code_are_refused_and_run_nothing(tmp_path):
-    from checkpoint import load_gpt2
+    from model import GPT
+    from training.safe_load import load_gpt2
     marker = tmp_path / "pwned"
     (tmp_path / "config.json").write_text(
         '{"n_layer": 1, "n_head": 1, "n_embd": 8, "n_positions": 8, "vocab_size": 10}')
     torch.save({"wte.weight": Payload(str(marker))}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="refused to load"):
-        load_gpt2(str(tmp_path))
+        load_gpt2(GPT, str(tmp_path))
     assert not marker.exists()
 
 

@@ -6,11 +6,11 @@ import sys
 
 import torch
 
-from config import TrainConfig, parse_config
+from data.tokenizer import CharTokenizer, GPT2Tokenizer
 from helpers import ROOT, char_checkpoint
 from model import sample_next
 from sample import SampleConfig, sample, stream
-from tokenizer import CharTokenizer, GPT2Tokenizer
+from training.settings import TrainConfig, parse_config
 
 
 def test_bare_sample_reads_what_bare_train_writes():

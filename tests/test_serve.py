@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch._dynamo.utils
 
-import bench
 import helpers
 import sample
-from config import parse_config
 from model import GPT, GPTConfig
-from serve import Request, serve
+from serving.batching import Request, serve
+from tools import bench
+from training.settings import parse_config
 
 BLOCK = 48
 

@@ -3,11 +3,11 @@ schedules, gradient accumulation and clipping."""
 import pytest
 import torch
 
-from config import TrainConfig
 from model import GPT, GPTConfig
-from muon import MuonAdamW, orthogonalise
-from runtime import training_precision
-from step import clip_gradients, forward_backward, get_lr, make_optimizer
+from training.muon import MuonAdamW, orthogonalise
+from training.runtime import training_precision
+from training.settings import TrainConfig
+from training.step import clip_gradients, forward_backward, get_lr, make_optimizer
 
 TINY = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 

@@ -12,8 +12,8 @@ import pytest
 from transformers import GPT2Tokenizer as HFGPT2Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode as hf_bytes_to_unicode
 
-from tokenizer import (CharTokenizer, GPT2Tokenizer, bytes_to_unicode, get_tokenizer,
-                       gpt2_merges, load_gpt2_encoding, tokenizer_from_meta)
+from data.tokenizer import (CharTokenizer, GPT2Tokenizer, bytes_to_unicode, get_tokenizer,
+                            gpt2_merges, load_gpt2_encoding, tokenizer_from_meta)
 
 EOT = "<|endoftext|>"
 TEXTS = [

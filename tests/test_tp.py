@@ -5,11 +5,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-import parallel
-from checkpoint import load_checkpoint
-from config import TrainConfig
 from helpers import TORCHRUN, assert_same_run, assert_samples, run_train, train_losses
-from runtime import DeviceError
+from parallel import mesh
+from parallel.tensor_parallel import regroup_qkv
+from training.runtime import DeviceError
+from training.safe_load import load_checkpoint
+from training.settings import TrainConfig
 
 # Four micro-steps and a clip that bites (norms here are about 1), as in test_fsdp.py; dropout 0.
 ARGS = ["--gradient_accumulation_steps=4", "--grad_clip=0.5", "--eval_interval=3"]
@@ -85,9 +86,9 @@ def test_fsdp_by_tp_on_four_ranks_is_the_same_run_as_one_process(straight_modern
 def test_regrouping_qkv_gives_each_rank_its_own_heads_and_undoes():
     # Rows of c_attn: q of heads 0, 1 (rows 0-3), k (4-7), v (8-11); two rows per head.
     rows = torch.arange(12)
-    regrouped = parallel.regroup_qkv(rows, tp=2)
+    regrouped = regroup_qkv(rows, tp=2)
     assert regrouped.tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11]  # rank 0 | rank 1
-    assert torch.equal(parallel.regroup_qkv(regrouped, tp=2, undo=True), rows)
+    assert torch.equal(regroup_qkv(regrouped, tp=2, undo=True), rows)
 
 
 def test_clipping_combines_the_norms_of_whole_and_split_gradients(tmp_path):
@@ -104,7 +105,7 @@ def test_clipping_combines_the_norms_of_whole_and_split_gradients(tmp_path):
         whole.grad = torch.ones(4, 3)
         split.grad = distribute_tensor(torch.full((6,), 2.0), mesh, [Shard(0)])
         # sqrt(12 * 1^2 + 6 * 2^2) = 6; clipped to 3, every gradient is halved
-        norm = parallel.clip_grad_norm_([whole, split], max_norm=3.0)
+        norm = mesh.clip_grad_norm_([whole, split], max_norm=3.0)
         assert norm.item() == pytest.approx(6.0)
         assert torch.allclose(whole.grad, torch.full((4, 3), 0.5), atol=1e-6)
         assert torch.allclose(split.grad.full_tensor(), torch.ones(6), atol=1e-6)
@@ -124,7 +125,7 @@ def test_layouts_that_cannot_run_are_refused(monkeypatch, changes, world_size, m
     cfg = replace(TrainConfig(n_head=2, n_embd=32, tp=2), **changes)
     dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
     with pytest.raises(DeviceError, match=message):
-        parallel.check(cfg, world_size, dtype)
+        mesh.check(cfg, world_size, dtype)
 
 
 def test_tp_needs_torchrun(char_data, tmp_path):

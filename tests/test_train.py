@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
-from config import TrainConfig, parse_config
-from helpers import ROOT, TORCHRUN, train_losses
+from helpers import ROOT, TORCHRUN
 from helpers import run_train as run
-from tools import load_model
+from helpers import train_losses
+from serving.loading import load_model
+from training.safe_load import load_checkpoint
+from training.settings import TrainConfig, parse_config
 
 
 @pytest.mark.slow
@@ -142,8 +143,8 @@ def test_no_arguments_prepare_the_data_and_pick_the_cpu_recipe(tmp_path, monkeyp
     # `python train.py` alone runs the recipe for this machine (default_config), and its
     # dataset is prepared on first use (from its input.txt, which the download would have
     # fetched). The training itself is the CPU recipe, timed elsewhere.
-    import startup
     import train
+    from training import startup
     script = tmp_path / "data" / "shakespeare_char" / "prepare.py"
     script.parent.mkdir(parents=True)
     shutil.copy(ROOT / "data" / "shakespeare_char" / "prepare.py", script)

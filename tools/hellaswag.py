@@ -23,16 +23,16 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-import runtime
-from checkpoint import CheckpointError
-from config import ConfigError, check_dtype, run_main
+from data.dataset import DataError
 from data.preparation import download
-from dataset import DataError
-from tokenizer import TokenizerError, tokenizer_from_meta
-from tools import load_model
+from data.tokenizer import TokenizerError, tokenizer_from_meta
+from serving.loading import load_model
+from training import runtime
+from training.safe_load import CheckpointError
+from training.settings import ConfigError, check_dtype, run_main
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-CACHE = Path(__file__).resolve().parent / "data" / "hellaswag" / "hellaswag_val.jsonl"
+CACHE = Path(__file__).resolve().parents[1] / "data" / "hellaswag" / "hellaswag_val.jsonl"
 
 
 @dataclass

@@ -38,17 +38,17 @@ from pathlib import Path
 
 import torch
 
-import accounting
-import parallel
-import runtime
-from config import ConfigError, TrainConfig, help_text, parse_config
-from dataset import DataError, load_meta
+from data.dataset import DataError, load_meta
 from model import GPT, KVCache, config_from_dict, sample_next
-from serve import Request, serve
-from step import clip_gradients, forward_backward, make_optimizer
-from tools import check_output_file
+from parallel import mesh as parallel
+from parallel.data_parallel import wrap_ddp
+from serving.batching import Request, serve
+from tools.common import check_output_file
+from training import accounting, runtime
+from training.settings import ConfigError, TrainConfig, help_text, parse_config
+from training.step import clip_gradients, forward_backward, make_optimizer
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -183,7 +183,7 @@ def state_bytes(model, optimizer):
 
 def warm_up(cfg, model_config, device, layout, dtype_name, compiled, batches):
     """Build a model and its optimizer for one variant and run its warm-up iterations; under
-    torchrun the model is spread over the ranks as train.py spreads it (parallel.py).
+    torchrun the model is spread over the ranks as train.py spreads it (parallel/mesh.py).
 
     Returns (the arguments of train_step, the variant's result so far)."""
     dtype, ctx, scaler = runtime.training_precision(dtype_name, device)
@@ -201,7 +201,7 @@ def warm_up(cfg, model_config, device, layout, dtype_name, compiled, batches):
     if cfg.fsdp:
         ctx = contextlib.nullcontext()  # FSDP's own policy casts
     optimizer = make_optimizer(model, cfg)
-    model = parallel.wrap_ddp(model, layout, device, torch.device(device).index)
+    model = wrap_ddp(model, layout, device, torch.device(device).index)
     step_args = (torch.compile(model) if compiled else model, optimizer, scaler, ctx, batches,
                  cfg.grad_clip)
     t0 = time.perf_counter()

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-import accounting
-from accounting import GIB, PEAK_FLOPS
-from config import ConfigError, TrainConfig, run_main
-from dataset import GPT2_VOCAB_SIZE, DataError, load_meta
-from startup import check_divisible
+from data.dataset import GPT2_VOCAB_SIZE, DataError, load_meta
+from training import accounting
+from training.accounting import GIB, PEAK_FLOPS
+from training.settings import ConfigError, TrainConfig, run_main
+from training.startup import check_divisible
 
 # Rated board power in watts (the form factor's maximum TDP), for energy estimates. Sources:
 # the datasheets of accounting.PEAK_FLOPS; V100 is the SXM2 board; the RTX 4090's is its total
@@ -118,7 +118,7 @@ def _amount(x):
 def print_estimate(cfg):
     """The model's shape comes from the settings and the dataset's vocabulary, padded as a run
     from scratch pads it; a dataset not prepared yet is taken to use GPT-2's."""
-    data_dir = cfg.data_dir or str(Path(__file__).resolve().parent / "data" / cfg.dataset)
+    data_dir = cfg.data_dir or str(Path(__file__).resolve().parents[1] / "data" / cfg.dataset)
     if Path(data_dir, "meta.json").exists():  # a damaged one is an error, not GPT-2's
         vocab_size = load_meta(data_dir)["vocab_size"]
     else:

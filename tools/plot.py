@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from config import ConfigError, TrainConfig, parse_config, run_main
-from step import get_lr
-from tools import check_output_file
+from tools.common import check_output_file
+from training.settings import ConfigError, TrainConfig, parse_config, run_main
+from training.step import get_lr
 
 
 @dataclass

@@ -1,106 +1,29 @@
-"""Reading and writing models: our checkpoints, and OpenAI's GPT-2 weights.
-
-A checkpoint is a dict of tensors and plain Python values (no classes), so that it loads with
-torch.load(weights_only=True): a file from the internet can hold data, never a program. GPT-2's
-files too: safetensors is parsed here (data only), pytorch_model.bin loads with weights_only.
+"""Reading files that may be damaged or hostile, our checkpoints and OpenAI's GPT-2 weights: a
+file from the internet can hold data, never a program.
+- A checkpoint: torch.load(weights_only=True) unpickles plain data and tensors only; every entry
+  is then checked for its type and a sane value, so that a damaged file fails at once in one
+  line, not as a traceback many iterations later.
+- GPT-2's weights, from the Hugging Face hub or a folder: safetensors is parsed here, as data;
+  pytorch_model.bin loads with weights_only. The model is built by the class the caller gives
+  (model.GPT.from_gpt2), so that this page does not import the model.
 """
 import dataclasses
-import glob
 import io
 import json
 import math
 import os
 import pickle
 import re
-import sys
-import uuid
 import warnings
 import zipfile
 
 import torch
 
-from config import TrainConfig
-from model import GPT, config_from_dict
-
-GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+from training.settings import TrainConfig
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, unsafe or incompatible."""
-
-
-def save_checkpoint(state, path, world_size=1):
-    """Write state to path so that a crash at any moment leaves the old file intact: written
-    beside it, flushed, then renamed over it (atomic on one filesystem). A failed write (a full
-    disk) is a CheckpointError, the old file still there. Every rank calls this, rank 0 alone
-    with a state: its failure is raised on all, which then stop with the same one line
-    instead of a traceback in their next collective once rank 0 has exited."""
-    error = None
-    if state is not None:
-        try:
-            _write(state, path)
-        except CheckpointError as e:
-            error = str(e)
-    if world_size > 1:
-        shared = [error]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        error = shared[0]
-    if error:
-        raise CheckpointError(error)
-
-
-def _write(state, path):
-    """save_checkpoint's write: a temporary file beside path, then renamed over it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    for stale in glob.glob(os.path.join(folder, ".ckpt-*.tmp")):
-        os.unlink(stale)  # left by a save that was killed midway; only rank 0 writes here
-    tmp = os.path.join(folder, f".ckpt-{uuid.uuid4().hex}.tmp")
-    try:
-        # Mode 0o666 lets the umask decide, as for any file a program writes (0644 under the
-        # usual umask 022, as nanoGPT's are); tempfile.mkstemp would make it 0600.
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        # torch.save turns the writer's OSError (ENOSPC) into a RuntimeError ("unexpected
-        # pos ...") raised while handling it: the OSError is its __context__.
-        error = next((x for x in (e, e.__cause__, e.__context__) if isinstance(x, OSError)), None)
-        if error is not None:
-            raise CheckpointError(f"cannot write the checkpoint {path}: "
-                                  f"{error.strerror or error}; the previous checkpoint there "
-                                  "is intact") from None
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable, where the OS allows it
-        dir_fd = os.open(folder, os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def check_optimizer_state(state, params, group_sizes):
-    """The saved optimizer state fits this model, whose (name, whole shape) params are in one
-    process's optimizer's order, in groups of group_sizes; else a CheckpointError (AdamW would
-    take it, and the run diverge many iterations later)."""
-    groups = state["param_groups"]
-    sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in groups]
-    if sizes != list(group_sizes):
-        raise CheckpointError(f"the checkpoint's optimizer state has groups of {sizes} "
-                              f"parameters; this model's optimizer has {list(group_sizes)}")
-    for i, moments in state["state"].items():
-        if type(i) is not int or not 0 <= i < len(params) or not isinstance(moments, dict):
-            raise CheckpointError(f"the checkpoint's optimizer state has an entry {i!r} for "
-                                  f"no parameter of this model's {len(params)}")
-        name, shape = params[i]
-        for key, value in moments.items():
-            if key != "step" and (not isinstance(value, torch.Tensor) or value.shape != shape):
-                got = tuple(value.shape) if isinstance(value, torch.Tensor) else _short(value)
-                raise CheckpointError(f"the checkpoint's optimizer state for {name} has "
-                                      f"{key} of shape {got}, the parameter {tuple(shape)}")
 
 
 def load_checkpoint(path, map_location="cpu", resume=False):
@@ -203,44 +126,25 @@ def _short(value):
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def model_from_checkpoint(ckpt, path, dropout=0.0):
-    """(model, meta): the GPT of a checkpoint of ours, and its tokenizer's meta; another
-    project's checkpoint, or weights not finite, are a CheckpointError."""
-    try:
-        model = GPT(config_from_dict({**ckpt["model_args"], "dropout": dropout}))
-        model.load_state_dict(ckpt["model"])
-        meta = ckpt["meta"]
-    except (ValueError, RuntimeError, KeyError, TypeError) as e:  # another project's file
-        reason = " ".join(str(e).split())  # one line, even for load_state_dict's list
-        raise CheckpointError(f"{path}: cannot load this checkpoint: {reason}") from None
-    return check_finite(model, path), meta
-
-
-def check_finite(model, source):
-    """model, refused if a weight is NaN or infinite: every logit would be NaN, and training
-    would seem to diverge at its first step, blaming the learning rate."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise CheckpointError(f"{source}: the model's weights are not all finite (NaN or inf), "
-                              "so it cannot be trained on or sampled from")
-    return model
-
-
-def latest_checkpoint(out_dir):
-    """The checkpoint to resume from: ckpt.pt, or last.pt where a stop wrote one later (beside
-    a best-only ckpt.pt). One that cannot be read is passed over, with a note, for the other."""
-    best, last = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "last.pt")
-    if not os.path.isfile(last):
-        return best
-    if not os.path.isfile(best):
-        return last
-    iters = {}
-    for path in (best, last):
-        try:
-            iters[path] = checkpoint_iteration(path)
-        except CheckpointError as e:
-            print(f"note: passed over {e}", file=sys.stderr)
-    # On a tie ckpt.pt, the first, wins; where neither reads, loading ckpt.pt says why.
-    return max(iters, key=iters.get) if iters else best
+def check_optimizer_state(state, params, group_sizes):
+    """The saved optimizer state fits this model, whose (name, whole shape) params are in one
+    process's optimizer's order, in groups of group_sizes; else a CheckpointError (AdamW would
+    take it, and the run diverge many iterations later)."""
+    groups = state["param_groups"]
+    sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in groups]
+    if sizes != list(group_sizes):
+        raise CheckpointError(f"the checkpoint's optimizer state has groups of {sizes} "
+                              f"parameters; this model's optimizer has {list(group_sizes)}")
+    for i, moments in state["state"].items():
+        if type(i) is not int or not 0 <= i < len(params) or not isinstance(moments, dict):
+            raise CheckpointError(f"the checkpoint's optimizer state has an entry {i!r} for "
+                                  f"no parameter of this model's {len(params)}")
+        name, shape = params[i]
+        for key, value in moments.items():
+            if key != "step" and (not isinstance(value, torch.Tensor) or value.shape != shape):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else _short(value)
+                raise CheckpointError(f"the checkpoint's optimizer state for {name} has "
+                                      f"{key} of shape {got}, the parameter {tuple(shape)}")
 
 
 def checkpoint_iteration(path):
@@ -278,25 +182,39 @@ class _Index(pickle.Unpickler):
         return None
 
 
-def load_pretrained(name_or_path, dropout=0.0):
+# ----------------------------------------------------------------------------- GPT-2's files
+
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def load_pretrained(model_class, name_or_path, dropout=0.0):
     """load_gpt2, with every failure (an unknown name, no files, no network, damaged weights)
     a one-line CheckpointError naming the source."""
     try:
-        model = load_gpt2(name_or_path, dropout)
+        model = load_gpt2(model_class, name_or_path, dropout)
     except (ValueError, OSError, ImportError, RuntimeError, KeyError) as e:
         reason = " ".join(str(e).split())
         raise CheckpointError(f"cannot load the model from {name_or_path}: {reason}") from None
     return check_finite(model, name_or_path)
 
 
-def load_gpt2(name_or_path, dropout=0.0):
-    """OpenAI's GPT-2: a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local folder
-    with config.json and model.safetensors or pytorch_model.bin, in the hub's layout or
-    save_pretrained's."""
+def check_finite(model, source):
+    """model, refused if a weight is NaN or infinite: every logit would be NaN, and training
+    would seem to diverge at its first step, blaming the learning rate."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise CheckpointError(f"{source}: the model's weights are not all finite (NaN or inf), "
+                              "so it cannot be trained on or sampled from")
+    return model
+
+
+def load_gpt2(model_class, name_or_path, dropout=0.0):
+    """OpenAI's GPT-2, built by model_class.from_gpt2: a hub name (gpt2, gpt2-medium,
+    gpt2-large, gpt2-xl) or a local folder with config.json and model.safetensors or
+    pytorch_model.bin, in the hub's layout or save_pretrained's."""
     folder = name_or_path if os.path.isdir(name_or_path) else _download_gpt2(name_or_path)
     with open(os.path.join(folder, "config.json")) as f:
         hf_config = json.load(f)
-    return GPT.from_gpt2(hf_config, _read_weights(folder), dropout)
+    return model_class.from_gpt2(hf_config, _read_weights(folder), dropout)
 
 
 def _download_gpt2(name):

@@ -8,15 +8,16 @@ import math
 
 import torch
 
-import parallel
-import runtime
-from muon import MuonAdamW
+from parallel.data_parallel import gradient_sync
+from parallel.mesh import by_mesh, clip_grad_norm_
+from training import runtime
+from training.muon import MuonAdamW
 
 
 def make_optimizer(model, cfg):
     """AdamW decaying the 2-D weights (matmuls, embeddings) but not biases or norms; with
     optimizer=muon, Muon takes the Blocks' matrices (muon.py). Each kind in groups of one kind
-    of tensor (parallel.by_mesh), as the fused kernel needs. A Muon group's lr_scale makes the
+    of tensor (parallel/mesh.py, by_mesh), as the fused kernel needs. A Muon group's lr_scale makes the
     one schedule peak at muon_lr there."""
     kinds = {"muon": [], "decay": [], "rest": []}
     for name, p in model.named_parameters():
@@ -27,10 +28,9 @@ def make_optimizer(model, cfg):
                   "ns_steps": cfg.muon_ns_steps}
     groups = [{"params": group, "weight_decay": 0.0 if kind == "rest" else cfg.weight_decay,
                **(muon_group if kind == "muon" else {})}
-              for kind, params in kinds.items() for group in parallel.by_mesh(params)]
+              for kind, params in kinds.items() for group in by_mesh(params)]
     # The fused kernel (CUDA, MPS and the CPU have it) updates every parameter in one launch,
-    # and skips the whole update on the device when its found_inf flag is set: StopCheck,
-    # below, relies on that (and MuonAdamW does the same).
+    # and skips the whole update on the device when its found_inf flag is set (StopCheck.check).
     optimizer = MuonAdamW if cfg.optimizer == "muon" else torch.optim.AdamW
     return optimizer(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
@@ -61,10 +61,10 @@ def forward_backward(model, batches, ctx, scaler, micro_steps):
     mean loss over the whole batch. Returns that mean loss, as a tensor (no device sync).
 
     Under DDP or FSDP only the last backward reduces the gradients over the ranks
-    (parallel.gradient_sync)."""
+    (parallel/data_parallel.py, gradient_sync)."""
     loss_sum = 0.0
     for micro, (x, y) in enumerate(batches):
-        with parallel.gradient_sync(model, micro == micro_steps - 1), ctx:
+        with gradient_sync(model, micro == micro_steps - 1), ctx:
             _, loss = model(x, y)
             loss = loss / micro_steps
         scaler.scale(loss).backward()
@@ -76,7 +76,7 @@ def clip_gradients(model, optimizer, scaler, grad_clip):
     """Undo the float16 loss scaling, then scale the gradients down so that their global
     norm is at most grad_clip (0: no limit). Returns the norm before clipping, as a tensor."""
     scaler.unscale_(optimizer)
-    return parallel.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    return clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
 
 
 class TrainingError(RuntimeError):
@@ -85,46 +85,50 @@ class TrainingError(RuntimeError):
 
 class StopCheck:
     """Whether to stop: after a signal (SIGINT, SIGTERM, SIGHUP) to any rank, all ranks stop after
-    the same iteration; after a loss or gradient norm that is not finite on any rank, every
-    rank raises TrainingError, and that step's update never reaches the weights.
+    the same iteration (self.stopping, which training/checkpoint.py's Milestones acts on); after
+    a loss or gradient norm that is not finite on any rank, every rank raises TrainingError, and
+    that step's update never reaches the weights.
 
     Without making the host wait for the GPU at every step: each step's flags (a signal came,
     diverged, loss, norm) are reduced over the ranks and copied to the host in the background,
-    and read one step later, or at once before anything is evaluated or saved. Reading late is
-    safe because the fused AdamW skips a diverged step's update on the device, given the flag
-    as `found_inf` (float16's gradient scaler does the same with its own flag)."""
+    and read one step later, or at once before anything is evaluated or saved (settle)."""
 
     def __init__(self, run):
         self.run, self.signals, self.pending = run, runtime.StopSignals(), None
-        self.stopped = False  # set by until_stop when the ranks agreed to stop
+        self.stopping = False  # the ranks agreed to stop: the run ends at the next milestone
 
-    def should_stop(self, iter_num, loss, norm):
-        """Queue this step's flags (call it before the optimizer step); return whether the
-        previous step's flags say stop. Raises TrainingError if they say diverged."""
+    def check(self, iter_num, loss, norm):
+        """Queue this step's flags (call it before the optimizer step), and act on the previous
+        step's: set self.stopping if they say stop; raise TrainingError if they say diverged."""
         run = self.run
         diverged = (~torch.isfinite(loss if run.scaler.is_enabled() else norm)).float()
         if not run.scaler.is_enabled():
-            run.optimizer.found_inf = diverged  # read by the fused step: skip if 1
+            # The fused AdamW (and MuonAdamW) reads found_inf inside its kernel: where it is 1,
+            # the whole update is skipped on the device, weights and moments untouched. That is
+            # float16's GradScaler's own protocol (it sets the flag from its overflow check); here
+            # it lets the host read the verdict a step late, without waiting for the GPU now.
+            run.optimizer.found_inf = diverged
         signal = torch.full((), float(self.signals.received), device=run.device)
         flags = torch.stack([signal, diverged, loss.float(), norm.float()])
         if run.world_size > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        stop = self.settle()
+        self.settle()
         on_gpu = run.device.startswith("cuda")
         host = flags.to("cpu", non_blocking=on_gpu)
         self.pending = (iter_num, host, torch.cuda.Event() if on_gpu else None)
         if on_gpu:
             self.pending[2].record()
-        return stop
 
     def interrupted(self):
         """One process asked to stop stops at once, within a micro-step: it has no other
         rank to agree with."""
-        return self.run.world_size == 1 and self.signals.received
+        if self.run.world_size == 1 and self.signals.received:
+            self.stopping = True
+        return self.stopping and self.run.world_size == 1
 
     def until_stop(self, batches, filler=None):
         """The batches of an evaluation, until they run out or a signal comes: then
-        self.stopped is set and no more are given. Ranks may hold different numbers of
+        self.stopping is set and no more are given. Ranks may hold different numbers of
         batches; under DDP they agree before every batch (a collective of two numbers: a
         signal came, a batch is left) until every rank's batches are done. A rank whose
         batches are done while others' are not is given filler, if any (under FSDP every
@@ -140,7 +144,7 @@ class StopCheck:
                 torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
                 signal, left = flags.tolist()
             if signal:
-                self.stopped = True
+                self.stopping = True
                 return
             if not left:
                 return
@@ -148,9 +152,10 @@ class StopCheck:
                 yield filler if batch is None else batch
 
     def settle(self):
-        """Read the pending flags, waiting for them if need be."""
+        """Read the pending flags, waiting for them if need be; set self.stopping if they say
+        stop."""
         if self.pending is None:
-            return False
+            return
         iter_num, flags, copied = self.pending
         self.pending = None
         if copied is not None:
@@ -162,4 +167,4 @@ class StopCheck:
                 f"{loss:.4g}, gradient norm {norm:.4g}); stopped before the update, the last "
                 f"checkpoint in {self.run.cfg.out_dir} is untouched. Try a lower "
                 "learning_rate or a longer warmup_iters")
-        return bool(signal)
+        self.stopping = self.stopping or bool(signal)

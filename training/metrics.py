@@ -8,8 +8,7 @@ import os
 import time
 from dataclasses import asdict
 
-import accounting
-import runtime
+from training import accounting, runtime
 
 
 def format_duration(seconds):

@@ -18,7 +18,7 @@ orthogonalises all of them.
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from runtime import native_bfloat16
+from training.runtime import native_bfloat16
 
 # A quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X, its coefficients chosen (Keller Jordan's
 # Muon post) to push every singular value towards 1 fast, not exactly to 1: 0.7 to 1.2 is enough.

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-import accounting
-import parallel
-import runtime
-from checkpoint import (GPT2_SIZES, CheckpointError, latest_checkpoint, load_checkpoint,
-                        load_pretrained, model_from_checkpoint)
-from config import ConfigError, TrainConfig
-from dataset import DataError, TokenData, load_meta
+from data.dataset import DataError, TokenData, load_meta
 from model import GPT
-from step import make_optimizer
+from parallel.data_parallel import wrap_ddp
+from parallel.mesh import Layout, check, make_layout, spread
+from training import accounting, runtime
+from training.checkpoint import model_from_checkpoint, resolve_init, resume_state, resumed_settings
+from training.safe_load import GPT2_SIZES, CheckpointError, load_checkpoint, load_pretrained
+from training.settings import ConfigError, TrainConfig
+from training.step import make_optimizer
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
 def default_config():
@@ -61,59 +61,6 @@ def check_writable(out_dir):
         raise ConfigError(f"cannot write to out_dir {out_dir}: {e.strerror}") from None
 
 
-def resolve_init(cfg, rank, world_size):
-    """(init_from, checkpoint path) as this run takes them: auto is resume if out_dir holds a
-    checkpoint, else scratch; --eval_only evaluates the run's checkpoint unless it names
-    pretrained weights. A fresh run refuses to overwrite a checkpoint; --overwrite=true deletes
-    ckpt.pt and last.pt, so that nothing of the old run is resumed or sampled from later.
-    Rank 0 decides and tells the others (a node without the checkpoint must not start afresh
-    while the rest resume); all fail together if one of them cannot read the checkpoint."""
-    decision = [cfg.init_from, None, None]  # init_from, path, or the error all ranks raise
-    if rank == 0:
-        decision[1] = path = latest_checkpoint(cfg.out_dir)
-        exists = os.path.exists(path)
-        if cfg.init_from == "auto" or (cfg.eval_only and cfg.init_from == "scratch"):
-            decision[0] = "resume" if exists else "scratch"
-        if decision[0] == "resume" and not exists:
-            decision[2] = f"init_from=resume but there is no checkpoint at {path}"
-        elif cfg.eval_only and decision[0] == "scratch":
-            decision[2] = (f"--eval_only evaluates a trained model, and {cfg.out_dir} holds no "
-                           "checkpoint: give the right --out_dir, or --init_from=gpt2 (or a "
-                           "folder of GPT-2 weights)")
-        elif decision[0] != "resume" and exists and not cfg.overwrite:
-            decision[2] = (f"{path} already exists: pass --init_from=resume to continue it, "
-                           "or --overwrite=true to start afresh over it")
-        elif decision[0] != "resume" and not cfg.eval_only:
-            for name in ("ckpt.pt", "last.pt"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(cfg.out_dir, name))
-    if world_size > 1:
-        torch.distributed.broadcast_object_list(decision, src=0)
-    init_from, path, error = decision
-    if not error and init_from == "resume" and world_size > 1:
-        readable = [None] * world_size
-        torch.distributed.all_gather_object(readable, os.path.isfile(path))
-        missing = [r for r, ok in enumerate(readable) if not ok]
-        if missing:
-            error = (f"rank 0 resumes from {path}, which rank(s) "
-                     f"{', '.join(map(str, missing))} cannot read: every machine needs the "
-                     "checkpoint at that path (a shared filesystem, or a copy of out_dir)")
-    if error:
-        raise CheckpointError(error)
-    return init_from, path
-
-
-def resumed_settings(cfg, saved, named):
-    """A resumed run's settings: its own, saved in its checkpoint, except those that this
-    command names (its flags and config files), and where and how it runs (out_dir,
-    init_from, device, backend, and how it is spread: fsdp, tp)."""
-    known = {f.name for f in fields(TrainConfig)}
-    settings = {k: v for k, v in saved.items() if k in known}
-    here = ("out_dir", "init_from", "device", "backend", "fsdp", "tp")
-    settings.update({k: getattr(cfg, k) for k in (*named, *here)})
-    return TrainConfig(**settings).validate()
-
-
 def init_model(cfg, meta, ckpt, ckpt_path):
     """(model, cfg): a new model, the checkpoint's, or OpenAI's weights; and cfg with the
     shape of the model as built (pretrained weights, and a finetuning run, bring their own)."""
@@ -132,7 +79,7 @@ def init_model(cfg, meta, ckpt, ckpt_path):
                                       f"but the config says {value}: drop --{name}, or use "
                                       "another out_dir")
     elif cfg.init_from in GPT2_SIZES or os.path.isdir(cfg.init_from):
-        model = load_pretrained(cfg.init_from, cfg.dropout)
+        model = load_pretrained(GPT, cfg.init_from, cfg.dropout)
     else:
         raise ConfigError(f"init_from={cfg.init_from!r}: expected scratch, resume, auto, "
                           f"one of {', '.join(GPT2_SIZES)}, or a directory of GPT-2 weights")
@@ -233,7 +180,7 @@ class Run:
     meta: dict  # the dataset's meta.json, saved with each checkpoint
     raw_model: GPT  # the model itself, whose state_dict is saved
     model: torch.nn.Module  # what the loop runs: raw_model, compiled and DDP-wrapped as asked
-    layout: parallel.Layout  # how the run is spread: data-parallel rows of tp ranks
+    layout: Layout  # how the run is spread: data-parallel rows of tp ranks
     optimizer: torch.optim.Optimizer
     micro_steps: int  # forward/backward passes per iteration on each rank
     iter_num: int  # the iteration to start from
@@ -270,7 +217,7 @@ def setup(cfg, named=()):
         cfg = resumed_settings(cfg, ckpt.get("config", {}), named)
     dtype, ctx, scaler = runtime.training_precision(cfg.dtype, device, cfg.deterministic)
     if cfg.fsdp:
-        ctx = contextlib.nullcontext()  # FSDP's own policy casts, see parallel.shard
+        ctx = contextlib.nullcontext()  # FSDP's own policy casts (data_parallel.shard)
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb_log=true needs the wandb package: pip install wandb")
     if not cfg.data_dir and cfg.dataset == "shakespeare_char":
@@ -286,27 +233,21 @@ def setup(cfg, named=()):
         check_memory(cfg, accounting.model_shape(cfg, meta["vocab_size"]), world_size, device)
     torch.manual_seed(cfg.seed)
     raw_model, cfg = init_model(cfg, meta, ckpt, ckpt_path)
-    parallel.check(cfg, world_size, dtype)  # with the model's shape, now known
+    check(cfg, world_size, dtype)  # the layout, with the model's shape, now known
     check_divisible(cfg, world_size)
-    layout = parallel.make_layout(cfg, rank, world_size, device)
+    layout = make_layout(cfg, rank, world_size, device)
     raw_model.to(device)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     check_vocab(meta, data, raw_model.config.vocab_size, data_dir)
-    parallel.spread(raw_model, layout, dtype)
+    spread(raw_model, layout, dtype)
     optimizer = make_optimizer(raw_model, cfg)
-    iter_num, best_val_loss, origin, elapsed_s = 0, float("inf"), cfg.init_from, 0.0
-    evaluated = False
-    if ckpt is not None:
-        parallel.load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], layout)
-        if ckpt["scaler"]:  # empty when saved without float16: the scale then starts afresh
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        origin, elapsed_s = ckpt.get("origin", "scratch"), ckpt.get("elapsed_s", 0.0)
-        # older checkpoints were saved at an evaluation, or by a stop after iteration 0
-        evaluated = bool(ckpt.get("evaluated", iter_num > 0))
+    iter_num, evaluated, best_val_loss, origin, elapsed_s = 0, False, float("inf"), init_from, 0.0
+    if ckpt is not None:  # where the run goes on (training/checkpoint.py)
+        iter_num, evaluated, best_val_loss, origin, elapsed_s = resume_state(
+            ckpt, raw_model, optimizer, scaler, layout)
         del ckpt  # free the CPU copy of the weights and optimizer state
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    model = parallel.wrap_ddp(model, layout, device, local_rank)
+    model = wrap_ddp(model, layout, device, local_rank)
     if rank == 0:
         print(settings_text(cfg))  # all of them are saved in each checkpoint
         print(accounting.report(cfg, world_size, raw_model.config,

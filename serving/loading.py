@@ -1,6 +1,6 @@
-"""What the tools share that train.py does not need: the one model loader of the scripts that
-use a trained model (sample.py, hellaswag.py), and the check of a file a tool is to write
-(bench.py, plot.py). train.py builds its model in startup.py from the same pieces.
+"""The one model loader of the scripts that use a trained model (sample.py, tools/hellaswag.py):
+a checkpoint of ours, or OpenAI's GPT-2 weights. train.py builds its model in
+training/startup.py from the same pieces.
 
     model, meta, ckpt = load_model("resume", "out")  # the latest checkpoint in out
     model, meta, _ = load_model("gpt2")              # OpenAI's weights: a hub name or a folder
@@ -8,9 +8,9 @@ use a trained model (sample.py, hellaswag.py), and the check of a file a tool is
 import json
 import os
 
-from checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_pretrained,
-                        model_from_checkpoint)
-from config import ConfigError
+from model import GPT
+from training.checkpoint import latest_checkpoint, model_from_checkpoint
+from training.safe_load import CheckpointError, load_checkpoint, load_pretrained
 
 GPT2_META = {"tokenizer": "gpt2", "vocab_size": 50257}  # what OpenAI's weights read and write
 
@@ -22,7 +22,7 @@ def load_model(init_from, out_dir="out", dropout=0.0):
     model's tokenizer, as a dataset's meta.json does. Any failure is a CheckpointError that
     names where the model was to come from."""
     if init_from != "resume":
-        return load_pretrained(init_from, dropout), pretrained_meta(init_from), None
+        return load_pretrained(GPT, init_from, dropout), pretrained_meta(init_from), None
     path = latest_checkpoint(out_dir)
     ckpt = load_checkpoint(path)
     return (*model_from_checkpoint(ckpt, path, dropout), ckpt)
@@ -42,14 +42,3 @@ def pretrained_meta(name_or_path):
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: not a tokenizer's meta.json")
     return meta
-
-
-def check_output_file(name, path):
-    """The file setting name says to write can be written: its folder exists and takes files.
-    Checked at the start, so that a typo does not cost a whole benchmark or plot first."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{name}: cannot write {path}: the folder {folder} does not exist")
-    if os.path.isdir(path) or not os.access(folder, os.W_OK):
-        raise ConfigError(f"{name}: cannot write {path}: "
-                          + ("it is a folder" if os.path.isdir(path) else "permission denied"))

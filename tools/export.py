@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import accounting
-from checkpoint import CheckpointError, load_checkpoint
-from config import ConfigError, run_main
+from data.tokenizer import EOT, GPT2Tokenizer, bytes_to_unicode, gpt2_merges
 from model import CONV1D_WEIGHTS, config_from_dict
-from tokenizer import EOT, GPT2Tokenizer, bytes_to_unicode, gpt2_merges
+from training import accounting
+from training.safe_load import CheckpointError, load_checkpoint
+from training.settings import ConfigError, run_main
 
 
 @dataclass

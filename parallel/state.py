@@ -1,0 +1,78 @@
+"""A spread run's checkpoint: the shards of every rank gathered into the one format that every
+checkpoint has (whole tensors in GPT-2's layout, the optimizer numbered as one process numbers
+it), and spread back when a run resumes, whatever its layout was and is now.
+"""
+import torch
+
+from parallel.tensor_parallel import regroup_qkv
+from training.safe_load import check_optimizer_state
+
+
+def training_state(model, optimizer, layout):
+    """(model state, optimizer state) to save, in the one format of every checkpoint: whole
+    tensors on the CPU in GPT-2's layout, the optimizer's state numbered as one process's
+    optimizer.state_dict() numbers it. Sharded (FSDP, TP): every rank must call this, as the
+    shards are gathered from all of them (to rank 0, the one that saves)."""
+    if not layout.sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint import state_dict as dcp
+    whole = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = _gpt2_order(dcp.get_model_state_dict(model, options=whole), layout.tp)
+    if optimizer.state:
+        optim = dcp.get_optimizer_state_dict(model, optimizer, options=whole)  # keyed by name
+    else:  # nothing to gather yet, and DCP would take a step to create the state
+        optim = {"state": {}, "param_groups": _named_groups(model, optimizer)}
+    if not optim:  # ranks other than 0 receive nothing
+        return model_state, optim
+    names, kind = _names(model, optimizer)
+    number = {name: i for i, name in enumerate(names)}
+    groups = {}  # one per kind of parameter, as one process has them
+    for g in optim["param_groups"]:
+        merged = groups.setdefault(kind[g["params"][0]], {**g, "params": []})
+        merged["params"] = sorted(merged["params"] + [number[n] for n in g["params"]])
+    return model_state, {
+        "state": {number[n]: s for n, s in _gpt2_order(optim["state"], layout.tp).items()},
+        "param_groups": [groups[k] for k in sorted(groups)]}
+
+
+def load_optimizer_state(model, optimizer, state, layout):
+    """Load a checkpoint's optimizer state, whichever way the run is spread over ranks now,
+    once it is checked to fit the model (checkpoint.check_optimizer_state)."""
+    names, kind = _names(model, optimizer)
+    shapes = dict((name, p.shape) for name, p in model.named_parameters())  # whole, as DTensors
+    check_optimizer_state(state, [(n, shapes[n]) for n in names],
+                          [n for n in map(list(kind.values()).count, (0, 1, 2)) if n])
+    if not layout.sharded:
+        return optimizer.load_state_dict(state)
+    if not state["state"]:  # saved before the first step: a new optimizer is the same
+        return
+    from torch.distributed.checkpoint import state_dict as dcp
+    by_name = _gpt2_order({names[i]: s for i, s in state["state"].items()}, layout.tp, True)
+    name_of = {param: name for name, param in model.named_parameters()}
+    groups = [{**g, "params": [name_of[p] for p in g["params"]]} for g in optimizer.param_groups]
+    dcp.set_optimizer_state_dict(model, optimizer, {"state": by_name, "param_groups": groups},
+                                 options=dcp.StateDictOptions(full_state_dict=True))
+
+
+def _names(model, optimizer):
+    """The parameters' names as one process's optimizer numbers them (step.make_optimizer:
+    Muon's matrices if any, the other decayed matrices, then the rest), and each one's kind."""
+    muon = {p for g in optimizer.param_groups if g.get("muon") for p in g["params"]}
+    kind = {n: 0 if p in muon else 1 if p.dim() >= 2 else 2 for n, p in model.named_parameters()}
+    return sorted(kind, key=kind.get), kind  # sorted keeps the model's order within a kind
+
+
+def _gpt2_order(state, tp, undo=False):
+    """state (a model's, or the optimizer's moments, keyed by name) with c_attn's rows in
+    GPT-2's order (undo: in tensor_parallel's order)."""
+    def fix(t):
+        if isinstance(t, dict):
+            return {k: fix(v) for k, v in t.items()}
+        return regroup_qkv(t, tp, not undo) if torch.is_tensor(t) and t.dim() > 0 else t
+    return {k: fix(v) if tp > 1 and ".attn.c_attn." in k else v for k, v in state.items()}
+
+
+def _named_groups(model, optimizer):
+    """optimizer's param_groups, each parameter given by its name."""
+    name_of = {param: name for name, param in model.named_parameters()}
+    return [{**g, "params": [name_of[p] for p in g["params"]]} for g in optimizer.param_groups]
