@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from training import runtime  # noqa: E402
-from tools.bench import train_step  # noqa: E402
+from tools.bench.train_speed import train_step  # noqa: E402
 from training.settings import TrainConfig, parse_config  # noqa: E402
 from model import GPT, config_from_dict  # noqa: E402
 from training.step import make_optimizer  # noqa: E402
@@ -38,8 +38,8 @@ VARIANTS = {
 
 
 def make_step(cfg, options):
-    """One float32 training step as train.py takes it (bench.train_step), of a fresh model
-    and optimizer with cfg's settings and the given options changed."""
+    """One float32 training step as train.py takes it (tools/bench/train_speed.py), of a fresh
+    model and optimizer with cfg's settings and the given options changed."""
     torch.manual_seed(0)
     cfg = replace(cfg, **options)
     model = GPT(config_from_dict({**asdict(cfg), "vocab_size": VOCAB}))

@@ -1,5 +1,5 @@
-"""bench.py end to end on a tiny model: the JSON it writes, and its errors. No timing limits:
-speeds on a shared machine prove nothing, so only their sanity is checked."""
+"""python -m tools.bench end to end on a tiny model: the JSON it writes, and its errors. No
+timing limits: speeds on a shared machine prove nothing, so only their sanity is checked."""
 import json
 import subprocess
 import sys
@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from helpers import ROOT
-from tools import bench
+from tools.bench.__main__ import main
+from tools.bench.sample_speed import agreeing
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2",
         "--vocab_size=50", "--device=cpu", "--dtype=float32", "--warmup_steps=1",
@@ -17,8 +18,8 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_
 @pytest.mark.slow
 def test_bench_writes_sane_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(TINY + ["--dtypes=float32,bfloat16", "--gradient_accumulation_steps=2",
-                              f"--json_out={out}"]) == 0
+    assert main(TINY + ["--dtypes=float32,bfloat16", "--gradient_accumulation_steps=2",
+                        f"--json_out={out}"]) == 0
     results = json.loads(out.read_text())
     assert results["params"] > 0 and results["vocab_size"] == 50
     train = results["train"]
@@ -43,8 +44,8 @@ def test_bench_writes_sane_json(tmp_path, capsys):
 @pytest.mark.slow
 def test_bench_inference_cost_table(tmp_path, capsys):
     out = tmp_path / "b.json"
-    assert bench.main(TINY + ["--train=false", "--batch_sizes=1,3", "--prefill_tokens=5",
-                              "--decode_tokens=4", "--dtype=bfloat16", f"--json_out={out}"]) == 0
+    assert main(TINY + ["--train=false", "--batch_sizes=1,3", "--prefill_tokens=5",
+                        "--decode_tokens=4", "--dtype=bfloat16", f"--json_out={out}"]) == 0
     inference = json.loads(out.read_text())["sample"]["inference"]
     assert (inference["prefill_tokens"], inference["decode_tokens"]) == (5, 4)
     assert [row["batch"] for row in inference["rows"]] == [1, 3]
@@ -61,7 +62,7 @@ def test_bench_inference_cost_table(tmp_path, capsys):
 @pytest.mark.slow
 def test_bench_can_skip_parts(tmp_path):
     out = tmp_path / "b.json"
-    assert bench.main(TINY + ["--train=false", "--sample_repeats=2", f"--json_out={out}"]) == 0
+    assert main(TINY + ["--train=false", "--sample_repeats=2", f"--json_out={out}"]) == 0
     results = json.loads(out.read_text())
     assert results["train"] is None and results["sample"]["repeats"] == 2
     assert results["sample"]["requested"]["identical"] is True
@@ -76,7 +77,7 @@ def test_bench_can_skip_parts(tmp_path):
     ("--decode_tokens=9", "decode_tokens"),  # 8 (half the block) + 9 > 16
 ])
 def test_bench_rejects_bad_settings(flag, message, capsys):
-    assert bench.main(TINY + [flag]) == 2
+    assert main(TINY + [flag]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -95,5 +96,5 @@ def test_option_costs_script_times_every_variant():
 
 def test_same_tokens_counts_the_agreement_before_the_first_difference():
     import torch
-    assert bench.agreeing(torch.tensor([[5, 1, 2, 3]]), torch.tensor([[5, 1, 2, 4]])) == 3
-    assert bench.agreeing(torch.tensor([[5, 1]]), torch.tensor([[5, 1]])) == 2
+    assert agreeing(torch.tensor([[5, 1, 2, 3]]), torch.tensor([[5, 1, 2, 4]])) == 3
+    assert agreeing(torch.tensor([[5, 1]]), torch.tensor([[5, 1]])) == 2

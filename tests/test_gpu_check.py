@@ -2,6 +2,7 @@
 part runs its real command and reports every figure, so that the one call on a GPU is not
 where a typo is found. The test suite's own part is not run from inside the test suite; its
 command is still reported."""
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 from helpers import ROOT, quiet_env
 
 SCRIPT = ROOT / "docs" / "gpu_check.py"
+CHAR = "config/train_shakespeare_char.toml"
 
 
 def load_script():
@@ -19,6 +21,12 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_parts():
+    """docs/gpu_check_parts.py, which the script puts on sys.path when it is loaded."""
+    load_script()
+    return importlib.import_module("gpu_check_parts")
 
 
 @pytest.mark.slow
@@ -51,7 +59,7 @@ def test_the_cpu_rehearsal_reports_every_figure_against_its_target(tmp_path):
     assert eager["status"] == "ok" and [r["batch"] for r in eager["rows"]] == [1, 32]
     for row in eager["rows"]:
         assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
-    # bench.py measures a compiled decode, or the report says that it did not
+    # tools.bench measures a compiled decode, or the report says that it did not
     compiled = decode["compiled"]
     assert compiled["rows"] or compiled["status"].startswith("not measured")
     assert decode["floor_ms"] == decode["weight_bytes_bf16"] / bandwidth * 1000
@@ -62,7 +70,7 @@ def test_the_cpu_rehearsal_reports_every_figure_against_its_target(tmp_path):
     assert tests["status"] == "skipped" and "-m 'not slow or cuda'" in tests["command"]
     assert parts["parallel"]["status"] == "skipped" and "FSDP" in parts["parallel"]["reason"]
     log = (tmp_path / "gpu_check.log").read_text()
-    assert "$ " in log and "bench.py" in log and "train.py" in log  # the commands, as run
+    assert "$ " in log and "-m tools.bench" in log and "train.py" in log  # the commands, as run
     summary = [line.split() for line in log.splitlines()]  # the table at the end
     met = "yes" if mfu["met"] else "NO"
     assert ["mfu", "MFU", f"{mfu['mfu']:.1%}", ">=", "50%", met] in summary
@@ -70,23 +78,26 @@ def test_the_cpu_rehearsal_reports_every_figure_against_its_target(tmp_path):
 
 def test_the_gpu_commands_are_valid_settings_of_bench_and_train(tmp_path, monkeypatch):
     # What only the GPU runs, checked here: a typo in a flag would cost a loan.
-    from tools import bench
+    from tools.bench.__main__ import BenchConfig
     monkeypatch.chdir(ROOT)  # the commands name config files from the repository root
     from training.settings import TrainConfig, parse_config
-    gpu_check = load_script()
-    cfg = gpu_check.CheckConfig(device="cuda", out=str(tmp_path))
-    commands = [(bench.BenchConfig, gpu_check.mfu_command(cfg, "m.json")),
-                (TrainConfig, gpu_check.char_command(cfg, "data", "out")),
-                *[(bench.BenchConfig, gpu_check.decode_command(cfg, flags, "d.json"))
-                  for flags in (["--compile=false"], gpu_check.COMPILED_DECODE)]]
-    for cls, cmd in commands:
-        settings = parse_config(cls, cmd[2:]).validate()  # after python and the script
-        assert settings.device == "cuda"
-    mfu = parse_config(bench.BenchConfig, commands[0][1][2:])
+    cfg = load_script().CheckConfig(device="cuda", out=str(tmp_path))
+    parts = load_parts()
+    commands = [(BenchConfig, parts.mfu_command(cfg, "m.json")),
+                (TrainConfig, parts.char_command(cfg, "data", "out")),
+                *[(BenchConfig, parts.decode_command(cfg, flags, "d.json"))
+                  for flags in (["--compile=false"], parts.COMPILED_DECODE)]]
+    # The settings come after python and the script, or after python -m and the module.
+    assert [cmd[1:3] for _, cmd in commands] == [["-m", "tools.bench"], ["train.py", CHAR],
+                                                  ["-m", "tools.bench"], ["-m", "tools.bench"]]
+    flags = [cmd[3:] if cmd[1] == "-m" else cmd[2:] for _, cmd in commands]
+    for (cls, _), argv in zip(commands, flags):
+        assert parse_config(cls, argv).validate().device == "cuda"
+    mfu = parse_config(BenchConfig, flags[0])
     assert (mfu.n_layer, mfu.n_head, mfu.n_embd, mfu.block_size, mfu.vocab_size) == (
         12, 12, 768, 1024, 50304)  # GPT-2 124M's shape
     assert mfu.dtype == "bfloat16" and mfu.compile and not mfu.sample
-    char = parse_config(TrainConfig, commands[1][1][2:])
+    char = parse_config(TrainConfig, flags[1])
     assert char.eval_iters == 0 and (char.n_layer, char.n_embd, char.block_size) == (6, 384, 256)
 
 
@@ -96,10 +107,10 @@ def test_time_to_target_starts_at_the_first_iteration_and_steps_exclude_evaluati
             dict(iter=20, train_loss=1.9, val_loss=1.5, elapsed_s=9.0),
             dict(iter=30, loss=1.5, ms=100.0), dict(iter=40, loss=1.4, ms=100.0),
             dict(iter=40, train_loss=1.4, val_loss=1.46, elapsed_s=14.0)]
-    gpu_check = load_script()
+    parts = load_parts()
     # 10 steps of 100 ms, 10 of 200 ms, 20 of 100 ms, to iteration 40
-    assert gpu_check.crossing(rows, 1.47) == (11.0, 40, 5.0)
-    assert gpu_check.crossing(rows, 1.0) == (None, None, None)
+    assert parts.crossing(rows, 1.47) == (11.0, 40, 5.0)
+    assert parts.crossing(rows, 1.0) == (None, None, None)
 
 
 def test_an_unknown_part_is_a_one_line_error(tmp_path, capsys):

@@ -15,7 +15,7 @@ import helpers
 import sample
 from model import GPT, GPTConfig
 from serving.batching import Request, serve
-from tools import bench
+from tools.bench.__main__ import main as bench_main
 from training.settings import parse_config
 
 BLOCK = 48
@@ -140,7 +140,7 @@ def test_bad_prompts_are_one_line_errors(char_checkpoint, tmp_path, capsys, name
 
 def test_bench_serves_the_mix_three_ways(tmp_path, capsys):
     out = tmp_path / "b.json"
-    assert bench.main(["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16",
+    assert bench_main(["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16",
                        "--vocab_size=50", "--device=cpu", "--dtype=float32", "--train=false",
                        "--sample=false", "--serve=true", "--serve_requests=5", "--serve_slots=2",
                        f"--json_out={out}"]) == 0
