@@ -1,6 +1,6 @@
 """The GPT-2 language model and its key/value-cached sampler, in the order the parts build on
 each other: attention, MLP, Block, GPT. Parameter names are GPT-2's own, so OpenAI's weights map
-one to one (GPT.from_gpt2; checkpoint.py reads the files). This file needs torch alone.
+one to one (GPT.from_gpt2; training/safe_load.py reads the files). This file needs torch alone.
 """
 import math
 from dataclasses import dataclass, fields
@@ -28,7 +28,8 @@ class GPTConfig:
 
 class KVCache:
     """Keys and values of the tokens seen so far, for one attention layer. With cols (B,), each
-    row writes its new token at its own column and gets the whole buffer, masked (serve.py)."""
+    row writes its new token at its own column and gets the whole buffer, masked
+    (serving/batching.py)."""
 
     def __init__(self, max_len, cols=None):
         self.max_len, self.length, self.cols = max_len, 0, cols

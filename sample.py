@@ -5,8 +5,8 @@
     python sample.py --prompts=prompts.txt --batch_size=8 --temperature=0
 
 Samples are drawn batch_size rows at a time, a finished row's slot taking the next one at once
-(serve.py); a single sample streams as it is drawn. A sample ends at GPT-2's <|endoftext|>, which
-is not printed, or after max_new_tokens.
+(serving/batching.py); a single sample streams as it is drawn. A sample ends at GPT-2's
+<|endoftext|>, which is not printed, or after max_new_tokens.
 """
 import codecs
 import json
@@ -130,9 +130,9 @@ def stream(tokenizer, tokens, out=sys.stdout):
 
 def sampling_memory(m, slots, samples, prompt_tokens, new_tokens, dtype_bytes=4):
     """(device bytes, host bytes) that sampling needs beyond the weights, an estimate. On the
-    device, per slot (a row decoded at a time, serve.py): its KV cache, allocated whole for
-    block_size positions in every layer; the prompt's activations, one layer at a time (34 *
-    n_embd bytes a token in 16 bits, as in accounting.memory_per_rank); the last position's
+    device, per slot (a row decoded at a time, serving/batching.py): its KV cache, allocated
+    whole for block_size positions in every layer; the prompt's activations, one layer at a time
+    (34 * n_embd bytes a token in 16 bits, as in accounting.memory_per_rank); the last position's
     logits with the copies that sampling makes of them (probabilities, sorted for top-k and
     top-p: 4 fp32 copies). On the host, every sample's tokens and text, kept until printed:
     about 64 bytes a token as Python objects."""

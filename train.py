@@ -12,6 +12,7 @@ uninterrupted one exactly, and the global batch does not depend on the number of
 """
 import os
 import sys
+import time
 from dataclasses import replace
 
 # torch's OpenMP threads spin while they wait for work (GNU: 300,000 turns), on the cores other
@@ -24,26 +25,23 @@ if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data.dataset import DataError
-from parallel.mesh import release
-from training import runtime
-from training.checkpoint import Milestones
-from training.metrics import MetricsError, MetricsLog
-from training.safe_load import CheckpointError
-from training.settings import TrainConfig, parse_overrides, run_main
-from training.startup import default_config, out_dir_lock, setup
-from training.step import StopCheck, TrainingError, clip_gradients, forward_backward, get_lr
+from parallel import data_parallel, mesh
+from training import checkpoint, metrics, runtime, safe_load, settings, startup, step, stopping
 
-# The second number of every batch's random key names its stream: the training batches here,
-# the evaluations' in training/evaluation.py.
+# The second number of every batch's random key names its stream: the training batches, or
+# the fixed batches that every evaluation draws from each split.
 TRAIN_BATCHES = 0
+EVAL_BATCHES = {"train": 2, "val": 3}
 
 
 def train_batches(run, iter_num, stop):
     """This rank's micro-batches of iteration iter_num: micro-steps are numbered across the
     ranks, each taking a consecutive slice, so the global batch is the same for any number of
-    processes. One process asked to stop gets no more (ranks stop together: see StopCheck)."""
+    processes. One process asked to stop gets no more (ranks stop together:
+    training/stopping.py)."""
     cfg = run.cfg
     first = run.layout.dp_rank * run.micro_steps  # the ranks of a tensor-parallel row share it
     for micro in range(run.micro_steps):
@@ -58,33 +56,96 @@ def step_seed(*numbers):
     return int(np.random.SeedSequence(numbers).generate_state(2, np.uint64)[0] >> 1)
 
 
+@torch.no_grad()
+def estimate_loss(run, stop, splits=("train", "val"), eval_iters=None):
+    """Mean loss per split: over the same eval_iters random batches at every evaluation (so
+    that they compare), or, with eval_iters=0, over every block of the split. The ranks share
+    the batches out and average. None if a stop came: the evaluation is then abandoned.
+    A GPU's losses stay on it until the end, with no wait per batch; on the CPU each is read at
+    once: 0-d tensors kept between the large logits freed at every batch (25 MB with GPT-2's
+    vocabulary) fragment the heap, which then grows by that much a batch."""
+    cfg = run.cfg
+    eval_iters = cfg.eval_iters if eval_iters is None else eval_iters
+    on_host = run.device == "cpu"
+    run.model.eval()
+    out = {}
+    try:
+        for split in splits:
+            if eval_iters:
+                batches = (run.data[split].get_batch((cfg.seed, EVAL_BATCHES[split], k),
+                                                     cfg.batch_size, cfg.block_size, run.device)
+                           for k in range(run.layout.dp_rank, eval_iters, run.layout.dp_size))
+            else:
+                batches = run.data[split].windows(cfg.block_size, cfg.batch_size, run.device,
+                                                  run.layout.dp_rank, run.layout.dp_size)
+            losses, counts = [], []
+            filler = None if not run.layout.fsdp else (torch.zeros(
+                cfg.batch_size, cfg.block_size, dtype=torch.long, device=run.device),) * 2
+            for x, y in progress(stop.until_stop(batches, filler), f"eval {split}",
+                                 run.rank):
+                with run.ctx:
+                    loss = run.model(x, y)[1]  # the logits are not kept past this line
+                if filler is not None and x is filler[0]:
+                    continue  # run only to take part in the other ranks' weight gathers
+                losses.append(loss.item() if on_host else loss.detach())
+                counts.append(y.numel())
+            if stop.stopping:
+                return None
+            if losses and not on_host:
+                losses = torch.stack(losses).cpu().double().tolist()
+            total = sum(mean * n for mean, n in zip(losses, counts))
+            total, count = runtime.all_reduce_mean([total, sum(counts)], run.device,
+                                                   run.world_size)
+            out[split] = total / count
+    finally:
+        run.model.train()
+        data_parallel.after_evaluation(run.raw_model, run.layout)
+    return out
+
+
+def progress(batches, desc, rank):
+    """batches, with rank 0 showing progress: a bar at a terminal, else a line every 30 s."""
+    if rank != 0:
+        yield from batches
+    elif sys.stderr.isatty():
+        yield from tqdm(batches, desc=desc, leave=False)
+    else:
+        last = time.time()
+        for k, batch in enumerate(batches, 1):
+            yield batch
+            if time.time() - last > 30:
+                print(f"{desc}: {k} batches done", flush=True)
+                last = time.time()
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg, named=()):
     """Run the training that cfg describes; returns the last validation loss."""
-    run = setup(cfg, named)
+    run = startup.setup(cfg, named)
     cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
-    log, stop = MetricsLog(run), StopCheck(run)
-    milestones, iter_num = Milestones(run, log, stop), run.iter_num
+    log, stop = metrics.MetricsLog(run), stopping.StopCheck(run)
+    milestones = checkpoint.Milestones(run, log, stop, estimate_loss)
+    iter_num = run.iter_num
     try:
         while True:
             # evaluate and checkpoint when due; the run ends here at max_iters, or on a stop
             if milestones.end_here(iter_num):
                 break
             # the learning rate of this iteration
-            lr = get_lr(iter_num, cfg)
+            lr = step.get_lr(iter_num, cfg)
             for group in optimizer.param_groups:  # Muon's peak at muon_lr (training/step.py)
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             # Dropout draws from the global generator: seed it per step and rank, so a resumed
             # run draws the same masks as the uninterrupted one without saving generator state.
             torch.manual_seed(step_seed(cfg.seed, iter_num, run.layout.dp_rank))
             # forward and backward over the micro-steps, then clip the gradients
-            loss = forward_backward(model, train_batches(run, iter_num, stop), run.ctx, scaler,
-                                    run.micro_steps)
+            loss = step.forward_backward(model, train_batches(run, iter_num, stop), run.ctx,
+                                         scaler, run.micro_steps)
             if stop.interrupted():  # this iteration is dropped, and redone on resume
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            norm = clip_gradients(model, optimizer, scaler, cfg.grad_clip)
+            norm = step.clip_gradients(model, optimizer, scaler, cfg.grad_clip)
             stop.check(iter_num, loss, norm)  # a step not finite is skipped, then raises
             # the update, then zero the gradients for the next iteration
             scaler.step(optimizer)
@@ -96,7 +157,7 @@ def train(cfg, named=()):
     finally:
         stop.signals.restore()
         log.close()
-        release(run.layout)
+        mesh.release(run.layout)
     return milestones.val_loss
 
 
@@ -114,18 +175,19 @@ def schedule_follows(cfg, flags):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # Flags alone refine the default run; a config file given replaces it.
-    base = [] if any(not arg.startswith("-") for arg in argv) else default_config()
+    base = [] if any(not arg.startswith("-") for arg in argv) else startup.default_config()
 
     def action(cfg):  # a resumed run takes from this command only the settings it names
-        named = set(parse_overrides(TrainConfig, argv))
-        flags = parse_overrides(TrainConfig, [a for a in argv if a.startswith("--")])
+        named = set(settings.parse_overrides(settings.TrainConfig, argv))
+        flags = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
         if "max_iters" in flags:
             named.add("lr_decay_iters")
-        with out_dir_lock(cfg.out_dir):
+        with startup.out_dir_lock(cfg.out_dir):
             return train(schedule_follows(cfg, flags), named)
     try:
-        return run_main(TrainConfig, action, argv, __doc__, (DataError, CheckpointError,
-                        TrainingError, MetricsError, runtime.DeviceError), base)
+        return settings.run_main(settings.TrainConfig, action, argv, __doc__, (
+            DataError, safe_load.CheckpointError, stopping.TrainingError, metrics.MetricsError,
+            runtime.DeviceError), base)
     finally:  # here, where the run's model and optimizer are gone
         runtime.leave_process_group()
 

@@ -48,8 +48,7 @@ def load_optimizer_state(model, optimizer, state, layout):
         return
     from torch.distributed.checkpoint import state_dict as dcp
     by_name = _gpt2_order({names[i]: s for i, s in state["state"].items()}, layout.tp, True)
-    name_of = {param: name for name, param in model.named_parameters()}
-    groups = [{**g, "params": [name_of[p] for p in g["params"]]} for g in optimizer.param_groups]
+    groups = _named_groups(model, optimizer)
     dcp.set_optimizer_state_dict(model, optimizer, {"state": by_name, "param_groups": groups},
                                  options=dcp.StateDictOptions(full_state_dict=True))
 

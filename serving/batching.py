@@ -4,10 +4,10 @@ whose row has ended takes the next waiting prompt at once ("continuous batching"
     python sample.py --prompts=prompts.txt --batch_size=4 --temperature=0
 
 Why batch: decoding one token reads every weight to do 2 FLOPs with each (docs/inference.md,
-"What inference costs"), so rows decoded together share that read and cost little more than one. Why refill:
-rows end at different times (at <|endoftext|>, or at their max_new_tokens). A static batch runs
-until its longest row ends, its finished slots idle and the prompts behind it wait; here a
-finished slot takes the next prompt on the very next step.
+"What inference costs"), so rows decoded together share that read and cost little more than
+one. Why refill: rows end at different times (at <|endoftext|>, or at their max_new_tokens). A
+static batch runs until its longest row ends, its finished slots idle and the prompts behind it
+wait; here a finished slot takes the next prompt on the very next step.
 
 How every row stays exactly what it would be alone (in float32; 16-bit rounding differs between
 batch shapes, and a near-tie between two tokens may then flip):

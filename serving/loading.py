@@ -30,7 +30,7 @@ def load_model(init_from, out_dir="out", dropout=0.0):
 
 def pretrained_meta(name_or_path):
     """The tokenizer of GPT-2 weights: GPT-2's own, unless their folder holds a meta.json,
-    which export.py writes beside a character model."""
+    which tools/export.py writes beside a character model."""
     path = os.path.join(name_or_path, "meta.json")
     if not os.path.isfile(path):
         return GPT2_META

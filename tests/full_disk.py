@@ -40,7 +40,8 @@ class FullDisk(io.RawIOBase):
 
 
 def filling_disk(saves_that_fit):
-    """An open() for training/checkpoint.py under which saves after the first saves_that_fit fail."""
+    """An open() for training/checkpoint.py under which the saves after the first
+    saves_that_fit fail."""
     saves = []
 
     def open_checkpoint(fd, mode):

@@ -120,14 +120,14 @@ def test_gpt2_xl_memory_on_8_gpus_by_hand():
                    "DDP buckets": 4 * n, "activations": 48 * layer, "logits": logits}
     # 31,153,728,000 + 10,695,475,200 + 2,060,451,840 = 43,909,655,040: 80 GB cards only.
     assert sum(ddp.values()) == 43_909_655_040
-    assert accounting.fits(sum(ddp.values())) == [80, 141]
+    assert estimate.fits(sum(ddp.values())) == [80, 141]
     # Checkpointed, a layer keeps its input, the float32 residual stream under autocast:
     # 48 * 4096 * 1600 * 4 = 1,258,291,200, plus one layer rerun in backward, 222,822,400:
     # 1,481,113,600. 34,695,293,440 in all: the 29 GiB of state still rule out 24 GB.
     ddp_ckpt = xl_memory(fsdp=False, checkpointing=True)
     assert ddp_ckpt["activations"] == 1_481_113_600 == 48 * tokens * 1600 * 4 + layer
     assert sum(ddp_ckpt.values()) == 34_695_293_440
-    assert accounting.fits(sum(ddp_ckpt.values())) == [40, 80, 141]
+    assert estimate.fits(sum(ddp_ckpt.values())) == [40, 80, 141]
 
     # FSDP over 8: an eighth of the fp32 state, 16 * 1,557,686,400 / 8 = 3,115,372,800;
     # root (wte = lm_head, wpe, ln_f): 80,486,400 + 1,638,400 + 3,200 = 82,128,000 params;
@@ -143,7 +143,7 @@ def test_gpt2_xl_memory_on_8_gpus_by_hand():
                     "logits": logits}
     # 3,751,292,800 of state + 10,695,475,200 + 2,060,451,840 = 16,507,219,840: fits 24 GB.
     assert sum(fsdp.values()) == 16_507_219_840
-    assert accounting.fits(sum(fsdp.values())) == [24, 40, 80, 141]
+    assert estimate.fits(sum(fsdp.values())) == [24, 40, 80, 141]
     # Checkpointed under FSDP, the Blocks' inputs are bfloat16 (MixedPrecisionPolicy casts
     # them): 48 * 4096 * 1600 * 2 = 629,145,600 + 222,822,400 = 851,968,000;
     # 3,751,292,800 + 851,968,000 + 2,060,451,840 = 6,663,712,640, less than half.
@@ -163,10 +163,12 @@ def test_report_and_estimate_give_memory_for_the_run_as_configured():
     report = accounting.report(run, 8, XL)
     assert "(FSDP over 8)" in report and "gathered parameters" in report
     assert "15.37 GiB" in report  # 16,507,219,840 bytes
-    assert "fits GPUs of 24, 40, 80, 141 GB" in report
-    ddp_report = accounting.report(replace(XL_RUN, activation_checkpointing=True), 8, XL)
+    assert estimate.fits_text(16_507_219_840) == "fits GPUs of 24, 40, 80, 141 GB"
+    ddp = replace(XL_RUN, activation_checkpointing=True)
+    ddp_report = accounting.report(ddp, 8, XL)
     assert "(DDP over 8)" in ddp_report and "checkpointed" in ddp_report
-    assert "fits GPUs of 40, 80, 141 GB, not 24 GB (RTX 4090, A10G, L4)" in ddp_report
+    assert (estimate.fits_text(sum(accounting.memory_per_rank(ddp, XL, 8).values()))
+            == "fits GPUs of 40, 80, 141 GB, not 24 GB (RTX 4090, A10G, L4)")
     # estimate.py: DDP and FSDP, each without and with checkpointing, on the same lines
     rows = estimate.memory_table(XL_RUN, 8, XL).splitlines()[-4:]
     assert [row.split()[:2] for row in rows] == [["DDP", "off"], ["DDP", "on"],

@@ -8,6 +8,7 @@ holding a trained checkpoint, a good dataset, a sharded corpus and damaged datas
 test checks that the folder is byte for byte the same afterwards.
 """
 import functools
+import importlib
 import hashlib
 import json
 import runpy
@@ -175,7 +176,12 @@ def snapshot(folder):
 
 @functools.cache
 def main_of(script):
-    """The main function of a script, loaded from its path as `python script` would run it."""
+    """The main function of a script, loaded as `python script` (or, for a tool,
+    `python -m tools.X`) would run it."""
+    if script.startswith("tools/"):
+        name = "tools." + script.removeprefix("tools/").removesuffix(".py")
+        module = importlib.import_module(name)  # a package runs its __main__
+        return getattr(module, "main", None) or importlib.import_module(name + ".__main__").main
     return runpy.run_path(str(ROOT / script))["main"]
 
 
@@ -330,24 +336,24 @@ CASES = [
     ("sample.py", ["--seed=100000000000000000000"], "seed must be from 0 to 2**63 - 1"),
     ("sample.py", ["--num_samples=100000000"], "sampling 100,000,000 sequences, 8 at"),
 
-    ("hellaswag.py", ["--out_dir={trained}", "--device=cpu"],
+    ("tools/hellaswag.py", ["--out_dir={trained}", "--device=cpu"],
      "uses the char tokenizer; HellaSwag needs a model that reads GPT-2 tokens"),
-    ("hellaswag.py", ["--init_from={gpt2}", "--input={label_true_jsonl}"],
+    ("tools/hellaswag.py", ["--init_from={gpt2}", "--input={label_true_jsonl}"],
      "label_true.jsonl:1: not a HellaSwag example"),
-    ("hellaswag.py", ["--init_from={gpt2}", "--input={label_float_jsonl}"],
+    ("tools/hellaswag.py", ["--init_from={gpt2}", "--input={label_float_jsonl}"],
      "label_float.jsonl:1: not a HellaSwag example"),
-    ("hellaswag.py", ["--init_from={gpt2}", "--input={endings_text_jsonl}"],
+    ("tools/hellaswag.py", ["--init_from={gpt2}", "--input={endings_text_jsonl}"],
      "endings_text.jsonl:1: not a HellaSwag example"),
 
-    ("plot.py", ["{latin1_run}"], "metrics.jsonl is not UTF-8 text"),
-    ("plot.py", ["{trained}", "--out={root}/missing/loss.png"],
+    ("tools/plot.py", ["{latin1_run}"], "metrics.jsonl is not UTF-8 text"),
+    ("tools/plot.py", ["{trained}", "--out={root}/missing/loss.png"],
      "out: cannot write {root}/missing/loss.png: the folder {root}/missing does not exist"),
-    ("bench.py", ["--json_out={root}/missing/b.json"],
+    ("tools/bench.py", ["--json_out={root}/missing/b.json"],
      "json_out: cannot write {root}/missing/b.json: the folder {root}/missing does not exist"),
-    ("estimate.py", ["--data_dir={badjson}", "--gpus=1"], "badjson/meta.json: Expecting"),
-    ("estimate.py", ["--gpus=3", "--gradient_accumulation_steps=40"],
+    ("tools/estimate.py", ["--data_dir={badjson}", "--gpus=1"], "badjson/meta.json: Expecting"),
+    ("tools/estimate.py", ["--gpus=3", "--gradient_accumulation_steps=40"],
      "gradient_accumulation_steps (40) must be divisible by the number of processes (3)"),
-    ("estimate.py", ["--gpus=2", "--fsdp=true", "--dtype=float16"],
+    ("tools/estimate.py", ["--gpus=2", "--fsdp=true", "--dtype=float16"],
      "fsdp=true does not take float16"),
 
     ("data/prepare.py", ["--out_dir", "{data}"],
@@ -448,7 +454,7 @@ def test_gpt2_vocabulary_unavailable_offline(world, capsys, monkeypatch):
     monkeypatch.setattr(tokenizer, "load_gpt2_encoding", tokenizer.load_gpt2_encoding.__wrapped__)
     monkeypatch.delenv("GPT2_VOCAB")
     for script, argv in [("sample.py", ["--init_from={gpt2}", "--device=cpu"]),
-                         ("hellaswag.py", ["--init_from={gpt2}", "--input={good_jsonl}"])]:
+                         ("tools/hellaswag.py", ["--init_from={gpt2}", "--input={good_jsonl}"])]:
         status, stderr = run_main(script, [arg.format(**world) for arg in argv], capsys)
         assert_one_line_error(status, stderr, "set GPT2_VOCAB to a local copy")
 
@@ -469,7 +475,7 @@ def test_a_damaged_gpt2_vocabulary_is_one_line_in_every_script(world, gpt2_vocab
     scripts = [("sample.py", ["--init_from={gpt2}", "--device=cpu"]),
                ("data/prepare.py", ["--input", "{text_txt}", "--out_dir", str(tmp_path / "d"),
                                     "--tokenizer=gpt2"]),
-               ("hellaswag.py", ["--init_from={gpt2}", "--input={good_jsonl}"])]
+               ("tools/hellaswag.py", ["--init_from={gpt2}", "--input={good_jsonl}"])]
     for name, (content, message) in damaged.items():
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(content))

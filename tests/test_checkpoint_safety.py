@@ -16,7 +16,7 @@ import sample
 import train
 from helpers import ROOT, TINY, TORCHRUN, quiet_env, read_metrics
 from tools import plot
-from training import safe_load
+from training import checkpoint, safe_load
 from training.checkpoint import latest_checkpoint, save_checkpoint
 from training.safe_load import CheckpointError, checkpoint_iteration, load_checkpoint
 

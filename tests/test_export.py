@@ -36,9 +36,9 @@ def exported(tmp_path_factory, char_data, gpt2_data):
     root = tmp_path_factory.mktemp("export")
     run_train(STEPS + ["--bias=false"], char_data, root / "char")
     run_train(STEPS + ["--bias=true"], gpt2_data, root / "gpt2")
-    proc = subprocess.run([sys.executable, str(ROOT / "export.py"), f"--out_dir={root / 'char'}",
+    proc = subprocess.run([sys.executable, "-m", "tools.export", f"--out_dir={root / 'char'}",
                            f"--hf_dir={root / 'hf-char'}"], capture_output=True, text=True,
-                          env=quiet_env())
+                          env=quiet_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "transformers has no tokenizer" in proc.stdout  # the character model's note
     assert export.main([f"--out_dir={root / 'gpt2'}", f"--hf_dir={root / 'hf-gpt2'}"]) == 0

@@ -16,6 +16,7 @@ import torch
 
 import train
 from helpers import ROOT, TORCHRUN, quiet_env, read_metrics, run_train, train_cmd
+from training import startup
 from training.checkpoint import save_checkpoint
 from training.safe_load import CheckpointError, load_checkpoint
 from training.settings import TrainConfig, parse_config
@@ -47,7 +48,7 @@ def test_a_max_iters_flag_moves_the_end_of_the_schedule(monkeypatch, args, lr_de
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     seen = []
     monkeypatch.setattr(train, "train", lambda cfg, named: seen.append((cfg, named)))
-    monkeypatch.setattr(train, "out_dir_lock", lambda out_dir: contextlib.nullcontext())
+    monkeypatch.setattr(startup, "out_dir_lock", lambda out_dir: contextlib.nullcontext())
     assert train.main(args) == 0
     cfg, named = seen[0]
     assert cfg.lr_decay_iters == lr_decay_iters
@@ -319,8 +320,9 @@ def test_names_that_do_not_exist_say_what_does(char_data, tmp_path):
 
 
 def test_a_second_ctrl_c_exits_at_once_in_one_line():
-    code = ("import os, signal, sys, time; sys.path.insert(0, sys.argv[1]); import runtime; "
-            "runtime.StopSignals(); os.kill(os.getpid(), signal.SIGINT); "
+    code = ("import os, signal, sys, time; sys.path.insert(0, sys.argv[1]); "
+            "from training import stopping; stopping.StopSignals(); "
+            "os.kill(os.getpid(), signal.SIGINT); "
             "os.kill(os.getpid(), signal.SIGINT); time.sleep(600)")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True,
                           text=True, timeout=300)

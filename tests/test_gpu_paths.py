@@ -11,7 +11,7 @@ import torch
 
 from helpers import ROOT, TORCHRUN, run_train, train_cmd
 from model import GPT, GPTConfig, KVCache
-from training import accounting, runtime
+from training import accounting, runtime, step
 from training.settings import ConfigError, TrainConfig, parse_config
 
 
@@ -168,14 +168,14 @@ def test_a_stop_does_not_start_an_evaluation(char_data, tmp_path, monkeypatch):
     # eat that time. Here an evaluation is due at every iteration, and the signal comes
     # during the third iteration's forward and backward.
     import train
-    events, forward_backward, estimate_loss = [], train.forward_backward, train.estimate_loss
+    events, forward_backward, estimate_loss = [], step.forward_backward, train.estimate_loss
 
     def stepping(*args):
         events.append("step")
         if events.count("step") == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return forward_backward(*args)
-    monkeypatch.setattr(train, "forward_backward", stepping)
+    monkeypatch.setattr(step, "forward_backward", stepping)
     monkeypatch.setattr(train, "estimate_loss", lambda *a, **k: events.append("eval") or
                         estimate_loss(*a, **k))
     args = train_cmd(["--max_iters=400", "--eval_interval=1", "--eval_iters=2"], char_data,
@@ -225,7 +225,7 @@ def test_a_diverged_step_never_reaches_the_weights_although_it_is_read_a_step_la
     flag = f"--optimizer={optimizer}"  # both honour the step's found_inf flag on the device
     assert train.main(train_cmd(["--max_iters=3", "--eval_interval=3", flag], char_data,
                                 good)[2:]) == 0
-    calls, forward_backward = [], train.forward_backward
+    calls, forward_backward = [], step.forward_backward
 
     def poisoned(model, batches, *args):  # iteration 3's gradients are NaN
         loss = forward_backward(model, batches, *args)
@@ -235,7 +235,7 @@ def test_a_diverged_step_never_reaches_the_weights_although_it_is_read_a_step_la
                 p.grad.fill_(float("nan"))
             return loss * float("nan")
         return loss
-    monkeypatch.setattr(train, "forward_backward", poisoned)
+    monkeypatch.setattr(step, "forward_backward", poisoned)
     args = train_cmd(["--max_iters=6", "--eval_interval=100", flag], char_data,
                      tmp_path / "bad")[2:]
     assert train.main(args) == 2

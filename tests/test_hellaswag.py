@@ -116,7 +116,7 @@ def test_evaluate_counts_sum_and_mean_wins(examples_file, gpt2_vocab_path):
 
 
 def run_cli(*args, launcher=()):
-    return subprocess.run([sys.executable, *launcher, str(ROOT / "hellaswag.py"), *args],
+    return subprocess.run([sys.executable, *launcher, "-m", "tools.hellaswag", *args],
                           capture_output=True, text=True, timeout=1800, cwd=ROOT)
 
 

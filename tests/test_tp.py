@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import TORCHRUN, assert_same_run, assert_samples, run_train, train_losses
-from parallel import mesh
+from parallel.mesh import check, clip_grad_norm_
 from parallel.tensor_parallel import regroup_qkv
 from training.runtime import DeviceError
 from training.safe_load import load_checkpoint
@@ -105,7 +105,7 @@ def test_clipping_combines_the_norms_of_whole_and_split_gradients(tmp_path):
         whole.grad = torch.ones(4, 3)
         split.grad = distribute_tensor(torch.full((6,), 2.0), mesh, [Shard(0)])
         # sqrt(12 * 1^2 + 6 * 2^2) = 6; clipped to 3, every gradient is halved
-        norm = mesh.clip_grad_norm_([whole, split], max_norm=3.0)
+        norm = clip_grad_norm_([whole, split], max_norm=3.0)
         assert norm.item() == pytest.approx(6.0)
         assert torch.allclose(whole.grad, torch.full((4, 3), 0.5), atol=1e-6)
         assert torch.allclose(split.grad.full_tensor(), torch.ones(6), atol=1e-6)
@@ -125,7 +125,7 @@ def test_layouts_that_cannot_run_are_refused(monkeypatch, changes, world_size, m
     cfg = replace(TrainConfig(n_head=2, n_embd=32, tp=2), **changes)
     dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
     with pytest.raises(DeviceError, match=message):
-        mesh.check(cfg, world_size, dtype)
+        check(cfg, world_size, dtype)
 
 
 def test_tp_needs_torchrun(char_data, tmp_path):

@@ -2,10 +2,10 @@
 memory per GPU and bytes sent per step with DDP, FSDP, and with --tp=N tensor parallelism (TP
 alone on N GPUs, or FSDP x TP on more), with and without activation checkpointing.
 
-    python estimate.py config/train_gpt2.toml --gpus=8 --mfu=0.4
+    python -m tools.estimate config/train_gpt2.toml --gpus=8 --mfu=0.4
 
 It reads train.py's config files and flags, prints the report train.py prints at its start,
-then the tables. It is arithmetic on the settings (accounting.py): nothing is trained or written.
+then the tables. It is arithmetic on the settings (training/accounting.py): nothing is trained or written.
 """
 import itertools
 import sys
@@ -100,8 +100,29 @@ def memory_table(cfg, world_size, m):
                      f"{state / GIB:>7.1f}{parts['activations'] / GIB:>13.1f}"
                      f"{parts['logits'] / GIB:>8.1f}{sum(parts.values()) / GIB:>8.1f}"
                      f"{sent / GIB:>8.1f}  "
-                     f"{', '.join(map(str, accounting.fits(sum(parts.values())))) or 'none'}")
+                     f"{', '.join(map(str, fits(sum(parts.values())))) or 'none'}")
     return "\n".join(lines)
+
+
+# GPU memory sizes in GB and the boards that have them. A run fits when its estimate is at
+# most the size in 10^9 bytes: under the GiB the boards have, for what the estimate leaves out.
+GPU_MEMORY_GB = {24: "RTX 4090, A10G, L4", 40: "A100 40GB", 80: "A100 80GB, H100",
+                 141: "H200"}
+
+
+def fits(n_bytes):
+    """The sizes in GPU_MEMORY_GB that n_bytes fits in."""
+    return [gb for gb in GPU_MEMORY_GB if n_bytes <= gb * 10 ** 9]
+
+
+def fits_text(n_bytes):
+    """Which GPU sizes a run needing n_bytes per GPU fits, and which not."""
+    sizes = fits(n_bytes)
+    too_small = [f"{gb} GB ({GPU_MEMORY_GB[gb]})" for gb in GPU_MEMORY_GB if gb not in sizes]
+    if not sizes:
+        return f"too much for every GPU size we know ({', '.join(map(str, GPU_MEMORY_GB))} GB)"
+    return (f"fits GPUs of {', '.join(map(str, sizes))} GB"
+            + (f", not {', '.join(too_small)}" if too_small else ""))
 
 
 def _duration(seconds):
@@ -126,6 +147,7 @@ def print_estimate(cfg):
         print(f"(dataset {cfg.dataset} not prepared: assuming GPT-2's vocabulary)")
     m = accounting.model_shape(cfg, vocab_size)
     print(accounting.report(cfg, cfg.gpus, m))
+    print("  " + fits_text(sum(accounting.memory_per_rank(cfg, m, cfg.gpus).values())))
     print(cost(cfg, cfg.gpus, m, cfg.mfu))
     print(memory_table(cfg, cfg.gpus, m))
 

@@ -1,6 +1,6 @@
 """Export a checkpoint as the folder transformers' GPT2LMHeadModel.save_pretrained writes.
 
-    python export.py --out_dir=out-shakespeare-char --hf_dir=hf-shakespeare-char
+    python -m tools.export --out_dir=out-shakespeare-char --hf_dir=hf-shakespeare-char
 
 GPT2LMHeadModel.from_pretrained("hf-shakespeare-char") then gives the same logits as our model,
 and `--init_from=hf-shakespeare-char` loads it back in train.py and sample.py. The folder holds

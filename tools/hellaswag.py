@@ -1,8 +1,8 @@
 """HellaSwag: zero-shot accuracy at choosing how a short story goes on.
 
-    python hellaswag.py --init_from=gpt2              # OpenAI's weights: a hub name or a folder
-    python hellaswag.py --out_dir=out-gpt2            # our checkpoint in out_dir
-    torchrun --standalone --nproc_per_node=8 hellaswag.py --init_from=gpt2-xl
+    python -m tools.hellaswag --init_from=gpt2        # OpenAI's weights: a hub name or a folder
+    python -m tools.hellaswag --out_dir=out-gpt2      # our checkpoint in out_dir
+    torchrun --standalone --nproc_per_node=8 -m tools.hellaswag --init_from=gpt2-xl
 
 Each example is a context and four endings, one of them right. The model reads the context
 followed by each ending (" " + ending), and its cross-entropy on the ending's tokens alone
@@ -136,7 +136,7 @@ def examples_path(cfg, rank, world_size):
     if cfg.input:
         return cfg.input
     if rank == 0 and not CACHE.is_file():
-        download(URL, CACHE, "python hellaswag.py --input=PATH ...")
+        download(URL, CACHE, "python -m tools.hellaswag --input=PATH ...")
     if world_size > 1:
         torch.distributed.barrier()
     return CACHE

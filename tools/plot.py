@@ -1,8 +1,8 @@
 """Draw the loss curves of training runs, and the learning-rate schedule of a config.
 
-    python plot.py out-shakespeare-char                        # out-shakespeare-char/loss.png
-    python plot.py out-a out-b --out=compare.png                # two runs in one picture
-    python plot.py --lr_config=config/train_shakespeare_char_cpu.toml   # no run needed
+    python -m tools.plot out-shakespeare-char                  # out-shakespeare-char/loss.png
+    python -m tools.plot out-a out-b --out=compare.png          # two runs in one picture
+    python -m tools.plot --lr_config=config/train_shakespeare_char_cpu.toml   # no run needed
 
 A run's metrics.jsonl (written by train.py) gives its training loss, one batch every
 log_interval iterations, and its validation loss at every evaluation. Both are drawn against

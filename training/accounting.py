@@ -135,21 +135,11 @@ def communication_per_step(cfg, m, world_size=1):
     return parts
 
 
-# GPU memory sizes in GB and the boards that have them. A run fits when its estimate is at
-# most the size in 10^9 bytes: under the GiB the boards have, for what the estimate leaves out.
-GPU_MEMORY_GB = {24: "RTX 4090, A10G, L4", 40: "A100 40GB", 80: "A100 80GB, H100",
-                 141: "H200"}
-
-
-def fits(n_bytes):
-    """The sizes in GPU_MEMORY_GB that n_bytes fits in."""
-    return [gb for gb in GPU_MEMORY_GB if n_bytes <= gb * 10 ** 9]
-
-
 def report(cfg, world_size=1, model_config=None, device=None):
     """A few lines on what the run costs, for train.py to print at the start. model_config:
     the model's GPTConfig, else cfg's fields (vocab_size included). device: (name, bytes of
-    memory or None), the run's; without it, the GPU sizes that the estimate fits."""
+    memory or None), the run's, to compare the estimate with (tools/estimate.py, without it,
+    names the GPU sizes it fits)."""
     m = cfg if model_config is None else model_config
     if not hasattr(m, "vocab_size"):
         raise ValueError("the vocabulary size is not in the run's settings: pass the model's "
@@ -183,7 +173,7 @@ def report(cfg, world_size=1, model_config=None, device=None):
         f"layer keeps its input, one is rerun ({per_channel:g} * n_embd per token)",
         f"  logits {_size(memory['logits'])}; unfused attention would add "
         f"{_size(scores)} of scores, which SDPA does not store",
-        f"  {_fits_text(memory) if device is None else _device_text(memory, *device)}",
+        *([f"  {_device_text(memory, *device)}"] if device else []),
         "communication per iteration and process (accounting.communication_per_step): "
         + (", ".join(f"{k} {_size(v)}" for k, v in comms.items()) or "none"),
     ])
@@ -237,15 +227,6 @@ def _device_text(memory, name, have):
     if not have:
         return f"{name}'s memory is not known here"
     return f"{sum(memory.values()) / have:.1%} of the {_size(have)} that {name} has"
-
-
-def _fits_text(memory):
-    sizes = fits(sum(memory.values()))
-    too_small = [f"{gb} GB ({GPU_MEMORY_GB[gb]})" for gb in GPU_MEMORY_GB if gb not in sizes]
-    if not sizes:
-        return f"too much for every GPU size we know ({', '.join(map(str, GPU_MEMORY_GB))} GB)"
-    return (f"fits GPUs of {', '.join(map(str, sizes))} GB"
-            + (f", not {', '.join(too_small)}" if too_small else ""))
 
 
 def activation_bytes(cfg):

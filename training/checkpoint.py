@@ -33,7 +33,6 @@ import torch
 
 from model import GPT, config_from_dict
 from parallel.state import load_optimizer_state, training_state
-from training.evaluation import estimate_loss
 from training.safe_load import CheckpointError, check_finite, checkpoint_iteration
 from training.settings import TrainConfig
 
@@ -122,22 +121,26 @@ class Milestones:
     - the last step's flags are read (StopCheck.settle) before anything is evaluated or saved,
       so a diverged step never reaches a checkpoint."""
 
-    def __init__(self, run, log, stop):
+    def __init__(self, run, log, stop, estimate_loss):
         self.run, self.log, self.stop, self.val_loss = run, log, stop, None
+        self.estimate_loss = estimate_loss  # train.py's, passed in: train.py imports this page
         # the iteration whose evaluation is done; --eval_only evaluates whatever it says
         self.evaluated = run.iter_num if run.evaluated and not run.cfg.eval_only else None
-        self.complete = self.evaluated is not None and run.iter_num >= run.cfg.max_iters
 
     def end_here(self, iter_num):
         """Evaluate and checkpoint if due; return whether the run ends at iter_num."""
         run, cfg, stop = self.run, self.run.cfg, self.stop
-        if self.complete:  # a resumed run that had done all its iterations
-            return finished(run)
+        if self.evaluated == iter_num >= cfg.max_iters:  # resumed, with nothing left to do
+            if run.rank == 0:
+                print(f"the run in {cfg.out_dir} is complete: it has done its {cfg.max_iters} "
+                      f"iterations. To train it longer: python train.py --init_from=resume "
+                      f"--out_dir={cfg.out_dir} --max_iters={2 * cfg.max_iters}", flush=True)
+            return True
         due = iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters or cfg.eval_only
         if due or stop.stopping:
             stop.settle()  # raises TrainingError if the last step diverged
         if due and self.evaluated != iter_num and not stop.stopping:
-            self.val_loss = evaluate_and_checkpoint(run, iter_num, self.log, stop)
+            self.val_loss = self.evaluate_and_checkpoint(iter_num)
             self.evaluated = None if stop.stopping else iter_num
         if stop.stopping:
             save_on_stop(run, iter_num, self.log, self.evaluated == iter_num)
@@ -145,27 +148,26 @@ class Milestones:
         if iter_num < cfg.max_iters and not cfg.eval_only:
             return False
         if not cfg.eval_only and cfg.eval_iters:  # the figure the README quotes
-            whole = estimate_loss(run, stop, ("val",), eval_iters=0)
+            whole = self.estimate_loss(run, stop, ("val",), eval_iters=0)
             if whole is None:  # stopped: the run is complete all the same
                 save_on_stop(run, iter_num, self.log, True)
             else:
                 self.log.whole_split(iter_num, whole)
         return True
 
-
-def evaluate_and_checkpoint(run, iter_num, log, stop):
-    """Estimate and log both losses; save on a new best validation loss (or always, with
-    always_save_checkpoint). Returns the validation loss, or None if a stop came."""
-    started = time.time()
-    losses = estimate_loss(run, stop)
-    if losses is None:
-        return None
-    improved = losses["val"] < run.best_val_loss
-    run.best_val_loss = min(run.best_val_loss, losses["val"])
-    if (improved or run.cfg.always_save_checkpoint) and not run.cfg.eval_only:
-        save(run, iter_num, log, evaluated=True)
-    log.evaluation(iter_num, losses, seconds=time.time() - started)
-    return losses["val"]
+    def evaluate_and_checkpoint(self, iter_num):
+        """Estimate and log both losses; save on a new best validation loss (or always, with
+        always_save_checkpoint). Returns the validation loss, or None if a stop came."""
+        run, started = self.run, time.time()
+        losses = self.estimate_loss(run, self.stop)
+        if losses is None:
+            return None
+        improved = losses["val"] < run.best_val_loss
+        run.best_val_loss = min(run.best_val_loss, losses["val"])
+        if (improved or run.cfg.always_save_checkpoint) and not run.cfg.eval_only:
+            save(run, iter_num, self.log, evaluated=True)
+        self.log.evaluation(iter_num, losses, seconds=time.time() - started)
+        return losses["val"]
 
 
 def save_on_stop(run, iter_num, log, evaluated):
@@ -181,17 +183,6 @@ def save_on_stop(run, iter_num, log, evaluated):
         print(f"stopped by a signal at iteration {iter_num}; checkpoint saved to "
               f"{os.path.join(run.cfg.out_dir, name)}: resume with --init_from=resume",
               flush=True)
-
-
-def finished(run):
-    """A resumed run that has already done all its iterations says so, and how to go on."""
-    if run.rank == 0:
-        cfg = run.cfg
-        print(f"the run in {cfg.out_dir} is complete: it has done its max_iters="
-              f"{cfg.max_iters} iterations. To train it longer: python train.py "
-              f"--init_from=resume --out_dir={cfg.out_dir} --max_iters={2 * cfg.max_iters} "
-              "(README: Training)", flush=True)
-    return True
 
 
 # ----------------------------------------------------------------------------- resuming

@@ -27,13 +27,6 @@ def _write_error(path, e):
     return MetricsError(f"cannot write {path}: {e.strerror or e}")
 
 
-def drop_partial_line(path):
-    """Cut path back to its last newline, so that a row half written when a run died (a full
-    disk, a kill) does not break the file that a resumed run appends to."""
-    with open(path, "rb+") as f:
-        f.truncate(f.read().rfind(b"\n") + 1)
-
-
 class MetricsLog:
     """Rank 0 prints and writes; every rank calls step(), which averages the loss over them."""
 
@@ -49,8 +42,9 @@ class MetricsLog:
             # evaluation, adds to it.
             resumed = cfg.init_from == "resume" or run.iter_num > 0 or cfg.eval_only
             try:
-                if resumed and os.path.exists(self.path):
-                    drop_partial_line(self.path)
+                if resumed and os.path.exists(self.path):  # cut a row half written when a
+                    with open(self.path, "rb+") as f:  # run died (a full disk, a kill)
+                        f.truncate(f.read().rfind(b"\n") + 1)
                 self.file = open(self.path, "a" if resumed else "w")
             except OSError as e:
                 raise _write_error(self.path, e) from None

@@ -49,7 +49,7 @@ class MuonAdamW(torch.optim.AdamW):
     that tall and wide matrices move alike, and decoupled weight decay.
 
     Like the fused AdamW, it honours found_inf on the device: a step whose flag is set changes
-    neither the weights nor the momentum (step.StopCheck relies on it)."""
+    neither the weights nor the momentum (training/stopping.py, StopCheck, relies on it)."""
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -1,5 +1,5 @@
-"""Where and how the code runs: the device, the precision, the group of processes, signals.
-The one place that decides these, for train.py, sample.py, hellaswag.py and bench.py.
+"""Where and how the code runs: the device, the precision, the group of processes. The one
+place that decides these, for train.py, sample.py and the tools (hellaswag, bench).
 """
 import contextlib
 import datetime
@@ -188,28 +188,3 @@ def busy_note(device):
         return None
     return (f"note: this machine looks busy (load average {load:.1f} on {cores} cores): "
             "training is slower than on a quiet one, and OMP_NUM_THREADS=1 may help")
-
-
-class StopSignals:
-    """SIGINT, SIGTERM and SIGHUP (Ctrl-C, a preempted machine, a closed terminal) ask to stop
-    soon, with a checkpoint; a second Ctrl-C exits at once, with no new checkpoint."""
-
-    def __init__(self):
-        self.received = False
-        self.previous = {s: signal.signal(s, self._handle)
-                         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-
-    def _handle(self, signum, frame):
-        if self.received and signum == signal.SIGINT:
-            # Not KeyboardInterrupt, a screen of traceback through collectives and a save:
-            # checkpoints are written atomically, so leaving at once keeps the last one whole.
-            print("second Ctrl-C: exiting now; the last checkpoint saved is kept",
-                  file=sys.stderr, flush=True)
-            os._exit(130)
-        self.received = True
-        print(f"{signal.Signals(signum).name} received: stopping with a checkpoint",
-              file=sys.stderr, flush=True)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)

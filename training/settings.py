@@ -80,7 +80,7 @@ class TrainConfig:
     backend: str = "auto"  # DDP backend: auto is nccl on CUDA devices and gloo otherwise
     ddp_timeout: int = 600  # seconds a rank waits for its peers before failing with an error
     fsdp: bool = False  # shard weights, gradients and AdamW state over the ranks (FSDP2, torchrun)
-    tp: int = 1  # tensor-parallel degree: ranks that split each Block (torchrun; parallel.py)
+    tp: int = 1  # tensor-parallel degree: ranks that split each Block (torchrun; parallel/)
     activation_checkpointing: bool = False  # recompute Blocks in backward: less memory, +1/3 FLOPs
 
     def validate(self):

@@ -11,6 +11,7 @@ import os
 import runpy
 import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -18,10 +19,8 @@ import torch
 
 from data.dataset import DataError, TokenData, load_meta
 from model import GPT
-from parallel.data_parallel import wrap_ddp
-from parallel.mesh import Layout, check, make_layout, spread
-from training import accounting, runtime
-from training.checkpoint import model_from_checkpoint, resolve_init, resume_state, resumed_settings
+from parallel import data_parallel, mesh
+from training import accounting, checkpoint, runtime
 from training.safe_load import GPT2_SIZES, CheckpointError, load_checkpoint, load_pretrained
 from training.settings import ConfigError, TrainConfig
 from training.step import make_optimizer
@@ -67,7 +66,7 @@ def init_model(cfg, meta, ckpt, ckpt_path):
     if cfg.init_from == "scratch":
         return GPT(accounting.model_shape(cfg, meta["vocab_size"])), cfg
     if ckpt is not None:
-        model, model_meta = model_from_checkpoint(ckpt, ckpt_path, cfg.dropout)
+        model, model_meta = checkpoint.model_from_checkpoint(ckpt, ckpt_path, cfg.dropout)
         if any(model_meta.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
             raise CheckpointError(f"the checkpoint in {cfg.out_dir} was trained with another "
                                   "tokenizer or vocabulary than this dataset's meta.json")
@@ -180,7 +179,7 @@ class Run:
     meta: dict  # the dataset's meta.json, saved with each checkpoint
     raw_model: GPT  # the model itself, whose state_dict is saved
     model: torch.nn.Module  # what the loop runs: raw_model, compiled and DDP-wrapped as asked
-    layout: Layout  # how the run is spread: data-parallel rows of tp ranks
+    layout: mesh.Layout  # how the run is spread: data-parallel rows of tp ranks
     optimizer: torch.optim.Optimizer
     micro_steps: int  # forward/backward passes per iteration on each rank
     iter_num: int  # the iteration to start from
@@ -195,12 +194,8 @@ def settings_text(cfg):
     default = TrainConfig()
     flags = [f"--{f.name}={str(v).lower() if isinstance(v, bool) else v}"
              for f in fields(cfg) if (v := getattr(cfg, f.name)) != getattr(default, f.name)]
-    lines = ["settings (those not at their defaults):"]
-    for flag in flags:
-        if len(lines[-1]) + len(flag) >= 99:
-            lines.append("")
-        lines[-1] += " " + flag
-    return "\n".join(lines)
+    return textwrap.fill(" ".join(["settings (those not at their defaults):", *flags]), 99,
+                         subsequent_indent=" ", break_long_words=False, break_on_hyphens=False)
 
 
 def setup(cfg, named=()):
@@ -210,11 +205,11 @@ def setup(cfg, named=()):
         cfg.device, cfg.backend, cfg.ddp_timeout)
     if rank == 0:
         check_writable(cfg.out_dir)
-    init_from, ckpt_path = resolve_init(cfg, rank, world_size)
+    init_from, ckpt_path = checkpoint.resolve_init(cfg, rank, world_size)
     cfg, ckpt = replace(cfg, init_from=init_from), None
     if init_from == "resume":  # the run goes on with its own settings, from its checkpoint
         ckpt = load_checkpoint(ckpt_path, resume=True)
-        cfg = resumed_settings(cfg, ckpt.get("config", {}), named)
+        cfg = checkpoint.resumed_settings(cfg, ckpt.get("config", {}), named)
     dtype, ctx, scaler = runtime.training_precision(cfg.dtype, device, cfg.deterministic)
     if cfg.fsdp:
         ctx = contextlib.nullcontext()  # FSDP's own policy casts (data_parallel.shard)
@@ -233,21 +228,21 @@ def setup(cfg, named=()):
         check_memory(cfg, accounting.model_shape(cfg, meta["vocab_size"]), world_size, device)
     torch.manual_seed(cfg.seed)
     raw_model, cfg = init_model(cfg, meta, ckpt, ckpt_path)
-    check(cfg, world_size, dtype)  # the layout, with the model's shape, now known
+    mesh.check(cfg, world_size, dtype)  # the layout, with the model's shape, now known
     check_divisible(cfg, world_size)
-    layout = make_layout(cfg, rank, world_size, device)
+    layout = mesh.make_layout(cfg, rank, world_size, device)
     raw_model.to(device)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     check_vocab(meta, data, raw_model.config.vocab_size, data_dir)
-    spread(raw_model, layout, dtype)
+    mesh.spread(raw_model, layout, dtype)
     optimizer = make_optimizer(raw_model, cfg)
     iter_num, evaluated, best_val_loss, origin, elapsed_s = 0, False, float("inf"), init_from, 0.0
     if ckpt is not None:  # where the run goes on (training/checkpoint.py)
-        iter_num, evaluated, best_val_loss, origin, elapsed_s = resume_state(
+        iter_num, evaluated, best_val_loss, origin, elapsed_s = checkpoint.resume_state(
             ckpt, raw_model, optimizer, scaler, layout)
         del ckpt  # free the CPU copy of the weights and optimizer state
     model = torch.compile(raw_model) if cfg.compile else raw_model
-    model = wrap_ddp(model, layout, device, local_rank)
+    model = data_parallel.wrap_ddp(model, layout, device, local_rank)
     if rank == 0:
         print(settings_text(cfg))  # all of them are saved in each checkpoint
         print(accounting.report(cfg, world_size, raw_model.config,
