@@ -1,13 +1,15 @@
 """Every command line in README.md and docs/*.md runs as written: in one scratch folder, in the
-order the pages give them, at tiny sizes by flags appended to each. The few that cannot run
-here are listed below with the reason, and their settings are still checked; a new command
-that is neither runnable nor listed fails the test."""
+order the pages give them, at tiny sizes by flags appended to each. A script runs by its path,
+a tool (python -m tools.NAME) as the module it names, as from the repository root. The few
+that cannot run here are listed below with the reason, and their settings are still checked; a
+new command that is neither runnable nor listed fails the test."""
 import contextlib
 import os
 import re
 import runpy
 import shlex
 import subprocess
+import warnings
 
 import pytest
 
@@ -27,7 +29,7 @@ CANNOT_RUN = {
     "python -m pytest -q -m \"not slow\"": "the test suite itself, which holds this test",
     "python train.py config/finetune_shakespeare.toml": DOWNLOAD + " (OpenAI's GPT-2)",
     "python train.py config/eval_gpt2.toml": DOWNLOAD + " (OpenAI's GPT-2)",
-    "python hellaswag.py --init_from=gpt2": DOWNLOAD + " (OpenAI's GPT-2 and HellaSwag)",
+    "python -m tools.hellaswag --init_from=gpt2": DOWNLOAD + " (OpenAI's GPT-2 and HellaSwag)",
     "python sample.py --init_from=gpt2 --start=FILE:prompt.txt --max_new_tokens=200":
         DOWNLOAD + " (OpenAI's GPT-2)",
     "torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.toml":
@@ -97,17 +99,32 @@ def test_the_pages_hold_commands_and_every_listed_one_is_still_there():
 
 
 def script_argv(cmd):
-    """The script and arguments of a command: no env settings, no /usr/bin/time, no python;
-    files the repository holds (config/..., a script) named by their absolute path."""
+    """The script and arguments of a command: no env settings, no /usr/bin/time, no python.
+    The script is a file's absolute path, or for python -m a module's name ("tools.bench");
+    config files are named by their absolute path."""
     words = [w for w in shlex.split(cmd) if not re.match(r"^[A-Z_]+=", w)]
     if words[0] == "/usr/bin/time":
         words = words[3:]  # -f FORMAT
-    words = words[1:]  # python
+    words = words[1:]  # python, or torchrun's options up to its script
+    while words[0].startswith("--"):
+        words = words[1:]
+    module = words[0] == "-m"
+    words = words[module:]
 
     def repo(word):
         head, eq, path = word.rpartition("=")
         return head + eq + str(ROOT / path) if path.startswith("config/") else word
-    return str(ROOT / words[0]), [repo(w) for w in words[1:]]
+    return words[0] if module else str(ROOT / words[0]), [repo(w) for w in words[1:]]
+
+
+def main_of(script):
+    """The main(argv) of a script's path or of a module's name, loaded afresh as python would
+    run it (for a package, its __main__), with __name__ not "__main__" so that it waits."""
+    if os.path.isabs(script):
+        return runpy.run_path(script)["main"]
+    with warnings.catch_warnings():  # another test imported the tool first: harmless here
+        warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+        return runpy.run_module(script)["main"]
 
 
 @contextlib.contextmanager
@@ -126,7 +143,7 @@ def run_one(cmd, folder, char_data, shakespeare_path, overwrite=True):
         subprocess.run(cmd, shell=True, cwd=folder, check=True)
         return
     script, args = script_argv(cmd)
-    name = os.path.relpath(script, ROOT)
+    name = os.path.relpath(script, ROOT) if os.path.isabs(script) else script
     if name.startswith("data/"):  # from the shared copy, into the scratch folder
         if "prepare.py" in name and "shakespeare" in name:
             out = folder / "data" / os.path.basename(os.path.dirname(script))
@@ -147,9 +164,9 @@ def run_one(cmd, folder, char_data, shakespeare_path, overwrite=True):
                 *(["--overwrite=true"] if overwrite and not resume else [])]
     elif name == "sample.py":
         args = [*args, *SAMPLE]
-    elif name == "bench.py":
+    elif name == "tools.bench":
         args = [*args, *BENCH]
-    status = runpy.run_path(script)["main"](args)
+    status = main_of(script)(args)
     assert status in (0, None) or isinstance(status, dict), (cmd, status)
 
 
@@ -182,7 +199,9 @@ def test_every_command_runs_as_written(char_data, shakespeare_path, tmp_path, ca
                 assert not e.code, f"{page}: {cmd}: {e}"
         ran.append(cmd)
         capsys.readouterr()  # keep the captured output small
-    assert "python sample.py" in ran and any(c.startswith("python bench.py") for c in ran)
+    assert "python sample.py" in ran
+    for tool in ("bench", "estimate", "export", "plot"):  # each tool's commands ran here
+        assert any(c.startswith(f"python -m tools.{tool} ") for c in ran), tool
 
 
 def torchrun_commands():
@@ -193,17 +212,18 @@ def torchrun_commands():
 @pytest.mark.slow
 @pytest.mark.parametrize("cmd", torchrun_commands())
 def test_every_torchrun_command_runs_as_written(cmd, char_data, tmp_path):
-    words = shlex.split(cmd)
-    script = next(i for i, w in enumerate(words) if w.endswith(".py"))
-    nproc = next(int(w.split("=")[1]) for w in words if w.startswith("--nproc_per_node="))
+    script, args = script_argv(cmd)
+    nproc = next(int(w.split("=")[1]) for w in cmd.split() if w.startswith("--nproc_per_node="))
     launcher = [*TORCHRUN[:-1], f"--nproc_per_node={nproc}"]
-    _, args = script_argv("python " + " ".join(words[script:]))
-    extra = BENCH if words[script] == "bench.py" else TRAIN
-    if words[script] == "train.py":
+    extra = BENCH if script == "tools.bench" else TRAIN
+    if script == str(ROOT / "train.py"):
         extra = [*extra, f"--data_dir={char_data}"]
-    proc = subprocess.run([*launcher, str(ROOT / words[script]), *args, *extra],
-                          capture_output=True, text=True, env=quiet_env(), cwd=tmp_path,
-                          timeout=600)
+    # torchrun -m imports the module as python -m does, here from the repository, as in a clone
+    target = [script] if os.path.isabs(script) else ["-m", script]
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc = subprocess.run([*launcher, *target, *args, *extra],
+                          capture_output=True, text=True, env=quiet_env(PYTHONPATH=path),
+                          cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
