@@ -144,7 +144,9 @@ def test_a_stop_comes_within_a_micro_step_even_in_a_long_iteration(char_data, tm
 @pytest.mark.slow
 def test_a_second_run_on_the_same_out_dir_stops_at_once(char_data, tmp_path):
     out = tmp_path / "out"
-    first = start(["--max_iters=400"], char_data, out)
+    # Long enough to be still running when the signal comes, however slow the second run's
+    # start on a busy machine: a run that had finished meanwhile could be ending as it lands.
+    first = start(["--max_iters=1000000", "--eval_interval=1000000"], char_data, out)
     wait_for_rows(out, 1, first)
     second = run_train(["--max_iters=2", "--overwrite=true"], char_data, out, expect_ok=False)
     first.send_signal(signal.SIGTERM)
