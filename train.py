@@ -5,9 +5,8 @@
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.toml
 
 training/startup.py's setup() turns the settings into a ready run, then train() loops:
-evaluate and checkpoint when due, set the learning rate, forward and backward over the
-micro-steps, clip, step, zero_grad, log.
-Each batch is a pure function of the seed, (iteration, micro-step): a resumed run repeats the
+evaluate and checkpoint when due (training/checkpoint.py, Milestones), set the learning rate,
+forward and backward over the micro-steps, clip, step, zero_grad, log. Each batch is a pure function of the seed, (iteration, micro-step): a resumed run repeats the
 uninterrupted one exactly, and the global batch does not depend on the number of processes.
 """
 import os
@@ -36,6 +35,8 @@ from training import checkpoint, metrics, runtime, safe_load, settings, startup,
 TRAIN_BATCHES = 0
 EVAL_BATCHES = {"train": 2, "val": 3}
 
+
+# ----------------------------------------------------------------------------- the loop's parts
 
 def train_batches(run, iter_num, stop):
     """This rank's micro-batches of iteration iter_num: micro-steps are numbered across the

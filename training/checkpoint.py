@@ -18,8 +18,8 @@ crash at any moment leaves a whole checkpoint (save_checkpoint).
 How a run resumes (--init_from=resume, training/startup.py calls these): resolve_init picks
 the checkpoint (latest_checkpoint: ckpt.pt, or a newer last.pt), resumed_settings takes the
 run's saved settings unless this command names them, and resume_state puts the optimizer and
-scaler back and says where the loop goes on. Reading a file that may be damaged or hostile is
-training/safe_load.py's concern; OpenAI's weights, training/safe_load.py's.
+scaler back and says where the loop goes on. Reading a file that may be damaged or hostile (a
+checkpoint, OpenAI's weights) is training/safe_load.py's concern.
 """
 import contextlib
 import glob
@@ -35,6 +35,7 @@ from model import GPT, config_from_dict
 from parallel.state import load_optimizer_state, training_state
 from training.safe_load import CheckpointError, check_finite, checkpoint_iteration
 from training.settings import TrainConfig
+
 
 # ----------------------------------------------------------------------------- saving
 
