@@ -3,8 +3,6 @@ whole model and the gradients are averaged over the ranks (an all-reduce) after 
 FSDP (fsdp=true) each holds 1/dp of the weights, gradients and AdamW state, gathering a Block's
 weights just before it runs.
 """
-import contextlib
-
 import torch
 
 
@@ -31,15 +29,6 @@ def shard(model, mesh, dtype):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
-
-def gradient_sync(model, last):
-    """The context of one micro-step: until the last, DDP and FSDP keep each rank's gradients
-    to itself, exchanging them once per iteration (TP's all-reduces are in every pass)."""
-    if hasattr(model, "set_requires_gradient_sync"):  # a module that fully_shard made
-        model.set_requires_gradient_sync(last)
-    elif isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:
-        return model.no_sync()
-    return contextlib.nullcontext()
 
 
 def after_evaluation(model, layout):

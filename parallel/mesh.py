@@ -1,8 +1,8 @@
 """The device mesh: the processes as a grid of dp rows of tp ranks, rank = dp_rank * tp +
 tp_rank, so that the ranks of a row are neighbours, on one machine, where the links are
 fastest. The ranks of a row split each Block (tensor_parallel.py) and see the same batch; the
-rows share the batch out (data_parallel.py). Then the pieces of the step that every layout
-shares: gradients grouped by mesh, and their global norm.
+rows share the batch out (data_parallel.py). The step's own pieces that depend on the layout
+(gradients exchanged at the last micro-step, norms over shards) are in training/step.py.
 """
 import os
 from dataclasses import dataclass
@@ -74,29 +74,3 @@ def release(layout):
     the mesh alive, and the groups with it, past runtime.leave_process_group (see there)."""
     if layout.mesh is not None:
         getattr(layout.mesh, "_pg_registry", {}).clear()  # a private dict in torch 2.13
-
-
-# ----------------------------------------------------------------------------- around the step
-
-
-def by_mesh(tensors):
-    """tensors in groups of one kind, plain or DTensors of one mesh, as fused AdamW and norms
-    need (under TP whole weights are plain, split ones DTensors; 2-D has two meshes)."""
-    groups = {}
-    for t in tensors:
-        groups.setdefault(getattr(t, "device_mesh", None), []).append(t)
-    return list(groups.values())
-
-
-def clip_grad_norm_(parameters, max_norm):
-    """Scale the gradients down so that their global norm is at most max_norm; return the
-    norm before clipping, the same on every rank. A sharded gradient's norm is reduced over its
-    mesh (each rank holds a part), then the groups' norms are combined."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norms = [torch.nn.utils.get_total_norm(group) for group in by_mesh(grads)]
-    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
-    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as clip_grad_norm_ computes it
-    for g in grads:
-        (g.to_local() if hasattr(g, "to_local") else g).mul_(scale)
-    return total

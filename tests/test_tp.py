@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from helpers import TORCHRUN, assert_same_run, assert_samples, run_train, train_losses
-from parallel.mesh import check, clip_grad_norm_
+from parallel.mesh import check
 from parallel.tensor_parallel import regroup_qkv
 from training.runtime import DeviceError
 from training.safe_load import load_checkpoint
 from training.settings import TrainConfig
+from training.step import clip_grad_norm_
 
 # Four micro-steps and a clip that bites (norms here are about 1), as in test_fsdp.py; dropout 0.
 ARGS = ["--gradient_accumulation_steps=4", "--grad_clip=0.5", "--eval_interval=3"]

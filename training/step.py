@@ -4,18 +4,18 @@ the micro-steps, gradient clipping, and the check that decides whether to go on.
 train.py's loop calls them in this order, then takes the optimizer step; tools/bench times
 the same calls, so what it measures is what training runs.
 """
+import contextlib
 import math
 
 import torch
 
-from parallel import data_parallel, mesh
 from training.muon import MuonAdamW
 
 
 def make_optimizer(model, cfg):
     """AdamW decaying the 2-D weights (matmuls, embeddings) but not biases or norms; with
     optimizer=muon, Muon takes the Blocks' matrices (muon.py). Each kind in groups of one kind
-    of tensor (parallel/mesh.py, by_mesh), as the fused kernel needs. A Muon group's lr_scale
+    of tensor (by_mesh, below), as the fused kernel needs. A Muon group's lr_scale
     makes the one schedule peak at muon_lr there."""
     kinds = {"muon": [], "decay": [], "rest": []}
     for name, p in model.named_parameters():
@@ -26,7 +26,7 @@ def make_optimizer(model, cfg):
                   "ns_steps": cfg.muon_ns_steps}
     groups = [{"params": group, "weight_decay": 0.0 if kind == "rest" else cfg.weight_decay,
                **(muon_group if kind == "muon" else {})}
-              for kind, params in kinds.items() for group in mesh.by_mesh(params)]
+              for kind, params in kinds.items() for group in by_mesh(params)]
     # The fused kernel (CUDA, MPS and the CPU have it) updates every parameter in one launch,
     # and skips the whole update on the device when its found_inf flag is set (StopCheck.check).
     optimizer = MuonAdamW if cfg.optimizer == "muon" else torch.optim.AdamW
@@ -59,10 +59,10 @@ def forward_backward(model, batches, ctx, scaler, micro_steps):
     mean loss over the whole batch. Returns that mean loss, as a tensor (no device sync).
 
     Under DDP or FSDP only the last backward reduces the gradients over the ranks
-    (parallel/data_parallel.py, gradient_sync)."""
+    (gradient_sync)."""
     loss_sum = 0.0
     for micro, (x, y) in enumerate(batches):
-        with data_parallel.gradient_sync(model, micro == micro_steps - 1), ctx:
+        with gradient_sync(model, micro == micro_steps - 1), ctx:
             _, loss = model(x, y)
             loss = loss / micro_steps
         scaler.scale(loss).backward()
@@ -70,8 +70,41 @@ def forward_backward(model, batches, ctx, scaler, micro_steps):
     return loss_sum
 
 
+def gradient_sync(model, last):
+    """The context of one micro-step: until the last, DDP and FSDP keep each rank's gradients
+    to itself, exchanging them once per iteration (TP's all-reduces are in every pass)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # a module that fully_shard made
+        model.set_requires_gradient_sync(last)
+    elif isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def clip_gradients(model, optimizer, scaler, grad_clip):
     """Undo the float16 loss scaling, then scale the gradients down so that their global
     norm is at most grad_clip (0: no limit). Returns the norm before clipping, as a tensor."""
     scaler.unscale_(optimizer)
-    return mesh.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    return clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+
+
+def clip_grad_norm_(parameters, max_norm):
+    """Scale the gradients down so that their global norm is at most max_norm; return the
+    norm before clipping, the same on every rank. A sharded gradient's norm is reduced over its
+    mesh (each rank holds a part), then the groups' norms are combined."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norms = [torch.nn.utils.get_total_norm(group) for group in by_mesh(grads)]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as clip_grad_norm_ computes it
+    for g in grads:
+        (g.to_local() if hasattr(g, "to_local") else g).mul_(scale)
+    return total
+
+
+def by_mesh(tensors):
+    """tensors in groups of one kind, plain or DTensors of one mesh, as fused AdamW and norms
+    need (under TP whole weights are plain, split ones DTensors; 2-D has two meshes)."""
+    groups = {}
+    for t in tensors:
+        groups.setdefault(getattr(t, "device_mesh", None), []).append(t)
+    return list(groups.values())
