@@ -4,8 +4,9 @@ alone on N GPUs, or FSDP x TP on more), with and without activation checkpointin
 
     python -m tools.estimate config/train_gpt2.toml --gpus=8 --mfu=0.4
 
-It reads train.py's config files and flags, prints the report train.py prints at its start,
-then the tables. It is arithmetic on the settings (training/accounting.py): nothing is trained or written.
+It reads train.py's config files and flags, prints the report train.py prints at its start
+and the GPU sizes it fits, then the tables. It is arithmetic on the settings
+(training/accounting.py): nothing is trained or written.
 """
 import itertools
 import sys
@@ -147,7 +148,8 @@ def print_estimate(cfg):
         print(f"(dataset {cfg.dataset} not prepared: assuming GPT-2's vocabulary)")
     m = accounting.model_shape(cfg, vocab_size)
     print(accounting.report(cfg, cfg.gpus, m))
-    print("  " + fits_text(sum(accounting.memory_per_rank(cfg, m, cfg.gpus).values())))
+    memory = sum(accounting.memory_per_rank(cfg, m, cfg.gpus).values())
+    print(f"memory per process: {fits_text(memory)}")
     print(cost(cfg, cfg.gpus, m, cfg.mfu))
     print(memory_table(cfg, cfg.gpus, m))
 
