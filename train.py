@@ -6,8 +6,9 @@
 
 training/startup.py's setup() turns the settings into a ready run, then train() loops:
 evaluate and checkpoint when due (training/checkpoint.py, Milestones), set the learning rate,
-forward and backward over the micro-steps, clip, step, zero_grad, log. Each batch is a pure function of the seed, (iteration, micro-step): a resumed run repeats the
-uninterrupted one exactly, and the global batch does not depend on the number of processes.
+forward and backward over the micro-steps, clip, step, zero_grad, log. Each batch is a pure
+function of the seed, (iteration, micro-step): a resumed run repeats the uninterrupted one
+exactly, and the global batch does not depend on the number of processes.
 """
 import os
 import sys

@@ -44,8 +44,8 @@ class StopCheck:
             # float16's GradScaler's own protocol (it sets the flag from its overflow check); here
             # it lets the host read the verdict a step late, without waiting for the GPU now.
             run.optimizer.found_inf = diverged
-        signal = torch.full((), float(self.signals.received), device=run.device)
-        flags = torch.stack([signal, diverged, loss.float(), norm.float()])
+        signalled = torch.full((), float(self.signals.received), device=run.device)
+        flags = torch.stack([signalled, diverged, loss.float(), norm.float()])
         if run.world_size > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         self.settle()
@@ -72,13 +72,13 @@ class StopCheck:
         while True:
             batch = next(batches, None)
             if self.run.world_size == 1:
-                signal, left = self.signals.received, batch is not None
+                signalled, left = self.signals.received, batch is not None
             else:
                 flags = torch.tensor([float(self.signals.received), float(batch is not None)],
                                      device=self.run.device)
                 torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-                signal, left = flags.tolist()
-            if signal:
+                signalled, left = flags.tolist()
+            if signalled:
                 self.stopping = True
                 return
             if not left:
@@ -95,14 +95,14 @@ class StopCheck:
         self.pending = None
         if copied is not None:
             copied.synchronize()
-        signal, diverged, loss, norm = flags.tolist()
+        signalled, diverged, loss, norm = flags.tolist()
         if diverged:
             raise TrainingError(
                 f"iteration {iter_num}: the loss or gradient norm is not finite (loss "
                 f"{loss:.4g}, gradient norm {norm:.4g}); stopped before the update, the last "
                 f"checkpoint in {self.run.cfg.out_dir} is untouched. Try a lower "
                 "learning_rate or a longer warmup_iters")
-        self.stopping |= bool(signal)
+        self.stopping |= bool(signalled)
 
 
 class StopSignals:
