@@ -1,8 +1,10 @@
 """Running the real command lines, as a user does, for the end-to-end tests."""
 import json
 import os
+import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +25,17 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 def train_cmd(args, data_dir, out_dir, launcher=(sys.executable,), script="train.py"):
     return [*launcher, str(ROOT / script), *TINY, f"--data_dir={data_dir}",
             f"--out_dir={out_dir}", *args]
+
+
+def main_of(script):
+    """The main(argv) of a script (its path, absolute or from the root) or of a tool (a module
+    name: "tools.bench"), loaded as python would run it (a package runs its __main__), under
+    another name than "__main__", so that it only waits to be called."""
+    if script.endswith(".py"):
+        return runpy.run_path(str(ROOT / script))["main"]
+    with warnings.catch_warnings():  # another test imported the tool first: harmless here
+        warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+        return runpy.run_module(script)["main"]
 
 
 def quiet_env(**extra):

@@ -8,10 +8,8 @@ holding a trained checkpoint, a good dataset, a sharded corpus and damaged datas
 test checks that the folder is byte for byte the same afterwards.
 """
 import functools
-import importlib
 import hashlib
 import json
-import runpy
 import shutil
 import subprocess
 import sys
@@ -20,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, TINY, hub_state, quiet_env, write_gpt2_folder
+from helpers import ROOT, TINY, hub_state, main_of, quiet_env, write_gpt2_folder
 from model import GPT, GPTConfig
 from training.checkpoint import save_checkpoint
 from training.safe_load import load_checkpoint
@@ -174,15 +172,7 @@ def snapshot(folder):
             if p.is_file() else "folder" for p in sorted(folder.rglob("*"))}
 
 
-@functools.cache
-def main_of(script):
-    """The main function of a script, loaded as `python script` (or, for a tool,
-    `python -m tools.X`) would run it."""
-    if script.startswith("tools/"):
-        name = "tools." + script.removeprefix("tools/").removesuffix(".py")
-        module = importlib.import_module(name)  # a package runs its __main__
-        return getattr(module, "main", None) or importlib.import_module(name + ".__main__").main
-    return runpy.run_path(str(ROOT / script))["main"]
+main_of = functools.cache(main_of)  # each script is loaded once for all its cases
 
 
 def run_main(script, argv, capsys):
@@ -336,24 +326,24 @@ CASES = [
     ("sample.py", ["--seed=100000000000000000000"], "seed must be from 0 to 2**63 - 1"),
     ("sample.py", ["--num_samples=100000000"], "sampling 100,000,000 sequences, 8 at"),
 
-    ("tools/hellaswag.py", ["--out_dir={trained}", "--device=cpu"],
+    ("tools.hellaswag", ["--out_dir={trained}", "--device=cpu"],
      "uses the char tokenizer; HellaSwag needs a model that reads GPT-2 tokens"),
-    ("tools/hellaswag.py", ["--init_from={gpt2}", "--input={label_true_jsonl}"],
+    ("tools.hellaswag", ["--init_from={gpt2}", "--input={label_true_jsonl}"],
      "label_true.jsonl:1: not a HellaSwag example"),
-    ("tools/hellaswag.py", ["--init_from={gpt2}", "--input={label_float_jsonl}"],
+    ("tools.hellaswag", ["--init_from={gpt2}", "--input={label_float_jsonl}"],
      "label_float.jsonl:1: not a HellaSwag example"),
-    ("tools/hellaswag.py", ["--init_from={gpt2}", "--input={endings_text_jsonl}"],
+    ("tools.hellaswag", ["--init_from={gpt2}", "--input={endings_text_jsonl}"],
      "endings_text.jsonl:1: not a HellaSwag example"),
 
-    ("tools/plot.py", ["{latin1_run}"], "metrics.jsonl is not UTF-8 text"),
-    ("tools/plot.py", ["{trained}", "--out={root}/missing/loss.png"],
+    ("tools.plot", ["{latin1_run}"], "metrics.jsonl is not UTF-8 text"),
+    ("tools.plot", ["{trained}", "--out={root}/missing/loss.png"],
      "out: cannot write {root}/missing/loss.png: the folder {root}/missing does not exist"),
-    ("tools/bench.py", ["--json_out={root}/missing/b.json"],
+    ("tools.bench", ["--json_out={root}/missing/b.json"],
      "json_out: cannot write {root}/missing/b.json: the folder {root}/missing does not exist"),
-    ("tools/estimate.py", ["--data_dir={badjson}", "--gpus=1"], "badjson/meta.json: Expecting"),
-    ("tools/estimate.py", ["--gpus=3", "--gradient_accumulation_steps=40"],
+    ("tools.estimate", ["--data_dir={badjson}", "--gpus=1"], "badjson/meta.json: Expecting"),
+    ("tools.estimate", ["--gpus=3", "--gradient_accumulation_steps=40"],
      "gradient_accumulation_steps (40) must be divisible by the number of processes (3)"),
-    ("tools/estimate.py", ["--gpus=2", "--fsdp=true", "--dtype=float16"],
+    ("tools.estimate", ["--gpus=2", "--fsdp=true", "--dtype=float16"],
      "fsdp=true does not take float16"),
 
     ("data/prepare.py", ["--out_dir", "{data}"],
@@ -454,7 +444,7 @@ def test_gpt2_vocabulary_unavailable_offline(world, capsys, monkeypatch):
     monkeypatch.setattr(tokenizer, "load_gpt2_encoding", tokenizer.load_gpt2_encoding.__wrapped__)
     monkeypatch.delenv("GPT2_VOCAB")
     for script, argv in [("sample.py", ["--init_from={gpt2}", "--device=cpu"]),
-                         ("tools/hellaswag.py", ["--init_from={gpt2}", "--input={good_jsonl}"])]:
+                         ("tools.hellaswag", ["--init_from={gpt2}", "--input={good_jsonl}"])]:
         status, stderr = run_main(script, [arg.format(**world) for arg in argv], capsys)
         assert_one_line_error(status, stderr, "set GPT2_VOCAB to a local copy")
 
@@ -475,7 +465,7 @@ def test_a_damaged_gpt2_vocabulary_is_one_line_in_every_script(world, gpt2_vocab
     scripts = [("sample.py", ["--init_from={gpt2}", "--device=cpu"]),
                ("data/prepare.py", ["--input", "{text_txt}", "--out_dir", str(tmp_path / "d"),
                                     "--tokenizer=gpt2"]),
-               ("tools/hellaswag.py", ["--init_from={gpt2}", "--input={good_jsonl}"])]
+               ("tools.hellaswag", ["--init_from={gpt2}", "--input={good_jsonl}"])]
     for name, (content, message) in damaged.items():
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(content))

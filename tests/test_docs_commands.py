@@ -6,14 +6,12 @@ new command that is neither runnable nor listed fails the test."""
 import contextlib
 import os
 import re
-import runpy
 import shlex
 import subprocess
-import warnings
 
 import pytest
 
-from helpers import ROOT, TORCHRUN, quiet_env
+from helpers import ROOT, TORCHRUN, main_of, quiet_env
 from training.settings import TrainConfig, parse_config
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -115,16 +113,6 @@ def script_argv(cmd):
         head, eq, path = word.rpartition("=")
         return head + eq + str(ROOT / path) if path.startswith("config/") else word
     return words[0] if module else str(ROOT / words[0]), [repo(w) for w in words[1:]]
-
-
-def main_of(script):
-    """The main(argv) of a script's path or of a module's name, loaded afresh as python would
-    run it (for a package, its __main__), with __name__ not "__main__" so that it waits."""
-    if os.path.isabs(script):
-        return runpy.run_path(script)["main"]
-    with warnings.catch_warnings():  # another test imported the tool first: harmless here
-        warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
-        return runpy.run_module(script)["main"]
 
 
 @contextlib.contextmanager
