@@ -55,10 +55,14 @@ def test_file_errors_name_the_file_and_key(tmp_path, text, message):
     ("--n_embd=100", "n_embd (100) must be divisible by n_head (12)"),
     ("--dropout=1.5", "dropout must be in [0, 1)"),
     ("--dtype=fp8", "dtype must be auto"),
+    ("--learning_rate=inf", "learning_rate must be positive and finite, got inf"),
+    ("--muon_lr=inf", "muon_lr must be positive and finite"),
+    ("--muon_ns_steps=10000000000", "muon_ns_steps must be at most 20"),
+    ("--rope=true --n_embd=36 --n_head=4", "rope=true needs an even head size"),
 ])
 def test_validation_rejects_impossible_values(flag, message):
     with pytest.raises(ConfigError) as e:
-        parse_config(TrainConfig, [flag]).validate()
+        parse_config(TrainConfig, flag.split()).validate()
     assert message in str(e.value)
 
 

@@ -154,15 +154,25 @@ def test_a_dead_rank_does_not_leave_the_other_hanging(char_data, tmp_path):
     assert codes[1] == 13 and codes[0] != 0
 
 
-def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(char_data, tmp_path):
+@pytest.mark.parametrize("flags", [["--learning_rate=1e30", "--eval_interval=5"],
+                                   ["--learning_rate=1e30", "--eval_interval=1"],
+                                   ["--optimizer=muon", "--muon_lr=1e300", "--eval_interval=1"]])
+def test_a_diverging_run_stops_and_keeps_the_good_checkpoint(char_data, tmp_path, flags):
+    """The loss goes NaN either at the next step (read by the stop check) or, when an
+    evaluation comes first, at that evaluation: neither may overwrite the good checkpoint."""
     out = tmp_path / "out"
-    proc = run_train(["--max_iters=10", "--eval_interval=5", "--learning_rate=1e30",
-                      "--warmup_iters=0"], char_data, out, expect_ok=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "iteration 1: the loss or gradient norm is not finite" in proc.stderr
+    proc = run_train(["--max_iters=10", "--warmup_iters=0", *flags], char_data, out,
+                     expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    said = ("eval 1: train loss nan" if "--eval_interval=1" in flags else
+            "iteration 1: the loss or gradient norm is not finite")
+    assert said in proc.stderr and "the last finite weights" in proc.stderr
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 0
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    sample = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={out}",
+                             "--max_new_tokens=5", "--device=cpu"], capture_output=True, text=True)
+    assert sample.returncode == 0, sample.stderr
 
 
 class Payload:

@@ -23,6 +23,7 @@ checkpoint, OpenAI's weights) is training/safe_load.py's concern.
 """
 import contextlib
 import glob
+import math
 import os
 import sys
 import time
@@ -35,6 +36,7 @@ from model import GPT, config_from_dict
 from parallel.state import load_optimizer_state, training_state
 from training.safe_load import CheckpointError, check_finite, checkpoint_iteration
 from training.settings import TrainConfig
+from training.stopping import diverged_error
 
 
 # ----------------------------------------------------------------------------- saving
@@ -57,13 +59,18 @@ def save(run, iter_num, log, evaluated, name="ckpt.pt"):
 
 def save_checkpoint(state, path, world_size=1):
     """Write state to path so that a crash at any moment leaves the old file intact: written
-    beside it, flushed, then renamed over it (atomic on one filesystem). A failed write (a full
+    beside it, flushed, then renamed over it (atomic on one filesystem). Weights that are not
+    finite are never written: they would replace the last good state with a diverged one. A failed write (a full
     disk) is a CheckpointError, the old file still there. Every rank calls this, rank 0 alone
     with a state: its failure is raised on all, which then stop with the same one line
     instead of a traceback in their next collective once rank 0 has exited."""
     error = None
     if state is not None:
         try:
+            if not all(t.isfinite().all() for t in state["model"].values()):
+                raise CheckpointError(f"the weights are not finite (NaN or inf): nothing is "
+                                      f"written to {path}, which keeps the last good state. "
+                                      "Try a lower learning_rate or a longer warmup_iters")
             _write(state, path)
         except CheckpointError as e:
             error = str(e)
@@ -163,6 +170,13 @@ class Milestones:
         losses = self.estimate_loss(run, self.stop)
         if losses is None:
             return None
+        if not all(math.isfinite(loss) for loss in losses.values()):
+            # AdamW can write finite but ruinous weights, whose NaN shows only at the next
+            # forward: here, when an evaluation comes first. They are not saved.
+            self.log.evaluation(iter_num, losses, seconds=time.time() - started)
+            raise diverged_error(f"eval {iter_num}: train loss {losses['train']:.4g}, val loss "
+                                 f"{losses['val']:.4g}: the updates before it diverged",
+                                 run.cfg.out_dir)
         improved = losses["val"] < run.best_val_loss
         run.best_val_loss = min(run.best_val_loss, losses["val"])
         if (improved or run.cfg.always_save_checkpoint) and not run.cfg.eval_only:

@@ -27,7 +27,7 @@ def check_dtype(dtype):
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = "out"  # checkpoints, metrics.jsonl and the resolved config go here
+    out_dir: str = "out"  # checkpoints (each holds every setting of its run) and metrics.jsonl
     eval_interval: int = 2000  # evaluate and checkpoint every this many iterations
     log_interval: int = 1  # print and record a metrics line every this many iterations
     eval_iters: int = 200  # batches per split for each loss estimate; 0: the whole split
@@ -91,10 +91,17 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        # Written as `not x > 0` so that nan fails too.
+        # Written as `not 0 < x < inf` so that nan fails too.
         for name in ("learning_rate", "muon_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(f"{name} must be positive and finite, got "
+                                  f"{getattr(self, name)}")
+        # Muon's Newton-Schulz steps bring every singular value into 0.7..1.2 within about 5;
+        # more change little, each costs three matrix products per weight, and a step cannot be
+        # interrupted (a stop waits for it): 20 is plenty.
+        if self.muon_ns_steps > 20:
+            raise ConfigError(f"muon_ns_steps must be at most 20, got {self.muon_ns_steps}: "
+                              "5 is the usual, 3 is cheaper")
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.seed >= 2 ** 63:  # torch's generators take a signed 64-bit seed
@@ -114,6 +121,9 @@ class TrainConfig:
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head "
                               f"({self.n_head})")
+        if self.rope and self.n_embd // self.n_head % 2:  # RoPE turns pairs of channels
+            raise ConfigError(f"rope=true needs an even head size, n_embd / n_head = "
+                              f"{self.n_embd // self.n_head}: change n_embd or n_head")
         if self.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"schedule must be cosine or wsd, got {self.schedule!r}")
         if not 0 <= self.cooldown_frac <= 1:

@@ -6,7 +6,8 @@ agree on it with the step's other flags (StopCheck.check); the loop then ends at
 where training/checkpoint.py's Milestones saves. One process stops within a micro-step
 (StopCheck.interrupted): that iteration is dropped, and redone on resume. A second Ctrl-C exits
 at once. A loss or gradient norm that is not finite on any rank skips that step's update on
-the device and stops every rank with TrainingError, the last checkpoint untouched.
+the device and stops every rank with TrainingError; no checkpoint is written from a diverged
+run (training/checkpoint.py), so the last one kept holds finite weights.
 """
 import os
 import signal
@@ -17,6 +18,14 @@ import torch
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a diverged loss); the message says what to change."""
+
+
+def diverged_error(what, out_dir):
+    """The one error of a diverged run. No checkpoint is ever written from one (Milestones
+    refuses a non-finite evaluation, save non-finite weights), so the last one kept is good."""
+    return TrainingError(f"{what}. No checkpoint is written from a diverged run: the last one "
+                         f"in {out_dir}, if any, holds the last finite weights. Try a lower "
+                         "learning_rate or a longer warmup_iters")
 
 
 class StopCheck:
@@ -97,11 +106,9 @@ class StopCheck:
             copied.synchronize()
         signalled, diverged, loss, norm = flags.tolist()
         if diverged:
-            raise TrainingError(
-                f"iteration {iter_num}: the loss or gradient norm is not finite (loss "
-                f"{loss:.4g}, gradient norm {norm:.4g}); stopped before the update, the last "
-                f"checkpoint in {self.run.cfg.out_dir} is untouched. Try a lower "
-                "learning_rate or a longer warmup_iters")
+            raise diverged_error(f"iteration {iter_num}: the loss or gradient norm is not "
+                                 f"finite (loss {loss:.4g}, gradient norm {norm:.4g}); stopped "
+                                 "before the update", self.run.cfg.out_dir)
         self.stopping |= bool(signalled)
 
 
