@@ -14,14 +14,18 @@ import os
 import sys
 from dataclasses import dataclass
 
-import torch
+from training import process
 
-from data.tokenizer import TokenizerError, tokenizer_from_meta
-from serving.batching import Request, serve
-from serving.loading import load_model
-from training import accounting, runtime
-from training.safe_load import CheckpointError
-from training.settings import ConfigError, check_dtype, run_main
+process.limit_openmp_spin()  # before torch loads OpenMP, which reads it once
+
+import torch  # noqa: E402
+
+from data.tokenizer import TokenizerError, tokenizer_from_meta  # noqa: E402
+from serving.batching import Request, serve  # noqa: E402
+from serving.loading import load_model  # noqa: E402
+from training import accounting, runtime  # noqa: E402
+from training.safe_load import CheckpointError  # noqa: E402
+from training.settings import ConfigError, check_dtype, run_main  # noqa: E402
 
 
 @dataclass

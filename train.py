@@ -15,21 +15,20 @@ import sys
 import time
 from dataclasses import replace
 
-# torch's OpenMP threads spin while they wait for work (GNU: 300,000 turns), on the cores other
-# jobs need. On 2 cores (docs/benchmarks.md), quiet, a short spin is 2x faster than none; beside
-# two busy jobs the default is ~30x slower than none, 10,000 turns ~3x. So 10,000 turns, or none
-# on a machine busy at start, unless the environment says. Read once, when torch loads OpenMP.
-if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
-    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1)
-    os.environ["GOMP_SPINCOUNT"] = "0" if busy else "10000"
+from training import process
 
-import numpy as np
-import torch
-from tqdm import tqdm
+process.limit_openmp_spin()  # before torch loads OpenMP, which reads it once
+# Run as a script, a stop is caught from this moment, during the imports below too.
+SIGNALS = process.StopSignals() if __name__ == "__main__" else None
 
-from data.dataset import DataError
-from parallel import data_parallel, mesh
-from training import checkpoint, metrics, runtime, safe_load, settings, startup, step, stopping
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data.dataset import DataError  # noqa: E402
+from parallel import data_parallel, mesh  # noqa: E402
+from training import (checkpoint, metrics, runtime, safe_load, settings, startup,  # noqa: E402
+                      step, stopping)
 
 # The second number of every batch's random key names its stream: the training batches, or
 # the fixed batches that every evaluation draws from each split.
@@ -122,11 +121,13 @@ def progress(batches, desc, rank):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg, named=()):
-    """Run the training that cfg describes; returns the last validation loss."""
+def train(cfg, named, signals):
+    """Run the training that cfg describes; returns the exit status: 0, or STOPPED if a signal
+    stopped it (with a checkpoint). signals: process.StopSignals, installed before anything is
+    written."""
     run = startup.setup(cfg, named)
     cfg, model, optimizer, scaler = run.cfg, run.model, run.optimizer, run.scaler
-    log, stop = metrics.MetricsLog(run), stopping.StopCheck(run)
+    log, stop = metrics.MetricsLog(run), stopping.StopCheck(run, signals)
     milestones = checkpoint.Milestones(run, log, stop, estimate_loss)
     iter_num = run.iter_num
     try:
@@ -157,10 +158,9 @@ def train(cfg, named=()):
             if iter_num % cfg.log_interval == 0:
                 log.step(iter_num, loss, lr)
     finally:
-        stop.signals.restore()
         log.close()
         mesh.release(run.layout)
-    return milestones.val_loss
+    return stopping.STOPPED if stop.stopping else 0
 
 
 def schedule_follows(cfg, flags):
@@ -178,6 +178,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # Flags alone refine the default run; a config file given replaces it.
     base = [] if any(not arg.startswith("-") for arg in argv) else startup.default_config()
+    signals = SIGNALS or process.StopSignals()  # before anything is written
 
     def action(cfg):  # a resumed run takes from this command only the settings it names
         named = set(settings.parse_overrides(settings.TrainConfig, argv))
@@ -185,12 +186,13 @@ def main(argv=None):
         if "max_iters" in flags:
             named.add("lr_decay_iters")
         with startup.out_dir_lock(cfg.out_dir):
-            return train(schedule_follows(cfg, flags), named)
+            return train(schedule_follows(cfg, flags), named, signals)
     try:
         return settings.run_main(settings.TrainConfig, action, argv, __doc__, (
             DataError, safe_load.CheckpointError, stopping.TrainingError, metrics.MetricsError,
             runtime.DeviceError), base)
     finally:  # here, where the run's model and optimizer are gone
+        signals.restore()
         runtime.leave_process_group()
 
 

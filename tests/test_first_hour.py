@@ -4,6 +4,7 @@ one run, and errors are one line. (The documented commands: tests/test_docs_comm
 import contextlib
 import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from training import startup
 from training.checkpoint import save_checkpoint
 from training.safe_load import CheckpointError, load_checkpoint
 from training.settings import TrainConfig, parse_config
+from training.stopping import STOPPED
 
 CPU_RECIPE = ROOT / "config" / "train_shakespeare_char_cpu.toml"
 
@@ -120,7 +122,7 @@ def test_a_stop_keeps_the_best_model_and_resumes_from_where_it_stopped(char_data
     proc = start(args, char_data, out)
     wait_for_rows(out, 4, proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=600) == 0  # a hang guard
+    assert proc.wait(timeout=600) == STOPPED  # a hang guard
     best, last = load_checkpoint(out / "ckpt.pt"), load_checkpoint(out / "last.pt")
     assert best["iter_num"] == 0 < last["iter_num"]  # the stop did not overwrite the best
     rows = run_train(["--init_from=resume", f"--max_iters={last['iter_num'] + 2}"], char_data,
@@ -137,21 +139,81 @@ def test_a_stop_comes_within_a_micro_step_even_in_a_long_iteration(char_data, tm
     wait_for_rows(out, 1, proc)  # the first evaluation is written: the iteration has begun
     time.sleep(1)
     proc.send_signal(signum)
-    assert proc.wait(timeout=600) == 0  # a hang guard, far below the iteration's length
+    assert proc.wait(timeout=600) == STOPPED  # a hang guard, far below the iteration's length
     assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 0  # the unfinished one is redone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [[], ["--tp=2"]], ids=["ddp", "tp"])
+def test_under_torchrun_a_stop_comes_within_a_micro_step_too(char_data, tmp_path, layout):
+    # The ranks agree on the signal within the iteration: torchrun, signalled itself, gives
+    # its workers 30 s before it kills them, far less than this iteration's length.
+    out = tmp_path / "out"
+    proc = subprocess.Popen(train_cmd(["--max_iters=5", "--gradient_accumulation_steps=100000",
+                                       *layout], char_data, out, launcher=TORCHRUN),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=quiet_env())
+    wait_for_rows(out, 1, proc)  # the first evaluation is written: the iteration has begun
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)  # a hang guard
+    assert "stopped by a signal at iteration 0" in stdout, stderr[-3000:]
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 0  # the unfinished one is redone
+    assert stderr.count("SIGTERM received: stopping with a checkpoint") == 1  # rank 0, once
+
+
+def wait_for_lock(out, proc):
+    """Until the run holds out_dir's lock (startup.out_dir_lock): flock fails for anyone else."""
+    import fcntl
+    deadline = time.time() + 600  # a hang guard
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(out, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return
+            finally:
+                os.close(fd)  # closing drops a lock taken here
+        assert time.time() < deadline and proc.poll() is None, "the run did not get going"
+        time.sleep(0.02)
+
+
+def catches_sigterm(pid):
+    """Whether the process has installed its own SIGTERM handler (Linux: /proc's SigCgt)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
 @pytest.mark.slow
 def test_a_second_run_on_the_same_out_dir_stops_at_once(char_data, tmp_path):
     out = tmp_path / "out"
-    # Long enough to be still running when the signal comes, however slow the second run's
-    # start on a busy machine: a run that had finished meanwhile could be ending as it lands.
     first = start(["--max_iters=1000000", "--eval_interval=1000000"], char_data, out)
-    wait_for_rows(out, 1, first)
+    wait_for_lock(out, first)
     second = run_train(["--max_iters=2", "--overwrite=true"], char_data, out, expect_ok=False)
     first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=600) == 0
+    assert first.wait(timeout=600) == STOPPED
     assert second.returncode == 2 and "another run is using out_dir" in second.stderr
+
+
+@pytest.mark.slow
+def test_a_stop_at_any_moment_of_start_up_is_a_clean_exit(char_data, tmp_path):
+    # From the moment train.py has its handler (its first lines, before torch loads): during
+    # the imports, setting up, the first evaluation. Not a death by the signal (-15).
+    for k, delay in enumerate((0.0, 0.5, 1.5, 3.0)):
+        proc = start(["--max_iters=1000000", "--eval_interval=1000000"], char_data,
+                     tmp_path / str(k))
+        deadline = time.time() + 600  # a hang guard
+        while not catches_sigterm(proc.pid):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.005)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == STOPPED, (delay, stderr[-2000:])
+        assert stderr.splitlines() == ["SIGTERM received: stopping with a checkpoint"], stderr
+        assert "stopped by a signal at iteration " in stdout and "ckpt.pt" in stdout
 
 
 @pytest.mark.slow
@@ -262,7 +324,7 @@ def test_a_stop_during_an_evaluation_abandons_it_and_the_resumed_run_does_it(cha
                    out)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)  # a hang guard only
-    assert proc.returncode == 0, stderr[-2000:]
+    assert proc.returncode == STOPPED, stderr[-2000:]
     assert "stopped by a signal at iteration 0" in stdout and "Traceback" not in stderr
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 0 and ckpt["evaluated"] is False
@@ -273,8 +335,8 @@ def test_a_stop_during_an_evaluation_abandons_it_and_the_resumed_run_does_it(cha
 
 
 @pytest.mark.slow
-def test_a_stop_during_the_final_evaluation_saves_and_a_finished_run_says_so(char_data,
-                                                                             tmp_path):
+def test_a_stop_during_the_final_evaluation_is_made_up_and_a_finished_run_says_so(
+        char_data, tmp_path):
     # A validation split of 20M tokens: its whole-split evaluation would take many minutes.
     big = tmp_path / "big"
     big.mkdir()
@@ -288,13 +350,18 @@ def test_a_stop_during_the_final_evaluation_saves_and_a_finished_run_says_so(cha
     wait_for_rows(out, 1, proc)  # iteration 0 is evaluated and saved: the whole split begins
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)  # a hang guard only
-    assert proc.returncode == 0 and "stopped by a signal at iteration 0" in stdout, stderr
-    assert not any("whole_val_loss" in r for r in read_metrics(out))
+    assert proc.returncode == STOPPED and "stopped by a signal at iteration 0" in stdout, stderr
     before = read_metrics(out)
-    proc = run_train(["--init_from=resume", "--max_iters=0"], big, out, expect_ok=False)
+    assert not any("whole_val_loss" in r for r in before)
+    # The resumed run computes the whole-split loss the stop abandoned, and nothing else (on
+    # the small split of the same vocabulary: its data_dir is named, so it is taken).
+    rows = run_train(["--init_from=resume", "--max_iters=0"], char_data, out)
+    assert rows[:len(before)] == before and len(rows) == len(before) + 1
+    assert "whole_val_loss" in rows[-1] and rows[-1]["iter"] == 0
+    proc = run_train(["--init_from=resume", "--max_iters=0"], char_data, out, expect_ok=False)
     assert proc.returncode == 0 and "is complete" in proc.stdout and "--max_iters=" in (
         proc.stdout)
-    assert read_metrics(out) == before  # nothing evaluated again
+    assert read_metrics(out) == rows  # nothing evaluated again
     # What it printed at start: the settings not at their defaults, the cost, and the memory
     # against the CPU's (not the GPU sizes), in a screen, not 45 lines of JSON.
     assert "settings (those not at their defaults):" in proc.stdout
@@ -323,7 +390,7 @@ def test_names_that_do_not_exist_say_what_does(char_data, tmp_path):
 
 def test_a_second_ctrl_c_exits_at_once_in_one_line():
     code = ("import os, signal, sys, time; sys.path.insert(0, sys.argv[1]); "
-            "from training import stopping; stopping.StopSignals(); "
+            "from training import process; process.StopSignals(); "
             "os.kill(os.getpid(), signal.SIGINT); "
             "os.kill(os.getpid(), signal.SIGINT); time.sleep(600)")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True,

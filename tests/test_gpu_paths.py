@@ -13,6 +13,7 @@ from helpers import ROOT, TORCHRUN, run_train, train_cmd
 from model import GPT, GPTConfig, KVCache
 from training import accounting, runtime, step
 from training.settings import ConfigError, TrainConfig, parse_config
+from training.stopping import STOPPED
 
 
 def fake_gpu(monkeypatch, capability=(8, 0), count=2, name="NVIDIA H100 80GB HBM3"):
@@ -180,7 +181,7 @@ def test_a_stop_does_not_start_an_evaluation(char_data, tmp_path, monkeypatch):
                         estimate_loss(*a, **k))
     args = train_cmd(["--max_iters=400", "--eval_interval=1", "--eval_iters=2"], char_data,
                      tmp_path / "out")[2:]
-    assert train.main(args) == 0
+    assert train.main(args) == STOPPED
     third = [i for i, event in enumerate(events) if event == "step"][2]
     assert events[third:] == ["step"]  # stopped, without another evaluation
 

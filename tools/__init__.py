@@ -2,3 +2,6 @@
 of training, sampling and serving), estimate (a run's time, cost and memory before running it),
 export (a checkpoint as a transformers folder), plot (loss curves), hellaswag (the evaluation).
 """
+from training import process
+
+process.limit_openmp_spin()  # before any tool imports torch: OpenMP reads it once

@@ -41,10 +41,15 @@ from training.stopping import diverged_error
 
 # ----------------------------------------------------------------------------- saving
 
+# A checkpoint's "evaluated" when a stop came during the run's final, whole-split evaluation:
+# the estimate at max_iters is done (and true), the whole split is left for the resumed run.
+WHOLE_SPLIT_LEFT = "all but the whole split"
+
+
 def save(run, iter_num, log, evaluated, name="ckpt.pt"):
     """Rank 0 writes a checkpoint into out_dir: everything needed to continue exactly, and
-    whether iteration iter_num's evaluation is done. Every rank calls this (FSDP and TP gather
-    the shards of every rank)."""
+    whether iteration iter_num's evaluation is done (True, False or WHOLE_SPLIT_LEFT). Every
+    rank calls this (FSDP and TP gather the shards of every rank)."""
     model_state, optimizer_state = training_state(run.raw_model, run.optimizer, run.layout)
     state = None  # the other ranks only learn whether rank 0's write succeeded
     if run.rank == 0:
@@ -134,11 +139,12 @@ class Milestones:
         self.estimate_loss = estimate_loss  # train.py's, passed in: train.py imports this page
         # the iteration whose evaluation is done; --eval_only evaluates whatever it says
         self.evaluated = run.iter_num if run.evaluated and not run.cfg.eval_only else None
+        self.whole_split_left = run.evaluated == WHOLE_SPLIT_LEFT  # a stop came during it
 
     def end_here(self, iter_num):
         """Evaluate and checkpoint if due; return whether the run ends at iter_num."""
         run, cfg, stop = self.run, self.run.cfg, self.stop
-        if self.evaluated == iter_num >= cfg.max_iters:  # resumed, with nothing left to do
+        if self.evaluated == iter_num >= cfg.max_iters and not self.whole_split_left:
             if run.rank == 0:
                 print(f"the run in {cfg.out_dir} is complete: it has done its {cfg.max_iters} "
                       f"iterations. To train it longer: python train.py --init_from=resume "
@@ -157,10 +163,12 @@ class Milestones:
             return False
         if not cfg.eval_only and cfg.eval_iters:  # the figure the README quotes
             whole = self.estimate_loss(run, stop, ("val",), eval_iters=0)
-            if whole is None:  # stopped: the run is complete all the same
-                save_on_stop(run, iter_num, self.log, True)
+            if whole is None:  # stopped: the resumed run computes it
+                save_on_stop(run, iter_num, self.log, WHOLE_SPLIT_LEFT)
             else:
                 self.log.whole_split(iter_num, whole)
+                if self.whole_split_left:  # made up: the stop's checkpoint says it no longer
+                    save(run, iter_num, self.log, True, stop_checkpoint_name(cfg))
         return True
 
     def evaluate_and_checkpoint(self, iter_num):
@@ -192,12 +200,17 @@ def save_on_stop(run, iter_num, log, evaluated):
         if run.rank == 0:
             print("stopped by a signal: the evaluation is abandoned", flush=True)
         return
-    name = "ckpt.pt" if run.cfg.always_save_checkpoint else "last.pt"
+    name = stop_checkpoint_name(run.cfg)
     save(run, iter_num, log, evaluated, name)
     if run.rank == 0:
         print(f"stopped by a signal at iteration {iter_num}; checkpoint saved to "
               f"{os.path.join(run.cfg.out_dir, name)}: resume with --init_from=resume",
               flush=True)
+
+
+def stop_checkpoint_name(cfg):
+    """ckpt.pt, or last.pt beside a ckpt.pt that keeps only the best model."""
+    return "ckpt.pt" if cfg.always_save_checkpoint else "last.pt"
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -282,7 +295,7 @@ def resume_state(ckpt, model, optimizer, scaler, layout):
         scaler.load_state_dict(ckpt["scaler"])
     iter_num = ckpt["iter_num"]
     # older checkpoints were saved at an evaluation, or by a stop after iteration 0
-    evaluated = bool(ckpt.get("evaluated", iter_num > 0))
+    evaluated = ckpt.get("evaluated", iter_num > 0)
     return (iter_num, evaluated, ckpt["best_val_loss"], ckpt.get("origin", "scratch"),
             ckpt.get("elapsed_s", 0.0))
 

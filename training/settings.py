@@ -7,6 +7,7 @@ closest valid one). Nothing is exec'd.
 """
 import difflib
 import inspect
+import os
 import re
 import sys
 import tomllib
@@ -221,8 +222,8 @@ HELP = ("-h", "--help")
 def run_main(cls, action, argv, doc, errors=(), base=()):
     """The scripts' main(): --help prints doc and every setting of cls with its default;
     otherwise the settings from base (config files that come first) then argv are validated
-    and handed to action. A ConfigError or one of errors is the user's to fix: one line on
-    stderr and exit code 2."""
+    and handed to action, whose result, if an int, is the exit status. A ConfigError or one of
+    errors is the user's to fix: one line on stderr and exit code 2."""
     if any(arg in HELP for arg in argv):  # anywhere: after a config file too
         rest = [arg for arg in argv if arg not in HELP]
         try:
@@ -232,8 +233,12 @@ def run_main(cls, action, argv, doc, errors=(), base=()):
         print(doc + "\nSettings (as this command would set them):\n" + help_text(cls, shown))
         return 0
     try:
-        action(parse_config(cls, [*base, *argv]).validate())
+        status = action(parse_config(cls, [*base, *argv]).validate())
+        return status if isinstance(status, int) else 0
     except (ConfigError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once, not once per rank
+            print(f"error: {e}", file=sys.stderr)
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun's summary then names the cause
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+            ErrorHandler().record_exception(e)
         return 2
-    return 0

@@ -183,7 +183,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     micro_steps: int  # forward/backward passes per iteration on each rank
     iter_num: int  # the iteration to start from
-    evaluated: bool  # whether iteration iter_num's evaluation is done (a stop may skip it)
+    evaluated: bool | str  # whether iteration iter_num's evaluation is done (checkpoint.save)
     best_val_loss: float
     origin: str  # scratch, or the pretrained weights the run began from
     elapsed_s: float  # seconds of training before this process, in earlier processes

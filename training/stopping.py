@@ -1,19 +1,27 @@
 """Stopping: what a signal does to a run, and what a diverged loss does.
 
 SIGINT, SIGTERM or SIGHUP (Ctrl-C, a preempted machine, a closed terminal) to any rank asks the
-run to stop soon, with a checkpoint: the handler (StopSignals) only raises a flag; the ranks
-agree on it with the step's other flags (StopCheck.check); the loop then ends at its next head,
-where training/checkpoint.py's Milestones saves. One process stops within a micro-step
-(StopCheck.interrupted): that iteration is dropped, and redone on resume. A second Ctrl-C exits
-at once. A loss or gradient norm that is not finite on any rank skips that step's update on
-the device and stops every rank with TrainingError; no checkpoint is written from a diverged
-run (training/checkpoint.py), so the last one kept holds finite weights.
+run to stop soon, with a checkpoint. The handler (training/process.py's StopSignals, installed
+before anything is written, before torch even loads) only raises a flag. Within an iteration
+the ranks agree on it before every micro-step (StopCheck.interrupted), so a stop comes within a
+micro-step or two in every layout, and the unfinished iteration is dropped: its gradients are
+thrown away, and the resumed run does it again, from its first micro-step. The loop then ends at
+its next head, where training/checkpoint.py's Milestones saves, and the process exits with
+STOPPED. A second Ctrl-C exits at once. A loss or gradient norm that is not finite on any rank
+skips that step's update on the device and stops every rank with TrainingError; no checkpoint
+is written from a diverged run (training/checkpoint.py), so the last one kept holds finite
+weights.
 """
-import os
-import signal
-import sys
-
 import torch
+
+
+# A stopped run's exit status: EX_TEMPFAIL (sysexits.h), "try again later". Not 0, so that a
+# scheduler can tell a stop from the end of the run; not a failure's 1 or 2 either. torchrun
+# restarts its workers on any status but 0 when given --max-restarts (a restart resumes where
+# the command says --init_from=auto): a stop of one worker is then a resume; but torchrun never
+# restarts after a signal to itself, so a stop of the whole job (Ctrl-C, a preempted machine)
+# ends it, as it should.
+STOPPED = 75
 
 
 class TrainingError(RuntimeError):
@@ -38,9 +46,13 @@ class StopCheck:
     diverged, loss, norm) are reduced over the ranks and copied to the host in the background,
     and read one step later, or at once before anything is evaluated or saved (settle)."""
 
-    def __init__(self, run):
-        self.run, self.signals, self.pending = run, StopSignals(), None
+    def __init__(self, run, signals):
+        self.run, self.signals, self.pending = run, signals, None  # signals: StopSignals
         self.stopping = False  # the ranks agreed to stop: the run ends at the next milestone
+        # Ranks agree on a stop within the iteration on a group of their own, on the host
+        # (gloo), so that its small all-reduces wait for nothing else (interrupted).
+        self.side = torch.distributed.new_group(backend="gloo") if run.world_size > 1 else None
+        self.asked = None  # the all-reduce the last interrupted() started: (flag, work)
 
     def check(self, iter_num, loss, norm):
         """Queue this step's flags (call it before the optimizer step), and act on the previous
@@ -65,10 +77,25 @@ class StopCheck:
             self.pending[2].record()
 
     def interrupted(self):
-        """One process asked to stop stops at once, within a micro-step: it has no other
-        rank to agree with."""
-        self.stopping |= self.run.world_size == 1 and self.signals.received
-        return self.stopping and self.run.world_size == 1
+        """Whether to stop now, within the iteration (called before every micro-step, and once
+        after the last): a stop comes within a micro-step or two, even in an iteration of an
+        hour. One process stops at once. Ranks must stop at the same micro-step (the next one's
+        collectives would wait for ever), without waiting on each other at every one: each call
+        starts an all-reduce of this rank's flag on the side group and reads the one that the
+        previous call started, long since arrived. Every rank reads the same verdict at the
+        same call, so all stop together, one micro-step after the first saw the signal."""
+        if self.stopping or self.run.world_size == 1:
+            self.stopping |= self.signals.received
+            return self.stopping
+        if self.asked is not None:
+            flag, work = self.asked
+            work.wait()
+            self.stopping = bool(flag.item())
+        if not self.stopping:
+            flag = torch.tensor([float(self.signals.received)])
+            self.asked = flag, torch.distributed.all_reduce(
+                flag, op=torch.distributed.ReduceOp.MAX, group=self.side, async_op=True)
+        return self.stopping
 
     def until_stop(self, batches, filler=None):
         """The batches of an evaluation, until they run out or a signal comes: then
@@ -110,28 +137,3 @@ class StopCheck:
                                  f"finite (loss {loss:.4g}, gradient norm {norm:.4g}); stopped "
                                  "before the update", self.run.cfg.out_dir)
         self.stopping |= bool(signalled)
-
-
-class StopSignals:
-    """SIGINT, SIGTERM and SIGHUP (Ctrl-C, a preempted machine, a closed terminal) ask to stop
-    soon, with a checkpoint; a second Ctrl-C exits at once, with no new checkpoint."""
-
-    def __init__(self):
-        self.received = False
-        self.previous = {s: signal.signal(s, self._handle)
-                         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-
-    def _handle(self, signum, frame):
-        if self.received and signum == signal.SIGINT:
-            # Not KeyboardInterrupt, a screen of traceback through collectives and a save:
-            # checkpoints are written atomically, so leaving at once keeps the last one whole.
-            print("second Ctrl-C: exiting now; the last checkpoint saved is kept",
-                  file=sys.stderr, flush=True)
-            os._exit(130)
-        self.received = True
-        print(f"{signal.Signals(signum).name} received: stopping with a checkpoint",
-              file=sys.stderr, flush=True)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
