@@ -41,13 +41,16 @@ EVAL_BATCHES = {"train": 2, "val": 3}
 def train_batches(run, iter_num, stop):
     """This rank's micro-batches of iteration iter_num: micro-steps are numbered across the
     ranks, each taking a consecutive slice, so the global batch is the same for any number of
-    processes. One process asked to stop gets no more (ranks stop together:
-    training/stopping.py)."""
+    processes. After a stop there are no more (the ranks agree: training/stopping.py)."""
     cfg = run.cfg
     first = run.layout.dp_rank * run.micro_steps  # the ranks of a tensor-parallel row share it
     for micro in range(run.micro_steps):
         if stop.interrupted():
             return
+        # Dropout draws from the global generator: seeded per global micro-step, its masks are
+        # those of one process whatever the layout (docs/parallelism.md: TP's are not), and a
+        # resumed run draws what the uninterrupted one did, with no generator state saved.
+        torch.manual_seed(step_seed(cfg.seed, iter_num, first + micro))
         key = (cfg.seed, TRAIN_BATCHES, iter_num, first + micro)
         yield run.data["train"].get_batch(key, cfg.batch_size, cfg.block_size, run.device)
 
@@ -139,9 +142,6 @@ def train(cfg, named, signals):
             lr = step.get_lr(iter_num, cfg)
             for group in optimizer.param_groups:  # Muon's peak at muon_lr (training/step.py)
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            # Dropout draws from the global generator: seed it per step and rank, so a resumed
-            # run draws the same masks as the uninterrupted one without saving generator state.
-            torch.manual_seed(step_seed(cfg.seed, iter_num, run.layout.dp_rank))
             # forward and backward over the micro-steps, then clip the gradients
             loss = step.forward_backward(model, train_batches(run, iter_num, stop), run.ctx,
                                          scaler, run.micro_steps)

@@ -4,6 +4,7 @@ fastest. The ranks of a row split each Block (tensor_parallel.py) and see the sa
 rows share the batch out (data_parallel.py). The step's own pieces that depend on the layout
 (gradients exchanged at the last micro-step, norms over shards) are in training/step.py.
 """
+import logging
 import os
 from dataclasses import dataclass
 
@@ -58,6 +59,12 @@ def make_layout(cfg, rank, world_size, device):
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.split(":")[0], (world_size // cfg.tp, cfg.tp),
                                 mesh_dim_names=("dp", "tp"))
+    if cfg.fsdp and cfg.tp > 1:
+        # On the 2-D mesh DTensor warns (every rank, once per kind) when it makes a tensor whole
+        # in two collectives, one per dimension: the gradient norm, the checkpoint's gather.
+        # Both are exact, and each result is the same on every rank; a flattened mesh would
+        # save one collective per step, not worth a second mesh. Quiet, not 8 lines a run.
+        logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     return Layout(rank // cfg.tp, world_size // cfg.tp, cfg.tp, cfg.fsdp, mesh)
 
 

@@ -9,8 +9,9 @@ from training.safe_load import load_checkpoint
 
 # Four micro-steps (two per rank) and a clip that bites: norms here are about 1. Three
 # evaluation batches over two ranks: one rank runs a filler forward beside the other's second.
+# Dropout on: its masks are seeded per global micro-step, the same in every layout.
 ARGS = ["--gradient_accumulation_steps=4", "--grad_clip=0.5", "--eval_interval=3",
-        "--eval_iters=3"]
+        "--eval_iters=3", "--dropout=0.1"]
 FSDP = ["--fsdp=true"]
 
 

@@ -7,7 +7,7 @@ every setting of the run; the dataset's meta.json; the iteration reached, whethe
 evaluation is done, the best validation loss, and the seconds trained so far. No random state:
 - each batch is a pure function of (seed, iteration, micro-step) (train.py, train_batches), so
   the resumed run draws the batches the uninterrupted one would, on any number of processes;
-- dropout's generator is seeded afresh at every iteration (train.py, step_seed).
+- dropout's generator is seeded afresh at every micro-step (train.py, train_batches).
 So a resumed run repeats the uninterrupted one bit for bit (tests/test_train.py).
 
 When it is saved (Milestones, called at the head of every iteration): at each evaluation (on a

@@ -251,6 +251,9 @@ def setup(cfg, named=()):
               f"{raw_model.num_params() / 1e6:.2f}M parameters; "
               f"{accounting.tokens_per_iter(cfg):,} tokens per iteration; starting at "
               f"iteration {iter_num}")
+        if cfg.dropout and cfg.tp > 1:  # docs/parallelism.md: dropout under TP
+            print("note: with dropout, tensor parallelism trains the same model but not the same "
+                  "run as one process: each rank draws the attention masks of its own heads")
         busy = runtime.busy_note(device)
         if busy:  # on stdout with the other start lines: stderr is for what went wrong
             print(busy, flush=True)
