@@ -410,3 +410,20 @@ def test_a_busy_machine_is_said_in_one_line(monkeypatch):
     assert runtime.busy_note("cuda") is None
     monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.3, 0.2, 0.1))
     assert runtime.busy_note("cpu") is None
+
+
+def test_another_optimizer_on_resume_is_named_and_a_checkpoint_can_be_finetuned(char_data,
+                                                                                tmp_path):
+    muon = tmp_path / "muon"
+    run_train(["--optimizer=muon", "--max_iters=2"], char_data, muon)
+    proc = run_train(["--init_from=resume", "--optimizer=adamw", "--max_iters=4"], char_data,
+                     muon, expect_ok=False)
+    assert proc.returncode == 2 and "trained with optimizer=muon" in proc.stderr
+    assert f"--init_from={muon / 'ckpt.pt'} --out_dir=NEW" in proc.stderr
+    # Its weights, with a fresh AdamW: iteration 0 of the new run evaluates the Muon weights.
+    rows = run_train([f"--init_from={muon / 'ckpt.pt'}", "--max_iters=2"], char_data,
+                     tmp_path / "adamw")
+    assert rows[0]["iter"] == 0 and rows[0]["val_loss"] == read_metrics(muon)[-2]["val_loss"]
+    proc = run_train([f"--init_from={muon / 'ckpt.pt'}", "--max_iters=2"], char_data, muon,
+                     expect_ok=False)
+    assert proc.returncode == 2 and "give another --out_dir" in proc.stderr

@@ -64,11 +64,11 @@ def save(run, iter_num, log, evaluated, name="ckpt.pt"):
 
 def save_checkpoint(state, path, world_size=1):
     """Write state to path so that a crash at any moment leaves the old file intact: written
-    beside it, flushed, then renamed over it (atomic on one filesystem). Weights that are not
-    finite are never written: they would replace the last good state with a diverged one. A failed write (a full
-    disk) is a CheckpointError, the old file still there. Every rank calls this, rank 0 alone
-    with a state: its failure is raised on all, which then stop with the same one line
-    instead of a traceback in their next collective once rank 0 has exited."""
+    beside it, flushed, then renamed over it (atomic on one filesystem). A failed write (a full
+    disk) is a CheckpointError, the old file still there; so are weights that are not finite,
+    never written over the last good state. Every rank calls this, rank 0 alone with a state:
+    its failure is raised on all, which then stop with the same one line instead of a
+    traceback in their next collective once rank 0 has exited."""
     error = None
     if state is not None:
         try:
@@ -252,6 +252,10 @@ def resolve_init(cfg, rank, world_size):
             decision[2] = (f"--eval_only evaluates a trained model, and {cfg.out_dir} holds no "
                            "checkpoint: give the right --out_dir, or --init_from=gpt2 (or a "
                            "folder of GPT-2 weights)")
+        elif os.path.isfile(cfg.init_from) and os.path.dirname(os.path.abspath(
+                cfg.init_from)) == os.path.abspath(cfg.out_dir):
+            decision[2] = (f"--init_from={cfg.init_from} is in out_dir {cfg.out_dir}, where "
+                           "this run writes its own checkpoints: give another --out_dir")
         elif decision[0] != "resume" and exists and not cfg.overwrite:
             decision[2] = (f"{path} already exists: pass --init_from=resume to continue it, "
                            "or --overwrite=true to start afresh over it")
@@ -281,6 +285,13 @@ def resumed_settings(cfg, saved, named):
     init_from, device, backend, and how it is spread: fsdp, tp)."""
     known = {f.name for f in fields(TrainConfig)}
     settings = {k: v for k, v in saved.items() if k in known}
+    trained_with = settings.get("optimizer", "adamw")
+    if "optimizer" in named and cfg.optimizer != trained_with:
+        raise CheckpointError(
+            f"the run in {cfg.out_dir} was trained with optimizer={trained_with}, "
+            f"whose state cannot go on as {cfg.optimizer}'s: resume without --optimizer, or "
+            f"finetune its weights with a fresh {cfg.optimizer} in another out_dir: "
+            f"--init_from={os.path.join(cfg.out_dir, 'ckpt.pt')} --out_dir=NEW")
     here = ("out_dir", "init_from", "device", "backend", "fsdp", "tp")
     settings.update({k: getattr(cfg, k) for k in (*named, *here)})
     return TrainConfig(**settings).validate()

@@ -34,7 +34,8 @@ class TrainConfig:
     eval_iters: int = 200  # batches per split for each loss estimate; 0: the whole split
     eval_only: bool = False  # evaluate once, then exit without training
     always_save_checkpoint: bool = True  # checkpoint at every eval, not only on a new best
-    init_from: str = "scratch"  # scratch, resume, auto (resume if a checkpoint exists), or gpt2*
+    init_from: str = "scratch"  # scratch, resume, auto (resume if one exists), gpt2*, a ckpt.pt
+    # (a ckpt.pt: another run's weights, with a fresh optimizer, to finetune them)
     overwrite: bool = False  # allow a fresh run to replace a checkpoint already in out_dir
     # logging
     wandb_log: bool = False  # also log to Weights & Biases (needs the wandb package)

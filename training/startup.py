@@ -65,15 +65,18 @@ def init_model(cfg, meta, ckpt, ckpt_path):
     shape of the model as built (pretrained weights, and a finetuning run, bring their own)."""
     if cfg.init_from == "scratch":
         return GPT(accounting.model_shape(cfg, meta["vocab_size"])), cfg
+    if ckpt is None and os.path.isfile(cfg.init_from):  # another run's weights, to finetune
+        ckpt, ckpt_path = load_checkpoint(cfg.init_from), cfg.init_from
     if ckpt is not None:
         model, model_meta = checkpoint.model_from_checkpoint(ckpt, ckpt_path, cfg.dropout)
         if any(model_meta.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
-            raise CheckpointError(f"the checkpoint in {cfg.out_dir} was trained with another "
+            raise CheckpointError(f"the checkpoint {ckpt_path} was trained with another "
                                   "tokenizer or vocabulary than this dataset's meta.json")
         # A run from scratch took its shape from its settings: this command cannot change it.
         for name, saved in ckpt["model_args"].items():
             value = getattr(cfg, name, saved)  # vocab_size is the dataset's, not a setting
-            if ckpt.get("origin") == "scratch" and name != "dropout" and saved != value:
+            if (cfg.init_from == "resume" and ckpt.get("origin") == "scratch"
+                    and name != "dropout" and saved != value):
                 raise CheckpointError(f"the checkpoint in {cfg.out_dir} has {name}={saved} "
                                       f"but the config says {value}: drop --{name}, or use "
                                       "another out_dir")
@@ -81,7 +84,8 @@ def init_model(cfg, meta, ckpt, ckpt_path):
         model = load_pretrained(GPT, cfg.init_from, cfg.dropout)
     else:
         raise ConfigError(f"init_from={cfg.init_from!r}: expected scratch, resume, auto, "
-                          f"one of {', '.join(GPT2_SIZES)}, or a directory of GPT-2 weights")
+                          f"one of {', '.join(GPT2_SIZES)}, a directory of GPT-2 weights, or "
+                          "a checkpoint file")
     shape = {name: getattr(model.config, name)
              for name in ("n_layer", "n_head", "n_embd", "bias", "rope", "qk_norm", "relu2")}
     if cfg.block_size > model.config.block_size:
