@@ -9,6 +9,7 @@ Samples are drawn batch_size rows at a time, a finished row's slot taking the ne
 <|endoftext|>, which is not printed, or after max_new_tokens.
 """
 import codecs
+import errno
 import json
 import os
 import sys
@@ -88,7 +89,8 @@ def read_prompts(path):
         if path.endswith(".jsonl"):
             try:
                 line = json.loads(line)["prompt"]
-            except (ValueError, KeyError, TypeError):  # not JSON, not an object, no "prompt"
+            # not JSON (or nested past Python's recursion limit), not an object, no "prompt"
+            except (ValueError, KeyError, TypeError, RecursionError):
                 line = None
             if not isinstance(line, str):
                 raise ConfigError(f'{where}: expected a JSON object {{"prompt": "..."}}')
@@ -106,8 +108,9 @@ def encode(tokenizer, prompt, where, block_size):
     except ValueError as e:  # a character the character-level vocabulary does not have
         raise ConfigError(f"{where}: {e}") from None
     if not ids:
-        if tokenizer.eot_token is None:
-            raise ConfigError(f"{where}: the prompt is empty; give one with --start")
+        if tokenizer.eot_token is None:  # a character-level model starts from a character
+            hint = "give one with --start" if where == "prompt" else "give it a character"
+            raise ConfigError(f"{where}: the prompt is empty; {hint}")
         ids = [tokenizer.eot_token]  # GPT-2 starts documents after <|endoftext|>
     if len(ids) > block_size:
         print(f"note: {where}: its {len(ids)} tokens are cut to the model's last {block_size}",
@@ -210,6 +213,12 @@ def main(argv=None):
     except BrokenPipeError:  # the reader left (python sample.py | head): done, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for exit's flush
         return 0
+    except OSError as e:  # the output cannot be written: a full disk, /dev/full
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        print(f"error: cannot write the samples: {e.strerror}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for exit's flush
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import torch
 
 from helpers import ROOT, TINY, hub_state, main_of, quiet_env, write_gpt2_folder
 from model import GPT, GPTConfig
-from training.checkpoint import save_checkpoint
 from training.safe_load import load_checkpoint
 
 STEPS = ["--max_iters=1", "--eval_interval=1", "--eval_iters=1"]
@@ -83,7 +82,7 @@ def world(tmp_path_factory, char_data, gpt2_vocab_path):
         ckpt = load_checkpoint(trained / "ckpt.pt")
         change(ckpt)
         (root / name).mkdir()
-        save_checkpoint(ckpt, root / name / "ckpt.pt")
+        torch.save(ckpt, root / name / "ckpt.pt")  # as is: save_checkpoint refuses NaN weights
 
     checkpoint("nan", lambda c: c["model"].update((k, torch.full_like(v, float("nan")))
                                                   for k, v in c["model"].items()))
@@ -141,6 +140,8 @@ def world(tmp_path_factory, char_data, gpt2_vocab_path):
     (root / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "a typo in the key"}\n')
     (root / "text.txt").write_text("First Citizen:\nBefore we proceed any further, hear me.\n")
     (root / "empty.txt").write_text("")
+    (root / "deep.jsonl").write_text('{"prompt": ' * 1000 + '"x"' + "}" * 1000 + "\n")
+    (root / "empty_prompt.jsonl").write_text('{"prompt": "a"}\n{"prompt": ""}\n')
     (root / "latin1.txt").write_bytes("café".encode("latin-1"))
     (root / "bad.toml").write_text("batch_size = \n")
     (root / "latin1.toml").write_bytes("out_dir = 'café'\n".encode("latin-1"))
@@ -286,7 +287,10 @@ CASES = [
     ("sample.py", ["--start=FILE:{latin1_txt}"], "latin1.txt is not UTF-8 text"),
     ("sample.py", ["--start=∑ is not Shakespeare"],
      "character '∑' at position 0 is not in the vocabulary"),
-    ("sample.py", ["--start="], "the prompt is empty"),
+    ("sample.py", ["--start="], "the prompt is empty; give one with --start"),
+    ("sample.py", ["--prompts={deep_jsonl}"], 'deep.jsonl:1: expected a JSON object {{"prompt"'),
+    ("sample.py", ["--prompts={empty_prompt_jsonl}"],
+     "empty_prompt.jsonl:2: the prompt is empty; give it a character"),
     ("sample.py", ["--out_dir={empty}"], "train one first: python train.py --out_dir="),
     ("sample.py", ["--init_from=gpt3"], "cannot load the model from gpt3: unknown model"),
     ("sample.py", ["--init_from={empty}"], "cannot load the model from"),
@@ -424,6 +428,14 @@ def test_processes_exit_non_zero_with_one_line_and_no_traceback(world, tmp_path)
         "--shard_size=200", "--val_tokens=50", "--num_proc=2"])
     assert_one_line_error(proc.returncode, proc.stderr, "bad.jsonl:2: not a JSON object")
     assert snapshot(world["root"]) == before
+    # Samples written to a full disk.
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, str(ROOT / "sample.py"),
+                               *[arg.format(**world) for arg in SAMPLE]], stdout=full,
+                              stderr=subprocess.PIPE,
+                              text=True, env=quiet_env(), timeout=1800)
+    assert_one_line_error(proc.returncode, proc.stderr,
+                          "cannot write the samples: No space left on device")
 
 
 def test_gpt2_weights_unavailable_offline(tmp_path):
