@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from data.dataset import DataError
-from data.preparation import ArgumentParser, replace_atomically, replacing_dataset
+from data.preparation import (ArgumentParser, prepared_already, replace_atomically,
+                              replacing_dataset)
 from data.tokenizer import GPT2Tokenizer
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -249,7 +250,10 @@ def corpus_main(argv, doc: str, script_dir, hub: tuple[str, str | None],
                    help="tokens of val_000000.bin, taken from the start (default: %(default)s)")
     p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="tokenizer processes (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="prepare it again if it is prepared")
     args = p.parse_args(argv)
+    if meta := prepared_already(args.out_dir, args):
+        return meta
     try:
         docs = iter_documents(args.input) if args.input else hub_documents(*hub)
         return prepare_corpus(docs, args.out_dir, args.shard_size, args.val_tokens,

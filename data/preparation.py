@@ -178,6 +178,17 @@ def prepare_shakespeare(out_dir, tokenizer_kind: str, input_path=None, script=No
     return prepare_file(input_path, out_dir, tokenizer_kind)
 
 
+def prepared_already(out_dir, args):
+    """The meta of a dataset prepared before, when this command gives no --input and no
+    --force: it is not downloaded and prepared again (offline, the download would fail)."""
+    meta = Path(out_dir) / "meta.json"
+    if args.input is not None or args.force or not meta.is_file():
+        return None
+    print(f"{out_dir} is prepared already ({meta.name} is there): nothing to do. --force "
+          "prepares it again; --input prepares it from local files")
+    return json.loads(meta.read_text())
+
+
 def shakespeare_main(argv, tokenizer_kind: str, script_dir) -> dict:
     """The command line shared by data/shakespeare*/prepare.py."""
     p = ArgumentParser(
@@ -186,9 +197,10 @@ def shakespeare_main(argv, tokenizer_kind: str, script_dir) -> dict:
                    help="a local copy of input.txt (default: download into OUT_DIR)")
     p.add_argument("--out_dir", type=Path, default=Path(script_dir),
                    help="where to write train.bin, val.bin and meta.json (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="prepare it again if it is prepared")
     args = p.parse_args(argv)
     try:
-        return prepare_shakespeare(args.out_dir, tokenizer_kind, args.input,
+        return prepared_already(args.out_dir, args) or prepare_shakespeare(args.out_dir, tokenizer_kind, args.input,
                                    Path(script_dir) / "prepare.py")
     except DataError as e:
         raise SystemExit(f"error: {e}") from e

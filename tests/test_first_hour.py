@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import train
+from helpers import TINY as TINY_FLAGS
 from helpers import ROOT, TORCHRUN, quiet_env, read_metrics, run_train, train_cmd
 from training import startup
 from training.checkpoint import save_checkpoint
@@ -427,3 +428,22 @@ def test_another_optimizer_on_resume_is_named_and_a_checkpoint_can_be_finetuned(
     proc = run_train([f"--init_from={muon / 'ckpt.pt'}", "--max_iters=2"], char_data, muon,
                      expect_ok=False)
     assert proc.returncode == 2 and "give another --out_dir" in proc.stderr
+
+
+def test_a_gpu_recipe_on_a_cpu_says_at_start_how_long_it_would_take(char_data, tmp_path, capsys):
+    # The GPU recipe, 500,000 iterations: 5.8e17 FLOPs, over an hour below 160 TFLOP/s.
+    cfg = parse_config(TrainConfig, [str(ROOT / "config" / "train_shakespeare_char.toml"),
+                                     "--max_iters=500000", "--device=cpu",
+                                     f"--data_dir={char_data}", f"--out_dir={tmp_path}"])
+    startup.setup(cfg.validate())
+    out = capsys.readouterr().out
+    assert "note: at this CPU's speed the whole run takes about" in out
+    assert "config/train_shakespeare_char_cpu.toml is the CPU's" in out
+
+
+def test_a_warmup_as_long_as_the_run_is_said(char_data, tmp_path, capsys):
+    cfg = parse_config(TrainConfig, [*TINY_FLAGS, f"--data_dir={char_data}",
+                                     f"--out_dir={tmp_path}", "--max_iters=100",
+                                     "--lr_decay_iters=100", "--warmup_iters=100"])
+    startup.setup(cfg.validate())
+    assert "warmup_iters (100) is not below the schedule's end (100)" in capsys.readouterr().err

@@ -48,3 +48,18 @@ def test_a_full_disk_is_one_clear_error(tmp_path):
                                            r".*metrics\.jsonl$"):
         log.write(iter=1, loss=4.0)
     log.close()  # train.py closes the log as it unwinds: no second error
+
+
+def test_after_a_resume_the_first_line_times_the_iterations_this_process_ran(tmp_path,
+                                                                            monkeypatch):
+    # Resumed at 7 with log_interval 5: the line at 10 covers 3 iterations, 3 s, so 1 s each.
+    run = fake_run(tmp_path, iter_num=7)
+    run.cfg.log_interval = 5
+    clock = iter([100.0, 103.0, 108.0])
+    monkeypatch.setattr("training.metrics.time.time", lambda: next(clock))
+    log = MetricsLog(run)
+    log.step(10, 4.0, 1e-3)
+    log.step(15, 4.0, 1e-3)  # then 5 iterations in 5 s
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["ms"] for row in rows] == [1000.0, 1000.0]

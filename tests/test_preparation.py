@@ -76,6 +76,11 @@ def test_shakespeare_char_script(tmp_path, shakespeare_path):
     TokenData(out, "train").check_vocab(65)
     with pytest.raises(DataError, match="train.bin holds token id 64, outside the vocab of 64"):
         TokenData(out, "train").check_vocab(64)
+    # Run again without --input: prepared already, so no download (which fails offline).
+    before = (out / "train.bin").stat().st_mtime_ns
+    r = run_script("data/shakespeare_char/prepare.py", "--out_dir", out, cwd=tmp_path)
+    assert r.returncode == 0 and "is prepared already" in r.stdout, r.stderr
+    assert (out / "train.bin").stat().st_mtime_ns == before
 
 
 def test_shakespeare_gpt2_uses_input_already_there(tmp_path, shakespeare_path, gpt2_vocab_path):

@@ -54,6 +54,7 @@ class MetricsLog:
                                         config=asdict(cfg))
         # elapsed_s counts training time across resumes; the time left, this process's pace
         self.t_loop = self.t_last = time.time()
+        self.iter_last = run.iter_num  # that of the last step line, or where this process began
         self.t_start = self.t_loop - run.elapsed_s
 
     def elapsed(self):
@@ -88,8 +89,9 @@ class MetricsLog:
         call, throughput, MFU (model FLOPs / time / the device's peak) and the time left."""
         cfg = self.run.cfg
         loss = runtime.all_reduce_mean([float(loss)], self.run.device, self.run.world_size)[0]
-        now = time.time()
-        dt, self.t_last = (now - self.t_last) / cfg.log_interval, now
+        now = time.time()  # per iteration since the last line (fewer after a resume)
+        dt = (now - self.t_last) / (iter_num - self.iter_last)
+        self.t_last, self.iter_last = now, iter_num
         mfu = self.flops_per_iter / dt / (self.peak * self.run.world_size) if self.peak else None
         eta = (now - self.t_loop) / (iter_num - self.run.iter_num) * (cfg.max_iters - iter_num)
         self.write(iter=iter_num, loss=loss, lr=lr, ms=dt * 1000,

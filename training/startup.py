@@ -258,9 +258,19 @@ def setup(cfg, named=()):
         if cfg.dropout and cfg.tp > 1:  # docs/parallelism.md: dropout under TP
             print("note: with dropout, tensor parallelism trains the same model but not the same "
                   "run as one process: each rank draws the attention masks of its own heads")
+        hours = runtime.cpu_hours(accounting.total_flops(cfg, raw_model.config)) if (
+            device == "cpu") else 0
+        if hours > 1:  # a GPU's recipe, likely: say so before an evaluation of minutes
+            print(f"note: at this CPU's speed the whole run takes about {hours:,.0f} hours "
+                  "(each step line's eta will say); a GPU's recipe? "
+                  "config/train_shakespeare_char_cpu.toml is the CPU's")
         busy = runtime.busy_note(device)
         if busy:  # on stdout with the other start lines: stderr is for what went wrong
             print(busy, flush=True)
+        if cfg.decay_lr and cfg.warmup_iters >= min(cfg.lr_decay_iters, cfg.max_iters) > 0:
+            print(f"note: warmup_iters ({cfg.warmup_iters}) is not below the schedule's end "
+                  f"({min(cfg.lr_decay_iters, cfg.max_iters)}): the learning rate only warms "
+                  "up and never cools down; give a smaller --warmup_iters", file=sys.stderr)
         if cfg.decay_lr and cfg.lr_decay_iters <= iter_num < cfg.max_iters:
             print(f"note: the learning-rate schedule ended at iteration {cfg.lr_decay_iters} "
                   f"(lr_decay_iters): the rate stays at min_lr={cfg.min_lr:g} from here. To "
