@@ -30,7 +30,7 @@ CPU_RECIPE = ROOT / "config" / "train_shakespeare_char_cpu.toml"
 def test_flags_refine_the_default_run_and_help_shows_its_values(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     seen = []
-    monkeypatch.setattr(train, "train", lambda cfg, named: seen.append((cfg, named)))
+    monkeypatch.setattr(train, "train", lambda cfg, named, signals: seen.append((cfg, named)))
     assert train.main(["--max_iters=20"]) == 0
     cfg, named = seen[0]
     assert cfg == parse_config(TrainConfig, [str(CPU_RECIPE), "--max_iters=20",
@@ -50,7 +50,7 @@ def test_flags_refine_the_default_run_and_help_shows_its_values(monkeypatch, cap
 def test_a_max_iters_flag_moves_the_end_of_the_schedule(monkeypatch, args, lr_decay_iters):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     seen = []
-    monkeypatch.setattr(train, "train", lambda cfg, named: seen.append((cfg, named)))
+    monkeypatch.setattr(train, "train", lambda cfg, named, signals: seen.append((cfg, named)))
     monkeypatch.setattr(startup, "out_dir_lock", lambda out_dir: contextlib.nullcontext())
     assert train.main(args) == 0
     cfg, named = seen[0]

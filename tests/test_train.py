@@ -155,7 +155,7 @@ def test_no_arguments_prepare_the_data_and_pick_the_cpu_recipe(tmp_path, monkeyp
     monkeypatch.setattr(startup, "ROOT", tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     seen = []
-    monkeypatch.setattr(train, "train", lambda cfg, named: seen.append(cfg))
+    monkeypatch.setattr(train, "train", lambda cfg, named, signals: seen.append(cfg))
     assert train.main([]) == 0
     assert seen[0] == parse_config(TrainConfig, [str(ROOT / "config" /
                                                      "train_shakespeare_char_cpu.toml")])
