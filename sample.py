@@ -134,12 +134,14 @@ def sampling_memory(m, slots, samples, prompt_tokens, new_tokens, dtype_bytes=4)
     whole for block_size positions in every layer; the prompt's activations, one layer at a time
     (34 * n_embd bytes a token in 16 bits, as in accounting.memory_per_rank); the last position's
     logits with the copies that sampling makes of them (probabilities, sorted for top-k and
-    top-p: 4 fp32 copies). On the host, every sample's tokens and text, kept until printed:
-    about 64 bytes a token as Python objects."""
+    top-p: 4 fp32 copies); its row's generator (~2.7 KB on a CPU: 4 KiB counted). slots is
+    what is allocated: at most the samples. On the host, every sample's tokens and text, kept
+    until printed: about 64 bytes a token as Python objects, and 1 KiB for its request, list
+    and text (measured: ~750 bytes a sample of 2 tokens)."""
     T = min(prompt_tokens, m.block_size)
     per_slot = (2 * m.n_layer * m.block_size * m.n_embd * dtype_bytes
-                + T * 34 * m.n_embd * dtype_bytes // 2 + 4 * 4 * m.vocab_size)
-    return slots * per_slot, samples * 64 * (prompt_tokens + new_tokens)
+                + T * 34 * m.n_embd * dtype_bytes // 2 + 4 * 4 * m.vocab_size + 4096)
+    return slots * per_slot, samples * (64 * (prompt_tokens + new_tokens) + 1024)
 
 
 def check_sampling_memory(m, slots, samples, prompt_tokens, new_tokens, device, dtype):
@@ -178,8 +180,7 @@ def sample(cfg, out=sys.stdout):
                           max(map(len, ids)), cfg.max_new_tokens, device, dtype)
     # Sample k of the output draws from its own generator, seeded seed + k: its text does not
     # depend on batch_size, nor on which rows shared its steps, and the same seed repeats it.
-    requests = [Request(ids[k // cfg.num_samples], cfg.max_new_tokens,
-                        torch.Generator(device=device).manual_seed((cfg.seed + k) % 2 ** 64))
+    requests = [Request(ids[k // cfg.num_samples], cfg.max_new_tokens, (cfg.seed + k) % 2 ** 64)
                 for k in range(samples)]
     drawn = serve(model, requests, cfg.batch_size, cfg.temperature, cfg.top_k, cfg.top_p,
                   tokenizer.eot_token, cfg.compile)

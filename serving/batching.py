@@ -48,7 +48,9 @@ from model import KVCache, sample_next
 class Request:
     ids: list[int]  # the prompt's token ids, at least one; a lone run reads its last block_size
     max_new_tokens: int  # tokens drawn at most (an <|endoftext|> drawn ends it sooner)
-    generator: torch.Generator | None = None  # its own draws, whichever slot it takes
+    seed: int | None = None  # its draws come from its own generator, seeded so: whichever slot
+    # it takes, it draws the same tokens. The generator (~2.7 KB) is made when it starts and
+    # dropped when it ends, so that a million waiting requests do not hold a million of them.
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Row:
     tokens: list[int]  # its prompt and the tokens drawn so far
     cached: int = 0  # how many of them the slot's cache holds
     drawn: int = 0
+    generator: torch.Generator | None = None  # the request's, seeded by its seed
 
 
 class Slots:
@@ -109,6 +112,7 @@ def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=N
     Each request's tokens are those GPT.generate_tokens draws for it alone (greedy, float32),
     whatever the other rows hold: see this file's docstring."""
     block = model.config.block_size
+    slots = min(slots, max(1, len(requests)))  # no slot that no request could ever use
     batch = Slots(model, slots, compile)
     waiting = deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
     rows, step = [None] * slots, 0
@@ -117,7 +121,8 @@ def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=N
         for s in range(slots):  # prefill: newcomers, and rows whose cache is full
             if rows[s] is None and waiting:
                 i = waiting.popleft()
-                rows[s] = Row(i, list(requests[i].ids))
+                rows[s] = Row(i, list(requests[i].ids), generator=new_generator(
+                    requests[i].seed, batch.cols.device))
                 if admitted is not None:
                     admitted.append((step, s, rows[s].request))
             row = rows[s]
@@ -136,7 +141,7 @@ def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=N
                 rows[s].cached += 1
         for s in sorted(logits):
             row, request = rows[s], requests[rows[s].request]
-            token = sample_next(logits[s], temperature, top_k, top_p, request.generator).item()
+            token = sample_next(logits[s], temperature, top_k, top_p, row.generator).item()
             row.tokens.append(token)
             row.drawn += 1
             if token == eot or row.drawn == request.max_new_tokens:
@@ -144,3 +149,8 @@ def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=N
             if token != eot:
                 yield row.request, token
         step += 1
+
+
+def new_generator(seed, device):
+    """A generator on device seeded with seed, or None (torch's global one) for no seed."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)

@@ -6,6 +6,7 @@ a batch and a lone run agree to rounding and so draw the same tokens.
 import functools
 import io
 import json
+import weakref
 
 import pytest
 import torch
@@ -13,8 +14,11 @@ import torch._dynamo.utils
 
 import helpers
 import sample
+import serving.batching
 from model import GPT, GPTConfig
 from serving.batching import Request, serve
+from training import runtime
+from training.settings import ConfigError
 from tools.bench.__main__ import main as bench_main
 from training.settings import parse_config
 
@@ -97,6 +101,24 @@ def test_compiled_decode_compiles_once_and_draws_the_same_tokens(monkeypatch):
     assert compiled == [alone(model, ids, 50) for ids in cases]
 
 
+def test_no_more_slots_than_requests(monkeypatch):
+    # --batch_size=1000000 for 3 prompts once allocated a million slots' caches (18.6 GB).
+    made = []
+
+    class Recorded(serving.batching.Slots):
+        def __init__(self, model, slots, compile=False):
+            made.append(slots)
+            assert slots <= 3, f"{slots} slots for 3 requests"  # before they are allocated
+            super().__init__(model, slots, compile)
+
+    monkeypatch.setattr(serving.batching, "Slots", Recorded)
+    model = tiny()
+    cases = prompts(4, 9, 2)
+    assert served(model, [Request(ids, 5) for ids in cases], 10 ** 6) == [
+        alone(model, ids, 5) for ids in cases]
+    assert made == [3]
+
+
 @pytest.fixture
 def char_checkpoint(tmp_path):
     return helpers.char_checkpoint(tmp_path, block_size=32)
@@ -118,6 +140,33 @@ def test_sampled_rows_repeat_with_the_same_seed(char_checkpoint, tmp_path):
     assert run_sample(char_checkpoint, *flags, "--seed=7", "--batch_size=2") == first
     assert run_sample(char_checkpoint, *flags, "--seed=7", "--batch_size=5") == first
     assert run_sample(char_checkpoint, *flags, "--seed=8", "--batch_size=2") != first
+
+
+def test_a_generator_lives_only_while_its_sample_is_drawn(char_checkpoint, monkeypatch):
+    # One torch.Generator (~2.7 KB) per sample, all made at the start, once took 6 GB for
+    # 2,000,000 samples of one token, which the memory check did not count.
+    real, alive, peak = torch.Generator, [], [0]
+
+    def counted(*args, **kwargs):
+        generator = real(*args, **kwargs)
+        alive.append(weakref.ref(generator))
+        peak[0] = max(peak[0], sum(ref() is not None for ref in alive))
+        return generator
+
+    monkeypatch.setattr(torch, "Generator", counted)
+    texts = run_sample(char_checkpoint, "--num_samples=30", "--batch_size=2", "--temperature=1",
+                       "--max_new_tokens=3")
+    assert len(texts) == 30 and len(alive) >= 30
+    assert peak[0] <= 3  # one a row, and the one that a finished row hands on
+
+
+def test_the_memory_check_counts_each_samples_bookkeeping(char_checkpoint, monkeypatch):
+    # 1,000,000 one-token samples hold ~1 GB of requests, lists and text (~750 bytes each,
+    # measured), not 128 MB: the check refuses them on a 1 GiB machine before sampling.
+    monkeypatch.setattr(runtime, "device_memory", lambda device: 2 ** 30)
+    monkeypatch.setattr(sample, "serve", lambda *a, **k: pytest.fail("sampled regardless"))
+    with pytest.raises(ConfigError, match="sampling 1,000,000 sequences"):
+        run_sample(char_checkpoint, "--num_samples=1000000", "--max_new_tokens=1")
 
 
 @pytest.mark.parametrize("name, content, flags, message", [
