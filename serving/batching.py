@@ -40,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from model import KVCache, sample_next
 
@@ -62,42 +63,60 @@ class Row:
     generator: torch.Generator | None = None  # the request's, seeded by its seed
 
 
+class SlotCache:
+    """The batch's keys and values, block_size columns per slot in every layer, answering what
+    the attention asks a cache (model.KVCache): each row's one new token sits at its own
+    column, cols (slots,), where its key and value are written; the row sees its columns up to
+    there, never another row's or a stale one."""
+
+    def __init__(self, n_layer, cols, block_size):
+        self.k, self.v, self.cols = [None] * n_layer, [None] * n_layer, cols
+        self.keys = torch.arange(block_size, device=cols.device)
+
+    def positions(self, T, device):
+        assert T == 1, "a decode step feeds each slot one token"
+        # Row b sees its columns 0..cols[b] (B, 1, 1, keys): at least one, even in a free slot,
+        # so that no softmax is empty (NaN).
+        self.seen = (self.keys <= self.cols[:, None]).view(len(self.cols), 1, 1, -1)
+        return self.cols[:, None]  # (B, 1)
+
+    def attend(self, layer, q, k, v):
+        at = self.cols.view(-1, 1, 1, 1).expand_as(k)  # (B, nh, 1, hs): column per row
+        keys, values = self.k[layer].scatter_(2, at, k), self.v[layer].scatter_(2, at, v)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.seen)
+
+
 class Slots:
-    """The batch's caches, one row per slot, and the two ways of filling them."""
+    """The batch's cache, one row per slot, and the two ways of filling it."""
 
     def __init__(self, model, slots, compile=False):
         cfg, device = model.config, next(model.parameters()).device
         self.model, self.slots, self.compiled = model, slots, compile
         self.cols = torch.zeros(slots, dtype=torch.long, device=device)  # where each row writes
-        self.caches = [KVCache(cfg.block_size, self.cols) for _ in range(cfg.n_layer)]
-        self.keys = torch.arange(cfg.block_size, device=device)
+        self.cache = SlotCache(cfg.n_layer, self.cols, cfg.block_size)
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs
         self.decode = torch.compile(self._decode, mode=mode) if compile else self._decode
 
     def _decode(self, tokens):
         """Next-token logits (slots, vocab) after one token per slot, tokens (slots, 1), each
         at its row's own position, cols."""
-        # Row b sees its columns 0..cols[b] (B, 1, 1, keys): never another row's, never a stale
-        # one, and at least one, even in a free slot, so that no softmax is empty (NaN).
-        seen = (self.keys <= self.cols[:, None]).view(self.slots, 1, 1, -1)
-        x = self.model.hidden_states(tokens, self.caches, self.cols[:, None], seen)
-        return self.model.lm_head(x[:, -1])
+        return self.model.lm_head(self.model.hidden_states(tokens, self.cache)[:, -1])
 
     def prefill(self, slot, ids):
         """Run ids (B=1) alone into a fresh cache, as a lone run does; copy its keys and values
         into slot's row; return the next-token logits (1, vocab)."""
         cfg = self.model.config
-        alone = [KVCache(cfg.block_size) for _ in range(cfg.n_layer)]
+        alone = KVCache(cfg.n_layer, cfg.block_size)
         idx = torch.tensor([ids], dtype=torch.long, device=self.cols.device)
         logits = self.model.lm_head(self.model.hidden_states(idx, alone)[:, -1])
-        for cache, own in zip(self.caches, alone):
-            if cache.k is None:  # allocated on first use, in the dtype the forward used
-                cache.k = own.k.new_zeros(self.slots, *own.k.shape[1:])
-                cache.v = own.v.new_zeros(self.slots, *own.v.shape[1:])
+        for layer, (k, v) in enumerate(zip(alone.k, alone.v)):
+            if self.cache.k[layer] is None:  # allocated on first use, in the forward's dtype
+                self.cache.k[layer] = k.new_zeros(self.slots, *k.shape[1:])
+                self.cache.v[layer] = v.new_zeros(self.slots, *v.shape[1:])
                 if self.compiled:  # the same buffers every step: a CUDA graph may keep them
-                    torch._dynamo.mark_static_address(cache.k)
-                    torch._dynamo.mark_static_address(cache.v)
-            cache.k[slot], cache.v[slot] = own.k[0], own.v[0]
+                    torch._dynamo.mark_static_address(self.cache.k[layer])
+                    torch._dynamo.mark_static_address(self.cache.v[layer])
+            self.cache.k[layer][slot], self.cache.v[layer][slot] = k[0], v[0]
         return logits
 
 
