@@ -44,7 +44,12 @@ from serving.prefix import PrefixCache, page_keys
 
 
 class ServingError(ValueError):
-    """A setting or a request the engine cannot serve: the user's to fix."""
+    """A setting or a request the engine cannot serve: the user's to fix. request is the
+    index of the request at fault, if one is."""
+
+    def __init__(self, message, request=None):
+        super().__init__(message)
+        self.request = request
 
 
 @dataclass
@@ -101,11 +106,20 @@ class Engine:
                 raise ServingError(
                     f"request {i} needs {self.pool.pages_for(longest)} pages of {page_size} "
                     f"tokens at its longest ({longest} tokens), more than the pool's "
-                    f"{kv_pages}: raise kv_pages or lower max_new_tokens")
+                    f"{kv_pages}: raise kv_pages or lower max_new_tokens", i)
         self.waiting = deque(Sequence(i, list(r.ids)) for i, r in enumerate(requests)
                              if r.max_new_tokens > 0)
         self.running = []
         self.stats = Stats(requests=len(requests))
+
+    def summary(self):
+        """One line on what the run did (sample.py prints it on stderr)."""
+        s = self.stats
+        return (f"served {s.requests:,} requests: {s.tokens:,} tokens in {s.seconds:.2f} s "
+                f"({s.tokens / max(s.seconds, 1e-9):,.1f} tokens/s); KV pages: "
+                f"{s.peak_pages:,} of {self.pool.n_pages:,} ({self.pool.page_size} tokens "
+                f"each) at peak, {s.reused_pages:,} reused from shared prefixes; "
+                f"{s.preemptions:,} preemptions")
 
     def context(self, seq):
         return seq.tokens[seq.start:]

@@ -139,6 +139,11 @@ def test_sampled_rows_repeat_with_the_same_seed(char_checkpoint, tmp_path):
     # Each sample has its own generator, so neither a rerun nor other slots change it.
     assert run_sample(char_checkpoint, *flags, "--seed=7", "--batch_size=2") == first
     assert run_sample(char_checkpoint, *flags, "--seed=7", "--batch_size=5") == first
+    # a billion rows asked, six allocated: once an allocator's traceback
+    assert run_sample(char_checkpoint, *flags, "--seed=7", "--batch_size=1000000000") == first
+    # nor do the pages, or the chunks (the same draws, whatever waits or is preempted)
+    assert run_sample(char_checkpoint, *flags, "--seed=7", "--page_size=2", "--kv_pages=14",
+                      "--prefill_chunk=1") == first
     assert run_sample(char_checkpoint, *flags, "--seed=8", "--batch_size=2") != first
 
 
@@ -164,7 +169,7 @@ def test_the_memory_check_counts_each_samples_bookkeeping(char_checkpoint, monke
     # 1,000,000 one-token samples hold ~1 GB of requests, lists and text (~750 bytes each,
     # measured), not 128 MB: the check refuses them on a 1 GiB machine before sampling.
     monkeypatch.setattr(runtime, "device_memory", lambda device: 2 ** 30)
-    monkeypatch.setattr(sample, "serve", lambda *a, **k: pytest.fail("sampled regardless"))
+    monkeypatch.setattr(sample, "Engine", lambda *a, **k: pytest.fail("sampled regardless"))
     with pytest.raises(ConfigError, match="sampling 1,000,000 sequences"):
         run_sample(char_checkpoint, "--num_samples=1000000", "--max_new_tokens=1")
 
@@ -175,7 +180,14 @@ def test_the_memory_check_counts_each_samples_bookkeeping(char_checkpoint, monke
     ("p.txt", "ab\nb∑a\n", [], "{path}:2: character '∑' at position 1 is not in the vocab"),
     ("p.jsonl", '{"prompt": "a"}\n["b"]\n', [], '{path}:2: expected a JSON object {{"prompt"'),
     ("p.txt", "ab\n", ["--batch_size=0"], "batch_size must be at least 1, got 0"),
-], ids=["empty_file", "empty_line", "unknown_character", "not_an_object", "no_slots"])
+    ("p.txt", "ab\n", ["--page_size=0"], "page_size must be at least 1, got 0"),
+    ("p.txt", "ab\n", ["--prefill_chunk=-1"], "prefill_chunk must be at least 1, got -1"),
+    ("p.txt", "ab\n", ["--kv_pages=-1"], "kv_pages must be 0 (fit the memory) or more"),
+    ("p.txt", "ab\nabcabcabca\n", ["--kv_pages=3", "--page_size=4", "--max_new_tokens=4"],
+     "{path}:2: request 3 needs 4 pages of 4 tokens at its longest (13 tokens), more than the "
+     "pool's 3: raise kv_pages"),
+], ids=["empty_file", "empty_line", "unknown_character", "not_an_object", "no_slots",
+        "no_page", "no_chunk", "negative_pool", "larger_than_the_pool"])
 def test_bad_prompts_are_one_line_errors(char_checkpoint, tmp_path, capsys, name, content,
                                          flags, message):
     path = tmp_path / name
@@ -185,6 +197,20 @@ def test_bad_prompts_are_one_line_errors(char_checkpoint, tmp_path, capsys, name
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert message.format(path=path) in lines[0]
+
+
+def test_many_prompts_print_their_texts_and_a_summary_line_apart(char_checkpoint, tmp_path):
+    (tmp_path / "p.txt").write_text("ab\nb\n")
+    cfg = parse_config(sample.SampleConfig, [f"--out_dir={char_checkpoint}", "--device=cpu",
+                                             "--temperature=0", f"--prompts={tmp_path / 'p.txt'}",
+                                             "--num_samples=2", "--max_new_tokens=5"])
+    out, err = io.StringIO(), io.StringIO()
+    sample.sample(cfg.validate(), out, err)
+    assert out.getvalue().count("---------------") == 4 and out.getvalue().startswith("ab")
+    assert err.getvalue().startswith("served 4 requests: 20 tokens in ")
+    # 4 rows of at most 2 + 5 - 1 tokens: a page of 16 each
+    assert "KV pages: 4 of 8 (16 tokens each) at peak, 0 reused" in err.getvalue()
+    assert err.getvalue().endswith("; 0 preemptions\n") and err.getvalue().count("\n") == 1
 
 
 def test_bench_serves_the_mix_three_ways(tmp_path, capsys):
