@@ -122,11 +122,13 @@ class Slots:
 
 @torch.no_grad()
 def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=None,
-          compile=False, admitted=None):
+          compile=False, admitted=None, stats=None):
     """Yield (request index, token id) as each token is drawn, continuing every request's
     prompt, slots rows at a time, a freed slot taking the next request in order. A request
     ends after its max_new_tokens, or at eot, which is not yielded. admitted, a list, receives
     (step, slot, request) at each admission; a step draws one token for every busy slot.
+    stats, if given (the bench's), counts prefill_tokens, and the peak_rows busy and the
+    peak_tokens cached at once.
 
     Each request's tokens are those GPT.generate_tokens draws for it alone (greedy, float32),
     whatever the other rows hold: see this file's docstring."""
@@ -148,6 +150,12 @@ def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=N
             if row is not None and row.cached in (0, block):
                 logits[s] = batch.prefill(s, row.tokens[-block:])
                 row.cached = min(len(row.tokens), block)
+                if stats is not None:
+                    stats.prefill_tokens += row.cached
+        if stats is not None:
+            busy = [r for r in rows if r is not None]
+            stats.peak_rows = max(stats.peak_rows, len(busy))
+            stats.peak_tokens = max(stats.peak_tokens, sum(r.cached for r in busy))
         decoding = [s for s, row in enumerate(rows) if row is not None and s not in logits]
         if decoding:  # one step for every slot, its shape fixed; see _decode
             # A slot that does not decode writes a stray key and value where its next token

@@ -12,7 +12,8 @@ A step, in order:
    (checked at the start), so nothing deadlocks.
 2. Admit. While there is a row free (at most rows requests run at once), the next waiting
    request starts if the pool has pages for its whole prompt, beyond the pages of its prefix
-   already cached. A request never preempts another to start: admission waits for memory.
+   already cached, and a page to spare for each running request. A request never preempts
+   another to start: admission waits for memory.
 3. Forward. Every running request feeds its uncomputed tokens, at most prefill_chunk of them:
    a newcomer its prompt, chunk by chunk; the others the one token drawn last. All of them
    are packed into one row, (1, N) tokens, so that newcomers' prefills and the others' decode
@@ -73,6 +74,7 @@ class Stats:
     steps: int = 0
     peak_rows: int = 0  # requests running at once, at most
     peak_pages: int = 0  # pages held by tables at once, at most
+    peak_tokens: int = 0  # (serving/batching.py's slots, for the bench) tokens cached at once
     reused_pages: int = 0  # pages taken from the prefix cache instead of prefilled
     preemptions: int = 0
     seconds: float = 0.0
@@ -107,8 +109,9 @@ class Engine:
                     f"request {i} needs {self.pool.pages_for(longest)} pages of {page_size} "
                     f"tokens at its longest ({longest} tokens), more than the pool's "
                     f"{kv_pages}: raise kv_pages or lower max_new_tokens", i)
-        self.waiting = deque(Sequence(i, list(r.ids)) for i, r in enumerate(requests)
-                             if r.max_new_tokens > 0)
+        # The queue holds indices, and the Sequences of preempted requests: a Sequence (its
+        # tokens, table, generator) exists only from a request's start to its end.
+        self.waiting = deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
         self.running = []
         self.stats = Stats(requests=len(requests))
 
@@ -136,6 +139,7 @@ class Engine:
         """One step (this page's docstring): [(request index, token id)] drawn in it."""
         self.make_room()
         self.admit()
+        assert self.running, "nothing runs: the oldest request always fits the pool"
         held = sum(r > 0 for r in self.pool.refs)
         self.stats.peak_pages = max(self.stats.peak_pages, held)
         self.stats.peak_rows = max(self.stats.peak_rows, len(self.running))
@@ -205,6 +209,9 @@ class Engine:
     def admit(self):
         """Step 2: start waiting requests, in order, while rows and pages allow."""
         while self.waiting and len(self.running) < self.rows:
+            if isinstance(self.waiting[0], int):
+                i = self.waiting[0]
+                self.waiting[0] = Sequence(i, list(self.requests[i].ids))
             seq = self.waiting[0]
             seq.start = max(seq.start, len(seq.tokens) - self.block)
             context = self.context(seq)
@@ -212,8 +219,14 @@ class Engine:
             keys = page_keys(context[:len(context) - 1], self.pool.page_size)
             shared, wait = self.prefix.match(keys) if self.prefix.enabled else ([], False)
             need = self.pool.pages_for(len(context)) - len(shared)
-            # shared pages that were idle are no longer there to be allocated
-            if wait or need + sum(p in self.prefix.idle for p in shared) > self.prefix.available():
+            # Shared pages that were idle are no longer there to be allocated; and a page is
+            # kept free for each running request, itself included, so that the next steps'
+            # tokens do not preempt at once what was just admitted (vLLM keeps such a
+            # watermark too): otherwise a request can be admitted, preempted, admitted... Alone,
+            # a request needs no spare page: none is larger than the pool.
+            spare = (len(self.running) + 1 if self.running else 0) + sum(
+                p in self.prefix.idle for p in shared)
+            if wait or need + spare > self.prefix.available():
                 return  # its prefix is being computed, or memory is short: it waits
             self.waiting.popleft()
             self.prefix.hold(shared)

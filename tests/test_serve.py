@@ -230,3 +230,26 @@ def test_bench_serves_the_mix_three_ways(tmp_path, capsys):
         # keys and values x 2 layers x 16 positions x 32 channels x 4 bytes, for every slot
         assert r["kv_cache_bytes"] == r["slots"] * 2 * 2 * 16 * 32 * 4
     assert "continuous" in capsys.readouterr().out
+
+
+def test_bench_serves_both_paged_workloads_beside_todays_slots(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench_main(["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64",
+                       "--vocab_size=50", "--device=cpu", "--dtype=float32", "--train=false",
+                       "--sample=false", "--paged=true", "--paged_requests=16",
+                       "--paged_slots=2", "--page_size=4", f"--json_out={out}"]) == 0
+    paged = json.loads(out.read_text())["paged"]
+    shared, mixed = (paged["workloads"][name]["rows"]
+                     for name in ("shared system prompt", "mixed lengths"))
+    assert [r["way"] for r in shared] == ["slots", "paged", "paged + reuse"]
+    assert [r["way"] for r in mixed] == ["slots", "paged", "paged + chunked"]
+    for r in shared + mixed:  # the same KV memory: 2 slots of 64 positions, or 32 pages of 4
+        assert r["kv_reserved_bytes"] == 2 * 64 * 2 * 2 * 32 * 4 >= r["kv_used_bytes"] > 0
+    # 16 prompts of a 24-token system prompt and 4 to 12 tokens of their own: the first
+    # prefills its prompt, the others take the system prompt's 6 pages of 4 tokens
+    prompts = paged["workloads"]["shared system prompt"]["prompt_tokens"]
+    assert shared[0]["prefill_tokens"] == prompts  # the slots prefill every prompt whole
+    assert shared[2]["prefill_tokens"] == prompts - 15 * 6 * 4
+    assert shared[0]["peak_rows"] == mixed[0]["peak_rows"] == 2
+    assert mixed[1]["peak_rows"] > 2 and mixed[2]["peak_rows"] > 2  # pages fit more rows
+    assert "paged + chunked" in capsys.readouterr().out
