@@ -88,6 +88,6 @@ def bench_inference(model, cfg, device, ctx):
                          decode_tokens_per_s=batch * decode / t_decode,
                          ms_per_token=t_decode / decode * 1000,
                          # The caches are allocated whole, for block_size positions.
-                         kv_cache_bytes=sum(k.nbytes + v.nbytes for k, v in zip(cache.k, cache.v))))
+                         kv_cache_bytes=sum(t.nbytes for t in cache.k + cache.v)))
     return dict(prefill_tokens=prefill, decode_tokens=decode, repeats=cfg.sample_repeats,
                 weight_bytes=sum(p.nbytes for p in model.parameters()), rows=rows)
