@@ -4,11 +4,12 @@
     python sample.py --init_from=gpt2 --start="FILE:prompt.txt" --num_samples=1 --top_p=0.9
     python sample.py --prompts=prompts.txt --batch_size=8 --temperature=0
 
-A single sample is GPT.generate_tokens, streamed as it is drawn. Several go through the serving
-engine (serving/engine.py): up to batch_size rows at once in a paged KV cache of kv_pages
-pages of page_size tokens, prompts that begin alike sharing their pages, long prompts
-prefilled prefill_chunk tokens a step; a summary line goes to stderr, the text to stdout. A
-sample ends at GPT-2's <|endoftext|>, which is not printed, or after max_new_tokens.
+A single sample of --start is GPT.generate_tokens, streamed as it is drawn. Several, or
+--prompts, go through the serving engine (serving/engine.py): up to batch_size rows at once in
+a paged KV cache of kv_pages pages of page_size tokens, prompts that begin alike sharing their
+pages, long prompts prefilled prefill_chunk tokens a step; a summary line goes to stderr, the
+text to stdout. A sample ends at GPT-2's <|endoftext|>, which is not printed, or after
+max_new_tokens.
 """
 import codecs
 import json
@@ -207,7 +208,8 @@ def sample(cfg, out=sys.stdout, err=sys.stderr):
     samples = len(ids) * cfg.num_samples
     rows = min(cfg.batch_size, samples)  # what is allocated: no row without a sample
     kv_pages = cfg.kv_pages or default_kv_pages(m, rows, cfg.page_size, device, dtype)
-    kv_tokens = rows * m.block_size if cfg.compile or samples == 1 else kv_pages * cfg.page_size
+    simple = samples == 1 and not cfg.prompts  # one sample of --start: generate_tokens
+    kv_tokens = rows * m.block_size if cfg.compile or simple else kv_pages * cfg.page_size
     check_sampling_memory(m, rows, kv_tokens, samples, max(map(len, ids)), cfg.max_new_tokens,
                           device, dtype)
     # Sample k of the output draws from its own generator, seeded seed + k: its text does not
@@ -216,7 +218,7 @@ def sample(cfg, out=sys.stdout, err=sys.stderr):
                 for k in range(samples)]
     sampling = (cfg.temperature, cfg.top_k, cfg.top_p)
     with runtime.autocast(device, dtype):
-        if samples == 1:  # the simple path: model.py's own sampler, streamed
+        if simple:  # model.py's own sampler, streamed
             generator = torch.Generator(device=device).manual_seed(requests[0].seed)
             drawn = model.generate_tokens(torch.tensor([ids[0]], device=device),
                                           cfg.max_new_tokens, temperature=cfg.temperature,
@@ -240,7 +242,7 @@ def sample(cfg, out=sys.stdout, err=sys.stderr):
             if engine is not None:
                 print(engine.summary(), file=err)
     texts = [prompts[k // cfg.num_samples][1] + tokenizer.decode(row) for k, row in enumerate(new)]
-    if len(requests) > 1:
+    if not simple:
         for text in texts:
             out.write(text + "\n---------------\n")
     return texts

@@ -23,7 +23,7 @@ The decode step has one shape whatever the rows hold, (slots, 1) tokens into cac
 block_size columns, so torch.compile compiles it once; on CUDA, mode="reduce-overhead" also
 captures it as a CUDA graph, replayed for every token without launching each kernel.
 
-What a real server adds, and why:
+What a real server adds, and why (engine.py, pages.py and prefix.py build the first three):
 - Paged caches (vLLM's PagedAttention). Here each slot holds block_size columns whether its row
   uses ten or all of them, and this memory, not compute, bounds the batch. Pages of some 16
   tokens, handed out as rows grow, fit several times more rows in the same memory.
