@@ -132,7 +132,8 @@ def one_way(model, mix, way, cfg, eot):
                 tpot_s=median_p90([(t[-1] - t[0]) / (len(t) - 1) for t in times.values()
                                    if len(t) > 1] or [0.0]),
                 kv_reserved_bytes=reserved * per_token, kv_used_bytes=used * per_token,
-                peak_rows=stats.peak_rows, prefill_tokens=stats.prefill_tokens)
+                peak_rows=stats.peak_rows, prefill_tokens=stats.prefill_tokens,
+                preemptions=stats.preemptions)
 
 
 def bench_paged(cfg, model_config, device):
