@@ -177,3 +177,26 @@ def test_a_context_at_block_size_needs_only_block_size_tokens_of_pages():
     engine = Engine(model, [Request(ids, 10)], rows=1, page_size=4, kv_pages=BLOCK // 4,
                     temperature=0)
     assert run(engine) == [alone(model, ids, 10)]
+
+
+def test_a_page_is_shared_only_when_everything_before_it_is_the_same():
+    model = tiny()
+    x, y, z = prompts(8, 8, 8, seed=9)
+    # y's two pages follow z in one prompt and x in the next: the same tokens at the same
+    # positions, but keys and values that differ (they attend over z or x), so not shared.
+    # The third prompt must take the second's x and y, never the first's y.
+    cases = [z + y + [3], x + y + [3], x + y + [5]]
+    engine = Engine(model, [Request(ids, 8) for ids in cases], rows=1, page_size=4,
+                    temperature=0)
+    tables, out = {}, [[] for _ in cases]  # each request's page table when it starts
+    with torch.no_grad():
+        while engine.waiting or engine.running:
+            for i, token in engine.step():
+                out[i].append(token)
+            for seq in engine.running:
+                tables.setdefault(seq.request, list(seq.table))
+    assert out == [alone(model, ids, 8) for ids in cases]
+    assert tables[2][:4] == tables[1][:4] and not set(tables[2]) & set(tables[0][:4])
+    assert engine.stats.reused_pages == 4
+    # (The tokens agree even when y's pages are wrongly shared: a 2-layer model's greedy
+    # tokens barely feel its second layer's keys. Hence the tables.)
