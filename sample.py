@@ -38,8 +38,7 @@ class SampleConfig:
     num_samples: int = 3  # samples drawn of each prompt
     batch_size: int = 8  # rows decoded together, at most; a finished row's place goes on at once
     page_size: int = 16  # tokens of keys and values per page of the KV cache
-    kv_pages: int = 0  # pages in the KV cache's pool; 0: every row can reach block_size, as
-    # far as half the memory left beside the weights allows
+    kv_pages: int = 0  # pages in the KV cache; 0: block_size for each row, within half the memory
     prefill_chunk: int = 256  # tokens of a prompt prefilled per step, beside the others' decode
     max_new_tokens: int = 500  # tokens generated per sample
     temperature: float = 0.8  # 1.0 samples the model as is; lower is more conservative; 0 greedy
@@ -48,8 +47,7 @@ class SampleConfig:
     seed: int = 1337  # the same seed gives the same samples
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
-    compile: bool = False  # decode in serving/batching.py's slots instead, whose step has one
-    # shape and so compiles once (the engine's steps change shape)
+    compile: bool = False  # compile: serving/batching.py's slots, whose step has one shape
 
     def validate(self):
         """Reject values no sampling can use; the message names the setting."""
