@@ -13,8 +13,9 @@ reference (each page counts the tables that hold it, pages.PagePool.refs) and pr
 the rest. The alternative, SGLang's radix tree of token sequences, matches to the token rather
 than the page and finds the longest match in one walk; the chain is chosen here because pages
 are already the unit of memory, a dict is all it needs, and the key, compared whole (a tuple,
-not a digest of one), can never make two different prefixes share a page. Matching a prompt of
-L tokens hashes its chain once: O(L) per page, cheap beside prefilling it.
+not a digest of one), can never make two different prefixes share a page. The price: a key's
+hash covers its whole prefix, so matching a prompt of L tokens hashes O(L^2 / page_size)
+tokens, cheap beside prefilling it (vLLM hashes each page once, chaining digests instead).
 
 A page is keyed as soon as it is handed to a request whose tokens fill it, and ready once the
 forward has written its keys and values; a request whose prompt needs a page that is keyed but
