@@ -200,3 +200,30 @@ def test_a_page_is_shared_only_when_everything_before_it_is_the_same():
     assert engine.stats.reused_pages == 4
     # (The tokens agree even when y's pages are wrongly shared: a 2-layer model's greedy
     # tokens barely feel its second layer's keys. Hence the tables.)
+
+
+@BOTH
+def test_every_drawn_tokens_logits_equal_one_forward(options, monkeypatch):
+    # Tokens can agree while keys are wrong (see above); the logits each token is drawn from
+    # cannot. Shared prefixes, preemption forced by a small pool and chunks of 3 at once,
+    # within block_size, where one forward over the whole sequence is the lone run's logits.
+    model = tiny(**options)
+    system = prompts(9, seed=10)[0]
+    cases = [system + tail for tail in prompts(5, 12, 2, 7, seed=11)] + prompts(14, seed=12)
+    seen = {i: [] for i in range(len(cases))}
+    draw = Engine.draw
+
+    def recorded(self, seq, logits):
+        seen[seq.request].append(logits[0])
+        return draw(self, seq, logits)
+
+    monkeypatch.setattr(Engine, "draw", recorded)
+    engine = Engine(model, [Request(ids, 18) for ids in cases], rows=5, page_size=4,
+                    kv_pages=10, prefill_chunk=3, temperature=0)
+    out = run(engine)
+    assert engine.stats.preemptions > 0 and engine.stats.reused_pages > 0
+    with torch.no_grad():
+        for i, ids in enumerate(cases):
+            whole, _ = model(torch.tensor([ids + out[i][:-1]]))  # (1, T, vocab)
+            torch.testing.assert_close(torch.stack(seen[i]), whole[0, len(ids) - 1:],
+                                       atol=1e-4, rtol=1e-5)
