@@ -27,29 +27,35 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for one attention layer. With cols (B,), each
-    row writes its new token at its own column and gets the whole buffer, masked
-    (serving/batching.py)."""
+    """Keys and values of the tokens seen so far, in every layer, for rows that start together
+    (generate_tokens). The attention asks its cache two things, and serving/pages.py's paged
+    cache answers the same two: where the tokens fed next sit (positions), and attention over
+    all that is cached once their own keys and values are stored (attend)."""
 
-    def __init__(self, max_len, cols=None):
-        self.max_len, self.length, self.cols = max_len, 0, cols
-        self.k = self.v = None
+    def __init__(self, n_layer, max_len):
+        self.max_len, self.start, self.length = max_len, 0, 0
+        self.k, self.v = [None] * n_layer, [None] * n_layer
 
-    def append(self, k, v):
-        """Store k, v of shape (B, nh, T, hs); return all keys and values so far."""
-        if self.k is None:  # allocate on first use, in the dtype autocast gave k and v
+    def positions(self, T, device):
+        """The positions (T,) of the next T tokens, which every layer's attend then stores."""
+        assert self.length + T <= self.max_len, "KV cache overflow: the caller must refill it"
+        self.start, self.length = self.length, self.length + T
+        return torch.arange(self.start, self.length, device=device)
+
+    def attend(self, layer, q, k, v):
+        """Store layer's k, v (B, nh, T, hs); return q's attention over all cached so far."""
+        if self.k[layer] is None:  # allocate on first use, in the dtype autocast gave k and v
             B, nh, _, hs = k.shape
-            self.k = k.new_zeros(B, nh, self.max_len, hs)
-            self.v = v.new_zeros(B, nh, self.max_len, hs)
-        if self.cols is not None:
-            at = self.cols.view(-1, 1, 1, 1).expand_as(k)  # (B, nh, 1, hs): column per row
-            return self.k.scatter_(2, at, k), self.v.scatter_(2, at, v)
-        start, end = self.length, self.length + k.size(2)
-        assert end <= self.max_len, "KV cache overflow: the caller must refill it"
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+            self.k[layer] = k.new_zeros(B, nh, self.max_len, hs)
+            self.v[layer] = v.new_zeros(B, nh, self.max_len, hs)
+        self.k[layer][:, :, self.start:self.length] = k
+        self.v[layer][:, :, self.start:self.length] = v
+        # Filling an empty cache, token t sees tokens <= t; a later step's one new token sees
+        # all stored before it (SDPA's is_causal would align it with the first key instead).
+        assert self.start == 0 or k.size(2) == 1, "cached decoding feeds one token at a time"
+        return F.scaled_dot_product_attention(q, self.k[layer][:, :, :self.length],
+                                              self.v[layer][:, :, :self.length],
+                                              is_causal=self.start == 0)
 
 
 def apply_rotary(x, cos, sin):
@@ -61,15 +67,16 @@ def apply_rotary(x, cos, sin):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout, self.qk_norm = config.n_head, config.dropout, config.qk_norm
+        self.layer = layer  # which of a KV cache's layers holds this one's keys and values
 
-    def forward(self, x, rotary=None, kv_cache=None, mask=None):
+    def forward(self, x, rotary=None, kv_cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).chunk(3, dim=2)  # -1 heads: under TP a rank has n_head / tp
         q, k, v = [t.view(B, T, -1, C // self.n_head).transpose(1, 2)
@@ -81,15 +88,11 @@ class CausalSelfAttention(nn.Module):
         # CUDA's autocast runs rms_norm in float32: back to v's dtype, which attention uses
         # anyway, so that the KV cache holds keys and values alike, cast once.
         q, k = q.to(v.dtype), k.to(v.dtype)
-        # Without a cache, or when filling an empty one, token t sees tokens <= t; a cached step's
-        # one new token sees all stored before it. Rows at different lengths bring a mask, which
-        # must carry causality too: beside a mask, SDPA on the CPU ignores is_causal.
-        is_causal = mask is None and (kv_cache is None or kv_cache.length == 0)
-        if kv_cache is not None:
-            assert is_causal or T == 1, "cached decoding feeds one token at a time"
-            k, v = kv_cache.append(k, v)  # (B, nh, T_total, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if kv_cache is None:  # token t sees tokens <= t
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # the cache stores k and v, and knows which keys each query may see
+            y = kv_cache.attend(self.layer, q, k, v)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -113,15 +116,15 @@ class ReLUSquared(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rotary=None, kv_cache=None, mask=None):
-        x = x + self.attn(self.ln_1(x), rotary, kv_cache, mask)
+    def forward(self, x, rotary=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rotary, kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -133,7 +136,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -170,30 +173,30 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx, kv_caches=None, pos=None, mask=None):
-        """The final norm's activations (B, T, n_embd) for token ids idx (B, T). With kv_caches
-        (one KVCache per layer), idx continues the tokens already cached. Rows at different
-        lengths give each token its position, pos (B, T), and the keys it may see, mask
-        (B, 1, T, keys), True where it may: each row then computes what it would alone."""
+    def hidden_states(self, idx, kv_cache=None):
+        """The final norm's activations (B, T, n_embd) for token ids idx (B, T). With kv_cache
+        (a KVCache, or serving/pages.py's paged one), idx continues what the cache holds, at
+        the positions the cache gives: (T,), or (B, T) when rows sit at different lengths."""
         B, T = idx.size()
-        if pos is None:
-            start = 0 if kv_caches is None else kv_caches[0].length
-            assert start + T <= self.config.block_size, (
-                f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        if kv_cache is None:
+            assert T <= self.config.block_size, (
+                f"sequence of length {T} exceeds block_size {self.config.block_size}")
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        else:
+            pos = kv_cache.positions(T, idx.device)
         x, rotary = self.transformer.wte(idx), None
         if self.config.rope:  # angles (1, T, hs/2), or (B, 1, T, hs/2) for rows' own positions
             rotary = (self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3))
         else:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
-            if self.activation_checkpointing and self.training and kv_caches is None:
+        for block in self.transformer.h:
+            if self.activation_checkpointing and self.training and kv_cache is None:
                 # Keep only the block's input x (B, T, C); backward reruns the block, with the
                 # RNG state restored so dropout draws the same masks: the same gradients.
                 x = checkpoint(block, x, rotary, None, use_reentrant=False)
             else:
-                x = block(x, rotary, None if kv_caches is None else kv_caches[i], mask)
+                x = block(x, rotary, kv_cache)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -219,14 +222,14 @@ class GPT(nn.Module):
         a position that has shifted, and (past the first layer) from tokens that have left the
         window. So from then on the cache is rebuilt on the last block_size tokens at every
         step: exactly what recomputing the cropped context gives, at the same cost."""
-        cfg, caches = self.config, None
+        cfg, cache = self.config, None
         for _ in range(max_new_tokens):
-            if caches is None or caches[0].length == cfg.block_size:
+            if cache is None or cache.length == cfg.block_size:
                 context = idx[:, -cfg.block_size:]
-                caches = [KVCache(cfg.block_size) for _ in range(cfg.n_layer)]
+                cache = KVCache(cfg.n_layer, cfg.block_size)
             else:
                 context = idx[:, -1:]
-            logits = self.lm_head(self.hidden_states(context, caches)[:, -1, :])
+            logits = self.lm_head(self.hidden_states(context, cache)[:, -1, :])
             idx_next = sample_next(logits, **sampling)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next

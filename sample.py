@@ -4,9 +4,12 @@
     python sample.py --init_from=gpt2 --start="FILE:prompt.txt" --num_samples=1 --top_p=0.9
     python sample.py --prompts=prompts.txt --batch_size=8 --temperature=0
 
-Samples are drawn batch_size rows at a time, a finished row's slot taking the next one at once
-(serving/batching.py); a single sample streams as it is drawn. A sample ends at GPT-2's
-<|endoftext|>, which is not printed, or after max_new_tokens.
+A single sample of --start is GPT.generate_tokens, streamed as it is drawn. Several, or
+--prompts, go through the serving engine (serving/engine.py): up to batch_size rows at once in
+a paged KV cache of kv_pages pages of page_size tokens, prompts that begin alike sharing their
+pages, long prompts prefilled prefill_chunk tokens a step; a summary line goes to stderr, the
+text to stdout. A sample ends at GPT-2's <|endoftext|>, which is not printed, or after
+max_new_tokens.
 """
 import codecs
 import errno
@@ -23,7 +26,9 @@ import torch  # noqa: E402
 
 from data.tokenizer import TokenizerError, tokenizer_from_meta  # noqa: E402
 from serving.batching import Request, serve  # noqa: E402
+from serving.engine import Engine, ServingError  # noqa: E402
 from serving.loading import load_model  # noqa: E402
+from serving.pages import PagePool  # noqa: E402
 from training import accounting, runtime  # noqa: E402
 from training.safe_load import CheckpointError  # noqa: E402
 from training.settings import ConfigError, check_dtype, run_main  # noqa: E402
@@ -36,7 +41,10 @@ class SampleConfig:
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     prompts: str = ""  # a file of prompts instead, one a line (.jsonl: {"prompt": ...} a line)
     num_samples: int = 3  # samples drawn of each prompt
-    batch_size: int = 8  # rows decoded together; a finished row's slot takes the next sample
+    batch_size: int = 8  # rows decoded together, at most; a finished row's place goes on at once
+    page_size: int = 16  # tokens of keys and values per page of the KV cache
+    kv_pages: int = 0  # pages in the KV cache; 0: block_size for each row, within half the memory
+    prefill_chunk: int = 256  # tokens of a prompt prefilled per step, beside the others' decode
     max_new_tokens: int = 500  # tokens generated per sample
     temperature: float = 0.8  # 1.0 samples the model as is; lower is more conservative; 0 greedy
     top_k: int | None = 200  # keep only the k most likely tokens; none keeps all
@@ -44,7 +52,7 @@ class SampleConfig:
     seed: int = 1337  # the same seed gives the same samples
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     dtype: str = "auto"  # auto, float32, bfloat16 or float16
-    compile: bool = False  # compile the decode step: one shape, so it compiles once
+    compile: bool = False  # compile: serving/batching.py's slots, whose step has one shape
 
     def validate(self):
         """Reject values no sampling can use; the message names the setting."""
@@ -54,8 +62,11 @@ class SampleConfig:
             raise ConfigError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}")
         if not self.temperature >= 0:  # written so that nan fails too
             raise ConfigError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        for name in ("batch_size", "page_size", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.kv_pages < 0:
+            raise ConfigError(f"kv_pages must be 0 (fit the memory) or more, got {self.kv_pages}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be at least 1 (or none), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -135,39 +146,57 @@ def stream(tokenizer, tokens, out=sys.stdout):
     return ids
 
 
-def sampling_memory(m, slots, samples, prompt_tokens, new_tokens, dtype_bytes=4):
+def sampling_memory(m, rows, kv_tokens, samples, prompt_tokens, new_tokens, dtype_bytes=4):
     """(device bytes, host bytes) that sampling needs beyond the weights, an estimate. On the
-    device, per slot (a row decoded at a time, serving/batching.py): its KV cache, allocated
-    whole for block_size positions in every layer; the prompt's activations, one layer at a time
-    (34 * n_embd bytes a token in 16 bits, as in accounting.memory_per_rank); the last position's
+    device: the KV cache, kv_tokens positions of keys and values in every layer (the engine's
+    pool, or block_size for each of serving/batching.py's slots); per row decoded together (at
+    most the samples): the activations of the prompt it prefills, one layer at a time (34 *
+    n_embd bytes a token in 16 bits, as in accounting.memory_per_rank); the last position's
     logits with the copies that sampling makes of them (probabilities, sorted for top-k and
-    top-p: 4 fp32 copies). On the host, every sample's tokens and text, kept until printed:
-    about 64 bytes a token as Python objects."""
+    top-p: 4 fp32 copies); its generator (~2.7 KB on a CPU: 4 KiB counted), made when the row
+    starts. On the host, every sample's tokens and text, kept until printed: about 64 bytes a
+    token as Python objects, and 1 KiB for its request, list and text (measured: ~750 bytes a
+    sample of 2 tokens)."""
     T = min(prompt_tokens, m.block_size)
-    per_slot = (2 * m.n_layer * m.block_size * m.n_embd * dtype_bytes
-                + T * 34 * m.n_embd * dtype_bytes // 2 + 4 * 4 * m.vocab_size)
-    return slots * per_slot, samples * 64 * (prompt_tokens + new_tokens)
+    per_row = T * 34 * m.n_embd * dtype_bytes // 2 + 4 * 4 * m.vocab_size + 4096
+    kv = 2 * m.n_layer * kv_tokens * m.n_embd * dtype_bytes
+    return kv + rows * per_row, samples * (64 * (prompt_tokens + new_tokens) + 1024)
 
 
-def check_sampling_memory(m, slots, samples, prompt_tokens, new_tokens, device, dtype):
-    """Refuse, before anything is allocated, to sample more than the memory holds: the weights
-    and the slots on the device, the samples' text on the host (the same memory on a CPU)."""
-    on_device, on_host = sampling_memory(m, slots, samples, prompt_tokens, new_tokens,
-                                         dtype.itemsize)
+def check_sampling_memory(m, rows, kv_tokens, samples, prompt_tokens, new_tokens, device,
+                          dtype):
+    """Refuse, before anything is allocated, to sample more than the memory holds: the weights,
+    the KV cache and the rows on the device, the samples' text on the host (the same memory on
+    a CPU)."""
+    on_device, on_host = sampling_memory(m, rows, kv_tokens, samples, prompt_tokens,
+                                         new_tokens, dtype.itemsize)
     on_device += 4 * accounting.num_params(m, non_embedding=False)
     needs = ([(on_device + on_host, device)] if device == "cpu"
              else [(on_device, device), (on_host, "cpu")])
     for need, where in needs:
         have = runtime.device_memory(where)
         if have and need > have:
-            raise ConfigError(f"sampling {samples:,} sequences, {slots:,} at a time, needs about "
+            raise ConfigError(f"sampling {samples:,} sequences, {rows:,} at a time, needs about "
                               f"{need / 2**30:,.1f} GiB on {where} (sample.sampling_memory), "
-                              f"more than its {have / 2**30:,.1f} GiB: lower num_samples or "
-                              "batch_size")
+                              f"more than its {have / 2**30:,.1f} GiB: lower num_samples, "
+                              "batch_size or kv_pages")
 
 
-def sample(cfg, out=sys.stdout):
-    """Draw cfg.num_samples samples of each prompt; print them to out, return them as strings."""
+def default_kv_pages(m, rows, page_size, device, dtype):
+    """Pages for every row to reach block_size, as today's slots reserve, but no more than
+    half the memory the weights leave: beyond that, rows wait or are preempted."""
+    pool = PagePool(m.n_layer, 0, page_size)
+    pages = rows * pool.pages_for(m.block_size)
+    have = runtime.device_memory(device)
+    if have:
+        spare = have // 2 - 4 * accounting.num_params(m, non_embedding=False)
+        pages = min(pages, spare // pool.bytes_per_page(m.n_embd, dtype.itemsize))
+    return max(1, pages)
+
+
+def sample(cfg, out=sys.stdout, err=sys.stderr):
+    """Draw cfg.num_samples samples of each prompt; print them to out, return them as strings.
+    Several samples print a summary line to err."""
     device = runtime.pick_device(cfg.device)
     dtype = runtime.pick_dtype(cfg.dtype, device)
     if cfg.init_from == "resume" and not any(
@@ -177,32 +206,59 @@ def sample(cfg, out=sys.stdout):
     model, meta, _ = load_model(cfg.init_from, cfg.out_dir)  # refuses non-finite weights
     tokenizer = tokenizer_from_meta(meta)
     model.eval().to(device)
+    m = model.config
     start = read_text(cfg.start[5:]) if cfg.start.startswith("FILE:") else cfg.start
     prompts = read_prompts(cfg.prompts) if cfg.prompts else [("prompt", start)]
-    ids = [encode(tokenizer, text, where, model.config.block_size) for where, text in prompts]
+    ids = [encode(tokenizer, text, where, m.block_size) for where, text in prompts]
     samples = len(ids) * cfg.num_samples
-    check_sampling_memory(model.config, min(cfg.batch_size, samples), samples,
-                          max(map(len, ids)), cfg.max_new_tokens, device, dtype)
+    rows = min(cfg.batch_size, samples)  # what is allocated: no row without a sample
+    kv_pages = cfg.kv_pages or default_kv_pages(m, rows, cfg.page_size, device, dtype)
+    simple = samples == 1 and not cfg.prompts  # one sample of --start: generate_tokens
+    kv_tokens = rows * m.block_size if cfg.compile or simple else kv_pages * cfg.page_size
+    check_sampling_memory(m, rows, kv_tokens, samples, max(map(len, ids)), cfg.max_new_tokens,
+                          device, dtype)
     # Sample k of the output draws from its own generator, seeded seed + k: its text does not
     # depend on batch_size, nor on which rows shared its steps, and the same seed repeats it.
-    requests = [Request(ids[k // cfg.num_samples], cfg.max_new_tokens,
-                        torch.Generator(device=device).manual_seed((cfg.seed + k) % 2 ** 64))
+    requests = [Request(ids[k // cfg.num_samples], cfg.max_new_tokens, (cfg.seed + k) % 2 ** 64)
                 for k in range(samples)]
-    drawn = serve(model, requests, cfg.batch_size, cfg.temperature, cfg.top_k, cfg.top_p,
-                  tokenizer.eot_token, cfg.compile)
+    sampling = (cfg.temperature, cfg.top_k, cfg.top_p)
     with runtime.autocast(device, dtype):
-        if len(requests) == 1:
+        if simple:  # model.py's own sampler, streamed
+            generator = torch.Generator(device=device).manual_seed(requests[0].seed)
+            drawn = model.generate_tokens(torch.tensor([ids[0]], device=device),
+                                          cfg.max_new_tokens, temperature=cfg.temperature,
+                                          top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
             out.write(prompts[0][1])
-            new = [stream(tokenizer, (token for _, token in drawn), out)]
+            new = [stream(tokenizer, until(drawn, tokenizer.eot_token), out)]
         else:
-            new = [[] for _ in requests]
+            new, engine = [[] for _ in requests], None
+            if cfg.compile:
+                drawn = serve(model, requests, rows, *sampling, tokenizer.eot_token, True)
+            else:
+                try:
+                    engine = Engine(model, requests, rows, cfg.page_size, kv_pages,
+                                    cfg.prefill_chunk, *sampling, tokenizer.eot_token)
+                except ServingError as e:  # name the prompt: requests are samples
+                    where = prompts[e.request // cfg.num_samples][0]
+                    raise ConfigError(f"{where}: {e}") from None
+                drawn = engine.run()
             for k, token in drawn:
                 new[k].append(token)
+            if engine is not None:
+                print(engine.summary(), file=err)
     texts = [prompts[k // cfg.num_samples][1] + tokenizer.decode(row) for k, row in enumerate(new)]
-    if len(requests) > 1:
+    if not simple:
         for text in texts:
             out.write(text + "\n---------------\n")
     return texts
+
+
+def until(tokens, eot):
+    """tokens (tensors of one id) up to, not including, the first eot (None: all of them)."""
+    for token in tokens:
+        if int(token) == eot:
+            return
+        yield token
 
 
 def main(argv=None):

@@ -1,4 +1,8 @@
-"""The serving chapter: many prompts answered at once. batching.py decodes a few rows together
-and refills a finished row's slot with the next prompt at once (continuous batching);
-loading.py is the one model loader of sample.py and tools/hellaswag.py.
+"""The serving chapter: many prompts answered at once. Read in this order:
+batching.py decodes a few rows together and refills a finished row's slot with the next prompt
+at once (continuous batching), each slot reserving block_size positions; pages.py keeps every
+request's keys and values in one pool of pages instead, through a page table each; prefix.py
+lets prompts that begin alike share the pages of that beginning; engine.py schedules requests
+onto the pool (admission and preemption by memory, chunked prefill in one forward with the
+others' decode tokens). loading.py is the one model loader of sample.py and tools/hellaswag.py.
 """

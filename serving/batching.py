@@ -23,7 +23,7 @@ The decode step has one shape whatever the rows hold, (slots, 1) tokens into cac
 block_size columns, so torch.compile compiles it once; on CUDA, mode="reduce-overhead" also
 captures it as a CUDA graph, replayed for every token without launching each kernel.
 
-What a real server adds, and why:
+What a real server adds, and why (engine.py, pages.py and prefix.py build the first three):
 - Paged caches (vLLM's PagedAttention). Here each slot holds block_size columns whether its row
   uses ten or all of them, and this memory, not compute, bounds the batch. Pages of some 16
   tokens, handed out as rows grow, fit several times more rows in the same memory.
@@ -40,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from model import KVCache, sample_next
 
@@ -48,7 +49,9 @@ from model import KVCache, sample_next
 class Request:
     ids: list[int]  # the prompt's token ids, at least one; a lone run reads its last block_size
     max_new_tokens: int  # tokens drawn at most (an <|endoftext|> drawn ends it sooner)
-    generator: torch.Generator | None = None  # its own draws, whichever slot it takes
+    seed: int | None = None  # its draws come from its own generator, seeded so: whichever slot
+    # it takes, it draws the same tokens. The generator (~2.7 KB) is made when it starts and
+    # dropped when it ends, so that a million waiting requests do not hold a million of them.
 
 
 @dataclass
@@ -57,58 +60,80 @@ class Row:
     tokens: list[int]  # its prompt and the tokens drawn so far
     cached: int = 0  # how many of them the slot's cache holds
     drawn: int = 0
+    generator: torch.Generator | None = None  # the request's, seeded by its seed
+
+
+class SlotCache:
+    """The batch's keys and values, block_size columns per slot in every layer, answering what
+    the attention asks a cache (model.KVCache): each row's one new token sits at its own
+    column, cols (slots,), where its key and value are written; the row sees its columns up to
+    there, never another row's or a stale one."""
+
+    def __init__(self, n_layer, cols, block_size):
+        self.k, self.v, self.cols = [None] * n_layer, [None] * n_layer, cols
+        self.keys = torch.arange(block_size, device=cols.device)
+
+    def positions(self, T, device):
+        assert T == 1, "a decode step feeds each slot one token"
+        # Row b sees its columns 0..cols[b] (B, 1, 1, keys): at least one, even in a free slot,
+        # so that no softmax is empty (NaN).
+        self.seen = (self.keys <= self.cols[:, None]).view(len(self.cols), 1, 1, -1)
+        return self.cols[:, None]  # (B, 1)
+
+    def attend(self, layer, q, k, v):
+        at = self.cols.view(-1, 1, 1, 1).expand_as(k)  # (B, nh, 1, hs): column per row
+        keys, values = self.k[layer].scatter_(2, at, k), self.v[layer].scatter_(2, at, v)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.seen)
 
 
 class Slots:
-    """The batch's caches, one row per slot, and the two ways of filling them."""
+    """The batch's cache, one row per slot, and the two ways of filling it."""
 
     def __init__(self, model, slots, compile=False):
         cfg, device = model.config, next(model.parameters()).device
         self.model, self.slots, self.compiled = model, slots, compile
         self.cols = torch.zeros(slots, dtype=torch.long, device=device)  # where each row writes
-        self.caches = [KVCache(cfg.block_size, self.cols) for _ in range(cfg.n_layer)]
-        self.keys = torch.arange(cfg.block_size, device=device)
+        self.cache = SlotCache(cfg.n_layer, self.cols, cfg.block_size)
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs
         self.decode = torch.compile(self._decode, mode=mode) if compile else self._decode
 
     def _decode(self, tokens):
         """Next-token logits (slots, vocab) after one token per slot, tokens (slots, 1), each
         at its row's own position, cols."""
-        # Row b sees its columns 0..cols[b] (B, 1, 1, keys): never another row's, never a stale
-        # one, and at least one, even in a free slot, so that no softmax is empty (NaN).
-        seen = (self.keys <= self.cols[:, None]).view(self.slots, 1, 1, -1)
-        x = self.model.hidden_states(tokens, self.caches, self.cols[:, None], seen)
-        return self.model.lm_head(x[:, -1])
+        return self.model.lm_head(self.model.hidden_states(tokens, self.cache)[:, -1])
 
     def prefill(self, slot, ids):
         """Run ids (B=1) alone into a fresh cache, as a lone run does; copy its keys and values
         into slot's row; return the next-token logits (1, vocab)."""
         cfg = self.model.config
-        alone = [KVCache(cfg.block_size) for _ in range(cfg.n_layer)]
+        alone = KVCache(cfg.n_layer, cfg.block_size)
         idx = torch.tensor([ids], dtype=torch.long, device=self.cols.device)
         logits = self.model.lm_head(self.model.hidden_states(idx, alone)[:, -1])
-        for cache, own in zip(self.caches, alone):
-            if cache.k is None:  # allocated on first use, in the dtype the forward used
-                cache.k = own.k.new_zeros(self.slots, *own.k.shape[1:])
-                cache.v = own.v.new_zeros(self.slots, *own.v.shape[1:])
+        for layer, (k, v) in enumerate(zip(alone.k, alone.v)):
+            if self.cache.k[layer] is None:  # allocated on first use, in the forward's dtype
+                self.cache.k[layer] = k.new_zeros(self.slots, *k.shape[1:])
+                self.cache.v[layer] = v.new_zeros(self.slots, *v.shape[1:])
                 if self.compiled:  # the same buffers every step: a CUDA graph may keep them
-                    torch._dynamo.mark_static_address(cache.k)
-                    torch._dynamo.mark_static_address(cache.v)
-            cache.k[slot], cache.v[slot] = own.k[0], own.v[0]
+                    torch._dynamo.mark_static_address(self.cache.k[layer])
+                    torch._dynamo.mark_static_address(self.cache.v[layer])
+            self.cache.k[layer][slot], self.cache.v[layer][slot] = k[0], v[0]
         return logits
 
 
 @torch.no_grad()
 def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=None,
-          compile=False, admitted=None):
+          compile=False, admitted=None, stats=None):
     """Yield (request index, token id) as each token is drawn, continuing every request's
     prompt, slots rows at a time, a freed slot taking the next request in order. A request
     ends after its max_new_tokens, or at eot, which is not yielded. admitted, a list, receives
     (step, slot, request) at each admission; a step draws one token for every busy slot.
+    stats, if given (the bench's), counts prefill_tokens, and the peak_rows busy and the
+    peak_tokens cached at once.
 
     Each request's tokens are those GPT.generate_tokens draws for it alone (greedy, float32),
     whatever the other rows hold: see this file's docstring."""
     block = model.config.block_size
+    slots = min(slots, max(1, len(requests)))  # no slot that no request could ever use
     batch = Slots(model, slots, compile)
     waiting = deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
     rows, step = [None] * slots, 0
@@ -117,13 +142,20 @@ def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=N
         for s in range(slots):  # prefill: newcomers, and rows whose cache is full
             if rows[s] is None and waiting:
                 i = waiting.popleft()
-                rows[s] = Row(i, list(requests[i].ids))
+                rows[s] = Row(i, list(requests[i].ids), generator=new_generator(
+                    requests[i].seed, batch.cols.device))
                 if admitted is not None:
                     admitted.append((step, s, rows[s].request))
             row = rows[s]
             if row is not None and row.cached in (0, block):
                 logits[s] = batch.prefill(s, row.tokens[-block:])
                 row.cached = min(len(row.tokens), block)
+                if stats is not None:
+                    stats.prefill_tokens += row.cached
+        if stats is not None:
+            busy = [r for r in rows if r is not None]
+            stats.peak_rows = max(stats.peak_rows, len(busy))
+            stats.peak_tokens = max(stats.peak_tokens, sum(r.cached for r in busy))
         decoding = [s for s, row in enumerate(rows) if row is not None and s not in logits]
         if decoding:  # one step for every slot, its shape fixed; see _decode
             # A slot that does not decode writes a stray key and value where its next token
@@ -136,7 +168,7 @@ def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=N
                 rows[s].cached += 1
         for s in sorted(logits):
             row, request = rows[s], requests[rows[s].request]
-            token = sample_next(logits[s], temperature, top_k, top_p, request.generator).item()
+            token = sample_next(logits[s], temperature, top_k, top_p, row.generator).item()
             row.tokens.append(token)
             row.drawn += 1
             if token == eot or row.drawn == request.max_new_tokens:
@@ -144,3 +176,8 @@ def serve(model, requests, slots, temperature=1.0, top_k=None, top_p=None, eot=N
             if token != eot:
                 yield row.request, token
         step += 1
+
+
+def new_generator(seed, device):
+    """A generator on device seeded with seed, or None (torch's global one) for no seed."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)

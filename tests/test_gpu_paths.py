@@ -101,10 +101,10 @@ def test_the_kv_cache_holds_keys_and_values_in_the_compute_dtype(monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32,
                           qk_norm=True, rope=True)).eval()
-    caches = [KVCache(16) for _ in range(2)]
+    cache = KVCache(2, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model.hidden_states(torch.randint(50, (1, 5)), caches)
-    assert {c.k.dtype for c in caches} == {c.v.dtype for c in caches} == {torch.bfloat16}
+        model.hidden_states(torch.randint(50, (1, 5)), cache)
+    assert {t.dtype for t in cache.k + cache.v} == {torch.bfloat16}
 
 
 def test_gradient_accumulation_error_says_which_values_work():

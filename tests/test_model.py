@@ -85,9 +85,9 @@ def test_cached_logits_match_full_recompute():
     m = tiny_model()
     idx = torch.randint(0, 50, (1, 16))
     full, _ = m(idx)
-    caches = [model_module.KVCache(16) for _ in range(2)]
-    steps = [m.lm_head(m.hidden_states(idx[:, :4], caches))]
-    steps += [m.lm_head(m.hidden_states(idx[:, t:t + 1], caches)) for t in range(4, 16)]
+    cache = model_module.KVCache(2, 16)
+    steps = [m.lm_head(m.hidden_states(idx[:, :4], cache))]
+    steps += [m.lm_head(m.hidden_states(idx[:, t:t + 1], cache)) for t in range(4, 16)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 

@@ -6,6 +6,7 @@ a batch and a lone run agree to rounding and so draw the same tokens.
 import functools
 import io
 import json
+import weakref
 
 import pytest
 import torch
@@ -13,8 +14,11 @@ import torch._dynamo.utils
 
 import helpers
 import sample
+import serving.batching
 from model import GPT, GPTConfig
 from serving.batching import Request, serve
+from training import runtime
+from training.settings import ConfigError
 from tools.bench.__main__ import main as bench_main
 from training.settings import parse_config
 
@@ -97,6 +101,24 @@ def test_compiled_decode_compiles_once_and_draws_the_same_tokens(monkeypatch):
     assert compiled == [alone(model, ids, 50) for ids in cases]
 
 
+def test_no_more_slots_than_requests(monkeypatch):
+    # --batch_size=1000000 for 3 prompts once allocated a million slots' caches (18.6 GB).
+    made = []
+
+    class Recorded(serving.batching.Slots):
+        def __init__(self, model, slots, compile=False):
+            made.append(slots)
+            assert slots <= 3, f"{slots} slots for 3 requests"  # before they are allocated
+            super().__init__(model, slots, compile)
+
+    monkeypatch.setattr(serving.batching, "Slots", Recorded)
+    model = tiny()
+    cases = prompts(4, 9, 2)
+    assert served(model, [Request(ids, 5) for ids in cases], 10 ** 6) == [
+        alone(model, ids, 5) for ids in cases]
+    assert made == [3]
+
+
 @pytest.fixture
 def char_checkpoint(tmp_path):
     return helpers.char_checkpoint(tmp_path, block_size=32)
@@ -117,7 +139,39 @@ def test_sampled_rows_repeat_with_the_same_seed(char_checkpoint, tmp_path):
     # Each sample has its own generator, so neither a rerun nor other slots change it.
     assert run_sample(char_checkpoint, *flags, "--seed=7", "--batch_size=2") == first
     assert run_sample(char_checkpoint, *flags, "--seed=7", "--batch_size=5") == first
+    # a billion rows asked, six allocated: once an allocator's traceback
+    assert run_sample(char_checkpoint, *flags, "--seed=7", "--batch_size=1000000000") == first
+    # nor do the pages, or the chunks (the same draws, whatever waits or is preempted)
+    assert run_sample(char_checkpoint, *flags, "--seed=7", "--page_size=2", "--kv_pages=14",
+                      "--prefill_chunk=1") == first
     assert run_sample(char_checkpoint, *flags, "--seed=8", "--batch_size=2") != first
+
+
+def test_a_generator_lives_only_while_its_sample_is_drawn(char_checkpoint, monkeypatch):
+    # One torch.Generator (~2.7 KB) per sample, all made at the start, once took 6 GB for
+    # 2,000,000 samples of one token, which the memory check did not count.
+    real, alive, peak = torch.Generator, [], [0]
+
+    def counted(*args, **kwargs):
+        generator = real(*args, **kwargs)
+        alive.append(weakref.ref(generator))
+        peak[0] = max(peak[0], sum(ref() is not None for ref in alive))
+        return generator
+
+    monkeypatch.setattr(torch, "Generator", counted)
+    texts = run_sample(char_checkpoint, "--num_samples=30", "--batch_size=2", "--temperature=1",
+                       "--max_new_tokens=3")
+    assert len(texts) == 30 and len(alive) >= 30
+    assert peak[0] <= 3  # one a row, and the one that a finished row hands on
+
+
+def test_the_memory_check_counts_each_samples_bookkeeping(char_checkpoint, monkeypatch):
+    # 1,000,000 one-token samples hold ~1 GB of requests, lists and text (~750 bytes each,
+    # measured), not 128 MB: the check refuses them on a 1 GiB machine before sampling.
+    monkeypatch.setattr(runtime, "device_memory", lambda device: 2 ** 30)
+    monkeypatch.setattr(sample, "Engine", lambda *a, **k: pytest.fail("sampled regardless"))
+    with pytest.raises(ConfigError, match="sampling 1,000,000 sequences"):
+        run_sample(char_checkpoint, "--num_samples=1000000", "--max_new_tokens=1")
 
 
 @pytest.mark.parametrize("name, content, flags, message", [
@@ -126,7 +180,14 @@ def test_sampled_rows_repeat_with_the_same_seed(char_checkpoint, tmp_path):
     ("p.txt", "ab\nb∑a\n", [], "{path}:2: character '∑' at position 1 is not in the vocab"),
     ("p.jsonl", '{"prompt": "a"}\n["b"]\n', [], '{path}:2: expected a JSON object {{"prompt"'),
     ("p.txt", "ab\n", ["--batch_size=0"], "batch_size must be at least 1, got 0"),
-], ids=["empty_file", "empty_line", "unknown_character", "not_an_object", "no_slots"])
+    ("p.txt", "ab\n", ["--page_size=0"], "page_size must be at least 1, got 0"),
+    ("p.txt", "ab\n", ["--prefill_chunk=-1"], "prefill_chunk must be at least 1, got -1"),
+    ("p.txt", "ab\n", ["--kv_pages=-1"], "kv_pages must be 0 (fit the memory) or more"),
+    ("p.txt", "ab\nabcabcabca\n", ["--kv_pages=3", "--page_size=4", "--max_new_tokens=4"],
+     "{path}:2: request 3 needs 4 pages of 4 tokens at its longest (13 tokens), more than the "
+     "pool's 3: raise kv_pages"),
+], ids=["empty_file", "empty_line", "unknown_character", "not_an_object", "no_slots",
+        "no_page", "no_chunk", "negative_pool", "larger_than_the_pool"])
 def test_bad_prompts_are_one_line_errors(char_checkpoint, tmp_path, capsys, name, content,
                                          flags, message):
     path = tmp_path / name
@@ -136,6 +197,20 @@ def test_bad_prompts_are_one_line_errors(char_checkpoint, tmp_path, capsys, name
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert message.format(path=path) in lines[0]
+
+
+def test_many_prompts_print_their_texts_and_a_summary_line_apart(char_checkpoint, tmp_path):
+    (tmp_path / "p.txt").write_text("ab\nb\n")
+    cfg = parse_config(sample.SampleConfig, [f"--out_dir={char_checkpoint}", "--device=cpu",
+                                             "--temperature=0", f"--prompts={tmp_path / 'p.txt'}",
+                                             "--num_samples=2", "--max_new_tokens=5"])
+    out, err = io.StringIO(), io.StringIO()
+    sample.sample(cfg.validate(), out, err)
+    assert out.getvalue().count("---------------") == 4 and out.getvalue().startswith("ab")
+    assert err.getvalue().startswith("served 4 requests: 20 tokens in ")
+    # 4 rows of at most 2 + 5 - 1 tokens: a page of 16 each
+    assert "KV pages: 4 of 8 (16 tokens each) at peak, 0 reused" in err.getvalue()
+    assert err.getvalue().endswith("; 0 preemptions\n") and err.getvalue().count("\n") == 1
 
 
 def test_bench_serves_the_mix_three_ways(tmp_path, capsys):
@@ -155,3 +230,26 @@ def test_bench_serves_the_mix_three_ways(tmp_path, capsys):
         # keys and values x 2 layers x 16 positions x 32 channels x 4 bytes, for every slot
         assert r["kv_cache_bytes"] == r["slots"] * 2 * 2 * 16 * 32 * 4
     assert "continuous" in capsys.readouterr().out
+
+
+def test_bench_serves_both_paged_workloads_beside_todays_slots(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench_main(["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64",
+                       "--vocab_size=50", "--device=cpu", "--dtype=float32", "--train=false",
+                       "--sample=false", "--paged=true", "--paged_requests=16",
+                       "--paged_slots=2", "--page_size=4", f"--json_out={out}"]) == 0
+    paged = json.loads(out.read_text())["paged"]
+    shared, mixed = (paged["workloads"][name]["rows"]
+                     for name in ("shared system prompt", "mixed lengths"))
+    assert [r["way"] for r in shared] == ["slots", "paged", "paged + reuse"]
+    assert [r["way"] for r in mixed] == ["slots", "paged", "paged + chunked"]
+    for r in shared + mixed:  # the same KV memory: 2 slots of 64 positions, or 32 pages of 4
+        assert r["kv_reserved_bytes"] == 2 * 64 * 2 * 2 * 32 * 4 >= r["kv_used_bytes"] > 0
+    # 16 prompts of a 24-token system prompt and 4 to 12 tokens of their own: the first
+    # prefills its prompt, the others take the system prompt's 6 pages of 4 tokens
+    prompts = paged["workloads"]["shared system prompt"]["prompt_tokens"]
+    assert shared[0]["prefill_tokens"] == prompts  # the slots prefill every prompt whole
+    assert shared[2]["prefill_tokens"] == prompts - 15 * 6 * 4
+    assert shared[0]["peak_rows"] == mixed[0]["peak_rows"] == 2
+    assert mixed[1]["peak_rows"] > 2 and mixed[2]["peak_rows"] > 2  # pages fit more rows
+    assert "paged + chunked" in capsys.readouterr().out

@@ -23,6 +23,14 @@ longest row), and continuously (a finished row's slot takes the next request at 
 not compiled. It reports tokens per second, time to first token and time per output token
 (median and 90th percentile over the requests), and the bytes the slots' KV caches hold.
 
+The paged engine (--paged=true): two workloads of paged_requests requests, all waiting at the
+start (serve_speed.py: a shared system prompt, 75% of each prompt; mixed lengths, most short,
+every 8th near block_size), each served by today's slots (paged_slots of them) and by
+serving/engine.py in the same KV memory: on the first without and with prefix reuse, on the
+second without and with chunked prefill. Greedy, float32. It reports tokens per second, time
+to first token (of every request, and of the short ones), time per output token, the KV
+memory reserved and used at peak, the rows in flight at peak and the prompt tokens computed.
+
 Tables go to the terminal, the results to json_out.
 """
 import json
@@ -38,7 +46,7 @@ from model import GPT, config_from_dict
 from parallel import mesh as parallel
 from tools.bench.sample_speed import (batch_sizes, bench_inference, bench_sampling,
                                       inference_lengths)
-from tools.bench.serve_speed import bench_serving
+from tools.bench.serve_speed import bench_paged, bench_serving
 from tools.bench.tables import device_name, tables
 from tools.bench.train_speed import bench_training, variant_compiles, variant_dtypes
 from tools.common import check_output_file
@@ -66,17 +74,24 @@ class BenchConfig(TrainConfig):
     serve: bool = False  # run the serving benchmark (see above)
     serve_requests: int = 24  # requests in the serving mix
     serve_slots: int = 8  # rows decoded together, in static batches and continuously
+    paged: bool = False  # run the paged engine's two workloads (see above)
+    paged_requests: int = 64  # requests in each of the paged workloads
+    paged_slots: int = 8  # today's slots; the engine gets their KV memory in pages
+    page_size: int = 16  # tokens per page of the engine's KV cache
+    prefill_chunk: int = 0  # prompt tokens prefilled per step, chunked; 0: block_size / 8
+    paged_repeats: int = 1  # the ways take turns this many times; medians are reported
     json_out: str = "bench.json"  # where the results are written
 
     def validate(self):
         super().validate()
         check_output_file("json_out", self.json_out)  # before the benchmark, not after it
         for name in ("timed_steps", "prompt_tokens", "max_new_tokens", "sample_repeats",
-                     "serve_requests", "serve_slots"):
+                     "serve_requests", "serve_slots", "paged_requests", "paged_slots",
+                     "page_size", "paged_repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.vocab_size < 0:
-            raise ConfigError("warmup_steps and vocab_size must not be negative")
+        if self.warmup_steps < 0 or self.vocab_size < 0 or self.prefill_chunk < 0:
+            raise ConfigError("warmup_steps, vocab_size and prefill_chunk must not be negative")
         if self.prompt_tokens >= self.block_size:
             raise ConfigError(f"prompt_tokens ({self.prompt_tokens}) must be less than "
                               f"block_size ({self.block_size})")
@@ -127,7 +142,7 @@ def bench(cfg):
         settings=asdict(cfg), vocab_size=vocab, vocab_source=vocab_source,
         params=accounting.num_params(model_config, non_embedding=False),
         flops_per_token=accounting.flops_per_token(model_config, cfg.block_size),
-        train=None, sample=None, serve=None)
+        train=None, sample=None, serve=None, paged=None)
     if cfg.train:
         results["train"] = bench_training(cfg, model_config, device, layout)
     if world_size > 1:
@@ -155,6 +170,8 @@ def bench(cfg):
             inference=bench_inference(model, cfg, device, ctx) if batch_sizes(cfg) else None)
     if cfg.serve and world_size == 1:
         results["serve"] = bench_serving(cfg, model_config, device)
+    if cfg.paged and world_size == 1:
+        results["paged"] = bench_paged(cfg, model_config, device)
     return results
 
 

@@ -54,11 +54,11 @@ def agreeing(a, b):
 
 
 @torch.no_grad()
-def cached_steps(model, idx, caches, steps=1):
+def cached_steps(model, idx, cache, steps=1):
     """steps greedy steps of GPT.generate_tokens: the first feeds idx (B, T), which continues
-    what the caches hold, each later one the token just chosen. Returns the last, (B, 1)."""
+    what the cache holds, each later one the token just chosen. Returns the last, (B, 1)."""
     for _ in range(steps):
-        logits = model.lm_head(model.hidden_states(idx, caches)[:, -1, :])
+        logits = model.lm_head(model.hidden_states(idx, cache)[:, -1, :])
         idx = sample_next(logits, temperature=0)
     return idx
 
@@ -76,10 +76,10 @@ def bench_inference(model, cfg, device, ctx):
         try:
             with ctx:
                 for _ in range(cfg.sample_repeats):
-                    caches = [KVCache(cfg.block_size) for _ in range(model.config.n_layer)]
-                    t, token = timed(lambda: cached_steps(model, prompt, caches), device)
+                    cache = KVCache(model.config.n_layer, cfg.block_size)
+                    t, token = timed(lambda: cached_steps(model, prompt, cache), device)
                     t_prefill = min(t_prefill, t)
-                    t, _ = timed(lambda: cached_steps(model, token, caches, decode), device)
+                    t, _ = timed(lambda: cached_steps(model, token, cache, decode), device)
                     t_decode = min(t_decode, t)
         except torch.OutOfMemoryError:
             print(f"batch {batch}: out of memory; larger batches not measured", flush=True)
@@ -88,6 +88,6 @@ def bench_inference(model, cfg, device, ctx):
                          decode_tokens_per_s=batch * decode / t_decode,
                          ms_per_token=t_decode / decode * 1000,
                          # The caches are allocated whole, for block_size positions.
-                         kv_cache_bytes=sum(c.k.nbytes + c.v.nbytes for c in caches)))
+                         kv_cache_bytes=sum(t.nbytes for t in cache.k + cache.v)))
     return dict(prefill_tokens=prefill, decode_tokens=decode, repeats=cfg.sample_repeats,
                 weight_bytes=sum(p.nbytes for p in model.parameters()), rows=rows)

@@ -1,5 +1,7 @@
 """Timing serving: a fixed mix of requests served one at a time, in static batches and
-continuously (tools/bench/__main__.py says how)."""
+continuously; and the paged engine's two workloads against today's slots (tools/bench/__main__.py
+says how)."""
+import collections
 import math
 import statistics
 import time
@@ -8,6 +10,7 @@ import torch
 
 from model import GPT
 from serving.batching import Request, serve
+from serving.engine import Engine, Stats
 from training import runtime
 
 
@@ -66,3 +69,100 @@ def bench_serving(cfg, model_config, device):
     return dict(dtype=str(dtype).removeprefix("torch."), requests=len(mix),
                 prompt_tokens=sum(len(ids) for ids, _ in mix),
                 new_tokens=sum(n for _, n in mix), rows=rows)
+
+
+# The paged engine's two workloads (--paged=true), as fractions of block_size, served by today's
+# slots and by the engine at the same KV memory (paged_slots * block_size tokens):
+# 1. a shared system prompt of 3/8 of the block, then a request's own 1/16 to 3/16: the shared
+#    part is 75% of a prompt on average;
+# 2. mixed lengths: 7 of 8 prompts short (1/32 to 1/16), every 8th near the block (7/8).
+# Outputs of 1/32 to 1/8 of the block, or until <|endoftext|> (the last token id here).
+SYSTEM, OWN = 3 / 8, (1 / 16, 1 / 8, 3 / 16, 1 / 8)
+SHORT, LONG = (1 / 32, 1 / 16, 3 / 64), 7 / 8
+PAGED_OUTPUTS = (1 / 32, 1 / 8, 1 / 16, 3 / 32)
+
+
+def workloads(cfg, vocab):
+    """{name: [(prompt ids, new tokens)]} of the two workloads."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    n, block = cfg.paged_requests, cfg.block_size
+
+    def ids(fraction):
+        return torch.randint(vocab - 1, (max(1, int(block * fraction)),), generator=g).tolist()
+
+    out = [max(1, int(block * PAGED_OUTPUTS[i % 4])) for i in range(n)]
+    system = ids(SYSTEM)
+    shared = [(system + ids(OWN[i % 4]), out[i]) for i in range(n)]
+    mixed = [(ids(LONG if i % 8 == 7 else SHORT[i % 3]), out[i]) for i in range(n)]
+    return {"shared system prompt": shared, "mixed lengths": mixed}
+
+
+def timed(tokens):
+    """(seconds, each request's token times) of a run yielding (request, token)."""
+    times = collections.defaultdict(list)
+    t0 = time.perf_counter()
+    for i, _ in tokens:
+        times[i].append(time.perf_counter() - t0)
+    return time.perf_counter() - t0, times
+
+
+def one_way(model, mix, way, cfg, eot):
+    """Serve mix one way; its measures (the bench's table row)."""
+    m, block = model.config, cfg.block_size
+    slots, chunk = cfg.paged_slots, cfg.prefill_chunk or block // 8
+    requests = [Request(ids, n) for ids, n in mix]
+    if way == "slots":
+        stats = Stats()
+        seconds, times = timed(serve(model, requests, slots, temperature=0, eot=eot,
+                                     stats=stats))
+        reserved, used = slots * block, stats.peak_tokens
+    else:
+        pages = slots * block // cfg.page_size  # the slots' memory
+        engine = Engine(model, requests, len(requests), cfg.page_size, pages,
+                        chunk if "chunked" in way else None, temperature=0, eot=eot,
+                        prefix_reuse="reuse" in way)
+        seconds, times = timed(engine.run())
+        stats = engine.stats
+        reserved, used = pages * cfg.page_size, stats.peak_pages * cfg.page_size
+    per_token = 2 * m.n_layer * m.n_embd * next(model.parameters()).dtype.itemsize
+    first = {i: t[0] for i, t in times.items()}
+    shorts = [first[i] for i, (ids, _) in enumerate(mix) if i in first and len(ids) < block / 2]
+    return dict(way=way, seconds=seconds, tokens_per_s=sum(map(len, times.values())) / seconds,
+                ttft_s=median_p90(first.values()), short_ttft_s=median_p90(shorts or [0.0]),
+                tpot_s=median_p90([(t[-1] - t[0]) / (len(t) - 1) for t in times.values()
+                                   if len(t) > 1] or [0.0]),
+                kv_reserved_bytes=reserved * per_token, kv_used_bytes=used * per_token,
+                peak_rows=stats.peak_rows, prefill_tokens=stats.prefill_tokens,
+                preemptions=stats.preemptions)
+
+
+def bench_paged(cfg, model_config, device):
+    """The two workloads, today's slots against the engine (with and without prefix reuse on
+    the first, with and without chunked prefill on the second), the ways taking turns
+    paged_repeats times; each measure is the median over the repeats."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config).to(device).eval()  # float32: the exact setting
+    eot = model_config.vocab_size - 1
+    ways = {"shared system prompt": ("slots", "paged", "paged + reuse"),
+            "mixed lengths": ("slots", "paged", "paged + chunked")}
+    results = {}
+    for name, mix in workloads(cfg, model_config.vocab_size).items():
+        runs = collections.defaultdict(list)
+        for _ in range(cfg.paged_repeats):
+            for way in ways[name]:
+                runs[way].append(one_way(model, mix, way, cfg, eot))
+                print(f"{name}: {len(mix)} requests, {way}: {runs[way][-1]['seconds']:.1f} s",
+                      flush=True)
+        rows = [{key: way if key == "way" else median_each([m[key] for m in measured])
+                 for key in measured[0]} for way, measured in runs.items()]
+        results[name] = dict(requests=len(mix), prompt_tokens=sum(len(i) for i, _ in mix),
+                             rows=rows)
+    return dict(page_size=cfg.page_size, prefill_chunk=cfg.prefill_chunk or cfg.block_size // 8,
+                slots=cfg.paged_slots, repeats=cfg.paged_repeats, workloads=results)
+
+
+def median_each(values):
+    """The median of numbers, or of pairs taken element by element."""
+    if isinstance(values[0], tuple):
+        return tuple(statistics.median(v) for v in zip(*values))
+    return statistics.median(values)

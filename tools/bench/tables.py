@@ -75,4 +75,27 @@ def tables(results):
             lines.append(f"{row['way']:<16}{row['slots']:>6}{row['tokens_per_s']:>10,.1f}"
                          f"{ttft * 1000:>10,.0f}{ttft90 * 1000:>8,.0f}{tpot * 1000:>9,.1f}"
                          f"{tpot90 * 1000:>7,.1f}{row['kv_cache_bytes'] / 2 ** 20:>8,.1f} MiB")
+    if results.get("paged"):
+        lines += paged_table(results["paged"])
     return "\n".join(lines)
+
+
+def paged_table(r):
+    """The paged engine's workloads (tools/bench/serve_speed.py), a table each."""
+    lines = []
+    for name, w in r["workloads"].items():
+        lines += ["", f"{name}: {w['requests']} requests waiting at once, {w['prompt_tokens']:,} "
+                  f"prompt tokens; {r['slots']} slots' KV memory, pages of {r['page_size']}, "
+                  f"chunks of {r['prefill_chunk']}; greedy, float32; median of {r['repeats']}",
+                  f"{'':<16}{'tok/s':>8}{'TTFT ms':>16}{'short TTFT':>12}{'ms/token':>14}"
+                  f"{'KV MiB':>14}{'rows':>6}{'prefill':>9}{'pre-':>6}",
+                  f"{'':<16}{'':>8}{'p50    p90':>16}{'p90 ms':>12}{'p50   p90':>14}"
+                  f"{'held   used':>14}{'peak':>6}{'tokens':>9}{'empted':>7}"]
+        for row in w["rows"]:
+            (t50, t90), (_, s90), (p50, p90) = row["ttft_s"], row["short_ttft_s"], row["tpot_s"]
+            lines.append(f"{row['way']:<16}{row['tokens_per_s']:>8,.1f}{t50 * 1e3:>9,.0f}"
+                         f"{t90 * 1e3:>7,.0f}{s90 * 1e3:>12,.0f}{p50 * 1e3:>8,.1f}"
+                         f"{p90 * 1e3:>6,.1f}{row['kv_reserved_bytes'] / 2 ** 20:>7,.1f}"
+                         f"{row['kv_used_bytes'] / 2 ** 20:>7,.1f}{row['peak_rows']:>6,.0f}"
+                         f"{row['prefill_tokens']:>9,.0f}{row['preemptions']:>6,.0f}")
+    return lines

@@ -1,0 +1,251 @@
+"""The serving engine: many requests through one paged KV cache (pages.py, prefix.py), each step
+one forward over every running request's next tokens, admitted and preempted by memory.
+
+    python sample.py --prompts=prompts.txt --kv_pages=256 --page_size=16 --prefill_chunk=64
+
+A step, in order:
+1. Make room. Each running request, oldest first, gets the pages its next tokens need (a new
+   page every page_size tokens). When none is left, the most recently admitted request is
+   preempted: its pages go back (a prefix of them stays cached, prefix.py), its tokens are
+   kept, and it waits at the head of the queue to be prefilled again, prompt and drawn tokens
+   alike, when memory allows. The oldest request always goes on: none is larger than the pool
+   (checked at the start), so nothing deadlocks.
+2. Admit. While there is a row free (at most rows requests run at once), the next waiting
+   request starts if the pool has pages for its whole prompt, beyond the pages of its prefix
+   already cached, and a page to spare for each running request. A request never preempts
+   another to start: admission waits for memory.
+3. Forward. Every running request feeds its uncomputed tokens, at most prefill_chunk of them:
+   a newcomer its prompt, chunk by chunk; the others the one token drawn last. All of them
+   are packed into one row, (1, N) tokens, so that newcomers' prefills and the others' decode
+   tokens share one pass over the weights, and a long prompt holds the others back by one
+   chunk per step, not by its whole length (Sarathi's chunked prefill, Agrawal et al., 2023).
+4. Draw. A request whose tokens are all computed draws its next token from the logits at its
+   last one; it ends at eot (not yielded) or after max_new_tokens, and its pages go back.
+
+Exact, as serving/batching.py is: each request's tokens are those GPT.generate_tokens draws
+for it alone (greedy, float32; 16-bit rounding differs between shapes). Its tokens sit at the
+positions a lone run gives them, attend over its own pages only, and a page is shared only
+when every token up to its end is the same (prefix.py). Past block_size the context is, as
+generate_tokens' docstring explains, rebuilt on the last block_size tokens: the request lets
+go of its pages and prefills those tokens again, at every step from then on.
+
+What a production engine adds: requests that arrive over time (here all wait at the start),
+CUDA graphs of the decode step, attention kernels that read pages in place (pages.py), a
+token budget per step shared by all prefills, and priorities between requests.
+"""
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from model import sample_next
+from serving.pages import PagedCache, PagePool
+from serving.prefix import PrefixCache, page_keys
+
+
+class ServingError(ValueError):
+    """A setting or a request the engine cannot serve: the user's to fix. request is the
+    index of the request at fault, if one is."""
+
+    def __init__(self, message, request=None):
+        super().__init__(message)
+        self.request = request
+
+
+@dataclass
+class Sequence:
+    request: int  # its index in the requests
+    tokens: list[int]  # its prompt and the tokens drawn so far
+    generator: torch.Generator | None = None  # made when it first starts, kept if preempted
+    start: int = 0  # its context, what its pages hold, is tokens[start:] (past block_size)
+    table: list[int] = field(default_factory=list)  # its page table
+    keys: list = field(default_factory=list)  # the prefix keys of its full pages (prefix.py)
+    cached: int = 0  # tokens of its context whose keys and values its pages hold
+    drawn: int = 0
+
+
+@dataclass
+class Stats:
+    """What a run did: for sample.py's summary line and the bench."""
+    requests: int = 0
+    tokens: int = 0  # drawn, eot included
+    prefill_tokens: int = 0  # fed to the forward as prompt (or recomputed), not one at a time
+    steps: int = 0
+    peak_rows: int = 0  # requests running at once, at most
+    peak_pages: int = 0  # pages held by tables at once, at most
+    peak_tokens: int = 0  # (serving/batching.py's slots, for the bench) tokens cached at once
+    reused_pages: int = 0  # pages taken from the prefix cache instead of prefilled
+    preemptions: int = 0
+    seconds: float = 0.0
+
+
+class Engine:
+    """Serve requests (serving/batching.py's Request: ids, max_new_tokens, seed) through a
+    pool of kv_pages pages of page_size tokens, at most rows at once; see this page's
+    docstring. prefill_chunk None prefills a prompt whole."""
+
+    def __init__(self, model, requests, rows, page_size=16, kv_pages=None, prefill_chunk=None,
+                 temperature=1.0, top_k=None, top_p=None, eot=None, prefix_reuse=True):
+        cfg = model.config
+        self.model, self.requests, self.block = model, requests, cfg.block_size
+        self.device = next(model.parameters()).device
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.eot, self.chunk = eot, prefill_chunk or cfg.block_size
+        if page_size < 1 or rows < 1 or prefill_chunk is not None and prefill_chunk < 1:
+            raise ServingError(f"page_size ({page_size}), rows ({rows}) and prefill_chunk "
+                               f"({prefill_chunk}) must be at least 1")
+        self.rows = min(rows, max(1, len(requests)))  # no row that no request could use
+        if kv_pages is None:  # what today's slots reserve: every row can reach block_size
+            kv_pages = self.rows * -(-cfg.block_size // page_size)
+        if kv_pages < 1:
+            raise ServingError(f"kv_pages must be at least 1, got {kv_pages}")
+        self.pool = PagePool(cfg.n_layer, kv_pages, page_size)
+        self.prefix = PrefixCache(self.pool, prefix_reuse)
+        for i, r in enumerate(requests):  # a request that cannot fit the pool alone would hang
+            longest = min(len(r.ids) + r.max_new_tokens - 1, cfg.block_size)
+            if r.max_new_tokens > 0 and self.pool.pages_for(longest) > kv_pages:
+                raise ServingError(
+                    f"request {i} needs {self.pool.pages_for(longest)} pages of {page_size} "
+                    f"tokens at its longest ({longest} tokens), more than the pool's "
+                    f"{kv_pages}: raise kv_pages or lower max_new_tokens", i)
+        # The queue holds indices, and the Sequences of preempted requests: a Sequence (its
+        # tokens, table, generator) exists only from a request's start to its end.
+        self.waiting = deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
+        self.running = []
+        self.stats = Stats(requests=len(requests))
+
+    def summary(self):
+        """One line on what the run did (sample.py prints it on stderr)."""
+        s = self.stats
+        return (f"served {s.requests:,} requests: {s.tokens:,} tokens in {s.seconds:.2f} s "
+                f"({s.tokens / max(s.seconds, 1e-9):,.1f} tokens/s); KV pages: "
+                f"{s.peak_pages:,} of {self.pool.n_pages:,} ({self.pool.page_size} tokens "
+                f"each) at peak, {s.reused_pages:,} reused from shared prefixes; "
+                f"{s.preemptions:,} preemptions")
+
+    def context(self, seq):
+        return seq.tokens[seq.start:]
+
+    @torch.no_grad()
+    def run(self):
+        """Yield (request index, token id) as each token is drawn, until every request ends."""
+        t0 = time.perf_counter()
+        while self.waiting or self.running:
+            yield from self.step()
+            self.stats.seconds = time.perf_counter() - t0
+
+    def step(self):
+        """One step (this page's docstring): [(request index, token id)] drawn in it."""
+        self.make_room()
+        self.admit()
+        assert self.running, "nothing runs: the oldest request always fits the pool"
+        held = sum(r > 0 for r in self.pool.refs)
+        self.stats.peak_pages = max(self.stats.peak_pages, held)
+        self.stats.peak_rows = max(self.stats.peak_rows, len(self.running))
+        self.stats.reused_pages, self.stats.steps = self.prefix.reused, self.stats.steps + 1
+        spans = [(seq, min(len(self.context(seq)) - seq.cached, self.chunk))
+                 for seq in self.running]
+        cache = PagedCache(self.pool, [(s.table, s.cached, n) for s, n in spans], self.device)
+        idx = torch.tensor([[t for s, n in spans
+                             for t in self.context(s)[s.cached:s.cached + n]]], device=self.device)
+        x = self.model.hidden_states(idx, cache)  # (1, N, n_embd)
+        last, drawing, end = [], [], 0
+        for seq, n in spans:
+            end += n
+            decode = seq.drawn > 0 and n == 1 and seq.cached == len(self.context(seq)) - 1
+            self.stats.prefill_tokens += 0 if decode else n
+            seq.cached += n
+            for page in seq.table[:seq.cached // self.pool.page_size]:
+                self.prefix.written(page)
+            if seq.cached == len(self.context(seq)):  # all computed: it draws
+                last.append(end - 1)
+                drawing.append(seq)
+        if not drawing:
+            return []
+        logits = self.model.lm_head(x[0, last])  # (drawing, vocab)
+        return [out for seq, row in zip(drawing, logits) for out in self.draw(seq, row[None])]
+
+    def draw(self, seq, logits):
+        """Draw seq's next token from logits (1, vocab); end seq if it is done."""
+        request = self.requests[seq.request]
+        token = sample_next(logits, **self.sampling, generator=seq.generator).item()
+        seq.tokens.append(token)
+        seq.drawn += 1
+        self.stats.tokens += 1
+        self.key_full_pages(seq)
+        if token == self.eot or seq.drawn == request.max_new_tokens:
+            self.running.remove(seq)
+            self.prefix.release(seq.table)
+            seq.table = []
+        return [] if token == self.eot else [(seq.request, token)]
+
+    def make_room(self):
+        """Step 1: pages for every running request's next tokens, preempting the newest."""
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            if len(self.context(seq)) > self.block:  # rebuilt on the last block_size tokens
+                self.prefix.release(seq.table)
+                seq.table, seq.keys, seq.cached = [], [], 0
+                seq.start = len(seq.tokens) - self.block
+            need = self.pool.pages_for(len(self.context(seq))) - len(seq.table)
+            while need > self.prefix.available() and seq in self.running:
+                self.preempt(self.running[-1])
+            if seq not in self.running:
+                return  # it was the newest: everything after it has gone too
+            seq.table += [self.prefix.allocate() for _ in range(need)]
+            self.key_full_pages(seq)
+            i += 1
+
+    def preempt(self, seq):
+        """Give back seq's pages and put it first in the queue; its tokens stay."""
+        self.running.remove(seq)
+        self.prefix.release(seq.table)
+        seq.table, seq.keys, seq.cached = [], [], 0
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def admit(self):
+        """Step 2: start waiting requests, in order, while rows and pages allow."""
+        while self.waiting and len(self.running) < self.rows:
+            if isinstance(self.waiting[0], int):
+                i = self.waiting[0]
+                self.waiting[0] = Sequence(i, list(self.requests[i].ids))
+            seq = self.waiting[0]
+            seq.start = max(seq.start, len(seq.tokens) - self.block)
+            context = self.context(seq)
+            # Pages of the prompt cached already; never its last token, whose logits it needs.
+            keys = page_keys(context[:len(context) - 1], self.pool.page_size)
+            shared, wait = self.prefix.match(keys) if self.prefix.enabled else ([], False)
+            need = self.pool.pages_for(len(context)) - len(shared)
+            # Shared pages that were idle are no longer there to be allocated; and a page is
+            # kept free for each running request, itself included, so that the next steps'
+            # tokens do not preempt at once what was just admitted (vLLM keeps such a
+            # watermark too): otherwise a request can be admitted, preempted, admitted... Alone,
+            # a request needs no spare page: none is larger than the pool.
+            spare = (len(self.running) + 1 if self.running else 0) + sum(
+                p in self.prefix.idle for p in shared)
+            if wait or need + spare > self.prefix.available():
+                return  # its prefix is being computed, or memory is short: it waits
+            self.waiting.popleft()
+            self.prefix.hold(shared)
+            seq.table = shared + [self.prefix.allocate() for _ in range(need)]
+            seq.keys, seq.cached = keys[:len(shared)], len(shared) * self.pool.page_size
+            self.key_full_pages(seq)
+            if seq.generator is None and self.requests[seq.request].seed is not None:
+                seq.generator = torch.Generator(device=self.device)
+                seq.generator.manual_seed(self.requests[seq.request].seed)
+            self.running.append(seq)
+
+    def key_full_pages(self, seq):
+        """Key each page of seq's table that its context fills, for prefixes to come."""
+        full = min(len(self.context(seq)) // self.pool.page_size, len(seq.table))
+        if len(seq.keys) < full:
+            parent = seq.keys[-1] if seq.keys else None
+            first = len(seq.keys) * self.pool.page_size
+            new = page_keys(self.context(seq)[first:full * self.pool.page_size],
+                            self.pool.page_size, parent)
+            for page, key in zip(seq.table[len(seq.keys):full], new):
+                self.prefix.key(page, key)
+            seq.keys += new
