@@ -242,15 +242,22 @@ def sample(cfg, out=sys.stdout, err=sys.stderr):
                     where = prompts[e.request // cfg.num_samples][0]
                     raise ConfigError(f"{where}: {e}") from None
                 drawn = engine.run()
+            texts, ended = [], engine.ended if engine else ()
+
+            def show(k):  # sample k's text, printed in the order of the samples
+                texts.append(prompts[k // cfg.num_samples][1] + tokenizer.decode(new[k]))
+                out.write(texts[-1] + "\n---------------\n")
+                out.flush()
             for k, token in drawn:
                 new[k].append(token)
+                while len(texts) in ended:  # each as soon as it, and those before it, end
+                    show(len(texts))
+            for k in range(len(texts), len(requests)):
+                show(k)
             if engine is not None:
                 print(engine.summary(), file=err)
-    texts = [prompts[k // cfg.num_samples][1] + tokenizer.decode(row) for k, row in enumerate(new)]
-    if not simple:
-        for text in texts:
-            out.write(text + "\n---------------\n")
-    return texts
+            return texts
+    return [prompts[0][1] + tokenizer.decode(new[0])]
 
 
 def until(tokens, eot):

@@ -114,6 +114,7 @@ class Engine:
         self.waiting = deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
         self.running = []
         self.stats = Stats(requests=len(requests))
+        self.ended = set()  # the requests done: sample.py prints each text when it is
 
     def summary(self):
         """One line on what the run did (sample.py prints it on stderr)."""
@@ -175,6 +176,7 @@ class Engine:
         self.stats.tokens += 1
         self.key_full_pages(seq)
         if token == self.eot or seq.drawn == request.max_new_tokens:
+            self.ended.add(seq.request)
             self.running.remove(seq)
             self.prefix.release(seq.table)
             seq.table = []

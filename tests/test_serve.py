@@ -253,3 +253,27 @@ def test_bench_serves_both_paged_workloads_beside_todays_slots(tmp_path, capsys)
     assert shared[0]["peak_rows"] == mixed[0]["peak_rows"] == 2
     assert mixed[1]["peak_rows"] > 2 and mixed[2]["peak_rows"] > 2  # pages fit more rows
     assert "paged + chunked" in capsys.readouterr().out
+
+
+def test_each_text_is_printed_as_soon_as_it_and_those_before_it_are_done(char_checkpoint,
+                                                                         tmp_path):
+    # One row at a time: sample 0 is done, and printed, before sample 1 draws a token.
+    (tmp_path / "p.txt").write_text("ab\nb\nba\n")
+    cfg = parse_config(sample.SampleConfig, [f"--out_dir={char_checkpoint}", "--device=cpu",
+                                             f"--prompts={tmp_path / 'p.txt'}", "--batch_size=1",
+                                             "--num_samples=1", "--max_new_tokens=5"])
+    drawn, printed = [], []
+
+    class Out(io.StringIO):
+        def write(self, text):
+            printed.append((len(drawn), text.count("---------------")))
+            return super().write(text)
+    draw = sample.Engine.draw
+
+    def counting(self, seq, logits):
+        drawn.append(seq.request)
+        return draw(self, seq, logits)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sample.Engine, "draw", counting)
+        sample.sample(cfg.validate(), Out(), io.StringIO())
+    assert [n for n, separators in printed if separators] == [5, 10, 15]
