@@ -114,7 +114,8 @@ class Engine:
         self.waiting = deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
         self.running = []
         self.stats = Stats(requests=len(requests))
-        self.ended = set()  # the requests done: sample.py prints each text when it is
+        # the requests done, once their last token is given out (sample.py prints each then)
+        self.ended, self.ending = set(), []
 
     def summary(self):
         """One line on what the run did (sample.py prints it on stderr)."""
@@ -134,6 +135,8 @@ class Engine:
         t0 = time.perf_counter()
         while self.waiting or self.running:
             yield from self.step()
+            self.ended.update(self.ending)
+            self.ending.clear()
             self.stats.seconds = time.perf_counter() - t0
 
     def step(self):
@@ -176,7 +179,7 @@ class Engine:
         self.stats.tokens += 1
         self.key_full_pages(seq)
         if token == self.eot or seq.drawn == request.max_new_tokens:
-            self.ended.add(seq.request)
+            self.ending.append(seq.request)
             self.running.remove(seq)
             self.prefix.release(seq.table)
             seq.table = []

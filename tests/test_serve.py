@@ -257,7 +257,8 @@ def test_bench_serves_both_paged_workloads_beside_todays_slots(tmp_path, capsys)
 
 def test_each_text_is_printed_as_soon_as_it_and_those_before_it_are_done(char_checkpoint,
                                                                          tmp_path):
-    # One row at a time: sample 0 is done, and printed, before sample 1 draws a token.
+    # One row at a time: sample 0 is done after 5 tokens, and printed with the next step's
+    # token (the engine says a request ended once its last token is given out), not at the end.
     (tmp_path / "p.txt").write_text("ab\nb\nba\n")
     cfg = parse_config(sample.SampleConfig, [f"--out_dir={char_checkpoint}", "--device=cpu",
                                              f"--prompts={tmp_path / 'p.txt'}", "--batch_size=1",
@@ -276,4 +277,4 @@ def test_each_text_is_printed_as_soon_as_it_and_those_before_it_are_done(char_ch
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sample.Engine, "draw", counting)
         sample.sample(cfg.validate(), Out(), io.StringIO())
-    assert [n for n, separators in printed if separators] == [5, 10, 15]
+    assert [n for n, separators in printed if separators] == [6, 11, 15]
