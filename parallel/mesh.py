@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from parallel.data_parallel import shard
-from parallel.pipeline import Pipeline, Stage
+from parallel.pipeline import Stage
 from parallel.tensor_parallel import tensor_parallel
 from training.runtime import DeviceError
 
@@ -39,41 +39,33 @@ def check(cfg, world_size, dtype):
     """Refuse, in one line, a layout that cannot run (float16's scaler would need a sharded
     variant; TP splits whole heads and the MLP's width evenly; PP whole Blocks). cfg has the
     model's shape."""
-    tp, pp = cfg.tp, cfg.pp
+    tp, pp, spread = cfg.tp, cfg.pp, cfg.fsdp or cfg.tp * cfg.pp > 1
     what = f"pp={pp}" if pp > 1 else "fsdp=true" if cfg.fsdp else f"tp={tp}"
-    if (cfg.fsdp or tp > 1 or pp > 1) and "RANK" not in os.environ:
+    if spread and "RANK" not in os.environ:
         raise DeviceError(f"{what} spreads the model over the processes of torchrun: run it "
                           "as torchrun --standalone --nproc_per_node=N train.py ...")
-    if (cfg.fsdp or tp > 1 or pp > 1) and dtype == torch.float16:
+    if spread and dtype == torch.float16:
         raise DeviceError(f"{what} does not take float16: use --dtype=bfloat16 (or float32)")
     if world_size % (tp * pp):
-        raise DeviceError(f"{'pp=%d x ' % pp if pp > 1 else ''}tp={tp} does not divide the "
-                          f"{world_size} processes into rows")
+        split = f"tp={tp} x pp={pp}" if pp > 1 else f"tp={tp}"
+        raise DeviceError(f"{split} does not divide the {world_size} processes")
     if cfg.n_layer % pp:
-        raise DeviceError(f"pp={pp} must divide n_layer ({cfg.n_layer}): each stage holds an "
-                          "equal share of the Blocks")
-    dp = world_size // (tp * pp)
-    if pp > 1 and dp > 1 and not cfg.fsdp:
-        raise DeviceError(f"pp={pp} over {world_size} processes makes {dp} data-parallel rows, "
-                          "which need --fsdp=true: DDP's reducer cannot follow a pipeline "
-                          "schedule's backward passes (it fails, or is silently wrong)")
-    micro = cfg.gradient_accumulation_steps // dp
-    if pp > 1 and cfg.pp_schedule == "1f1b" and micro < pp:
-        raise DeviceError(f"pp_schedule=1f1b needs at least as many micro-batches per "
-                          f"data-parallel row as stages: {micro} < pp={pp}; raise "
-                          "--gradient_accumulation_steps, or use --pp_schedule=gpipe")
-    if pp > 1 and cfg.compile:
-        raise DeviceError("compile=true with pp>1 is not supported: use --compile=false")
+        raise DeviceError(f"pp={pp} must divide n_layer ({cfg.n_layer}): stages of equal depth")
     for name, size in (("n_head", cfg.n_head), ("4*n_embd", 4 * cfg.n_embd)):
         if size % tp:
             raise DeviceError(f"tp={tp} must divide {name} ({size}): each rank takes an equal "
                               "share of the heads and of the MLP's hidden units")
-    if tp > 1 and dp > 1 and not cfg.fsdp:
-        raise DeviceError(f"tp={tp} over {world_size} processes makes {dp} "
-                          "data-parallel rows, which need --fsdp=true: DDP cannot wrap a "
-                          "tensor-parallel model")
-    if tp > 1 and cfg.compile:
-        raise DeviceError("compile=true with tp>1 is not supported: use --compile=false")
+    dp, micro = world_size // (tp * pp), cfg.gradient_accumulation_steps * tp * pp // world_size
+    if tp * pp > 1 and dp > 1 and not cfg.fsdp:  # DDP's reducer fails in a pipeline, or is wrong
+        raise DeviceError(f"{what} over {world_size} processes makes {dp} data-parallel rows, "
+                          "which need --fsdp=true: DDP cannot wrap a tensor-parallel model, "
+                          "nor follow a pipeline's backward passes")
+    if pp > 1 and cfg.pp_schedule == "1f1b" and micro < pp:
+        raise DeviceError(f"pp_schedule=1f1b needs at least pp={pp} micro-batches per row, "
+                          f"not {micro}: raise gradient_accumulation_steps, or use gpipe")
+    if tp * pp > 1 and cfg.compile:
+        raise DeviceError(f"compile=true with {'pp' if pp > 1 else 'tp'}>1 is not supported: "
+                          "use --compile=false")
 
 
 def make_layout(cfg, rank, world_size, device):
@@ -97,11 +89,6 @@ def spread(model, layout, dtype):
     if layout.fsdp:
         shard(model, layout.mesh["dp"], dtype)
     return model
-
-
-def pipelined(model, layout, device, micro_steps, schedule):
-    """What the loop runs: model, or under PP the Pipeline of its stages."""
-    return Pipeline(model, layout, device, micro_steps, schedule) if layout.pp > 1 else model
 
 
 def release(layout):

@@ -71,10 +71,11 @@ def test_pp_by_fsdp_by_tp_on_eight_ranks_is_the_same_run_as_one_process(char_dat
 
 @pytest.mark.parametrize("changes, world_size, message", [
     (dict(n_layer=3), 2, r"pp=2 must divide n_layer \(3\)"),
-    (dict(n_layer=6, pp=3), 4, "pp=3 x tp=1 does not divide the 4 processes"),
-    (dict(gradient_accumulation_steps=1), 2, r"1f1b needs at least as many micro-batches .* 1 < "
-                                             "pp=2"),
-    (dict(gradient_accumulation_steps=4), 4, "need --fsdp=true: DDP's reducer cannot follow"),
+    (dict(n_layer=6, pp=3), 4, "tp=1 x pp=3 does not divide the 4 processes"),
+    (dict(gradient_accumulation_steps=1), 2, "1f1b needs at least pp=2 micro-batches per row, "
+                                             "not 1"),
+    (dict(gradient_accumulation_steps=4), 4, "need --fsdp=true: DDP cannot wrap a tensor-"
+                                             "parallel model, nor follow a pipeline"),
     (dict(dtype="float16"), 2, "pp=2 does not take float16"),
     (dict(compile=True), 2, "compile=true with pp>1 is not supported"),
 ])

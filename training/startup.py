@@ -20,6 +20,7 @@ import torch
 from data.dataset import DataError, TokenData, load_meta
 from model import GPT
 from parallel import data_parallel, mesh
+from parallel.pipeline import Pipeline
 from training import accounting, checkpoint, runtime
 from training.safe_load import GPT2_SIZES, CheckpointError, load_checkpoint, load_pretrained
 from training.settings import ConfigError, TrainConfig
@@ -245,7 +246,8 @@ def setup(cfg, named=()):
     model = torch.compile(raw_model) if cfg.compile else raw_model
     model = data_parallel.wrap_ddp(model, layout, device, local_rank)
     micro_steps = cfg.gradient_accumulation_steps // layout.dp_size
-    model = mesh.pipelined(model, layout, device, micro_steps, cfg.pp_schedule)
+    if layout.pp > 1:  # the loop runs the stages' schedule (parallel/pipeline.py)
+        model = Pipeline(raw_model, layout, device, micro_steps, cfg.pp_schedule)
     if rank == 0:
         print(settings_text(cfg))  # all of them are saved in each checkpoint
         print(accounting.report(cfg, world_size, raw_model.config,
