@@ -61,6 +61,23 @@ def test_a_one_process_checkpoint_resumes_under_pp_with_gpipe(straight, char_dat
 
 
 @pytest.mark.slow
+def test_a_stop_signal_ends_a_pipelined_run_at_an_iteration_boundary(straight, char_data,
+                                                                     tmp_path):
+    # A SIGTERM to rank 1 (the last stage) as it draws iteration 4's batches: the schedule runs
+    # its micro-batches to the end, the ranks agree at the step's check (read a step later:
+    # training/stopping.py), and the run saves at an iteration's head, at 6, as under DDP;
+    # resumed in one process, it goes on as the uninterrupted run.
+    out = tmp_path / "out"
+    proc = run_train(ARGS + PP + ["--max_iters=8"], char_data, out, launcher=TORCHRUN,
+                     script="tests/signal_once.py", expect_ok=False, SIGNAL_AT="4")
+    assert proc.returncode == 0 and "stopped by a signal at iteration 6" in proc.stdout, (
+        proc.stdout[-2000:] + proc.stderr[-2000:])
+    resumed = train_losses(run_train(ARGS + ["--max_iters=8", "--init_from=resume"],
+                                     char_data, out))
+    assert_same_run(straight, resumed, range(7, 9))
+
+
+@pytest.mark.slow
 def test_pp_by_fsdp_by_tp_on_eight_ranks_is_the_same_run_as_one_process(char_data, tmp_path):
     # 2 stages x 2 FSDP rows x 2 TP ranks: each stage's Blocks split by TP, sharded by FSDP.
     straight = train_losses(run_train(MODERN + ["--max_iters=4"], char_data, tmp_path / "one"))
