@@ -1,12 +1,17 @@
 """Pipeline parallelism (--pp), alone and with FSDP and TP in a 3-D mesh, on the CPU with gloo
 ranks: the same run as one process, and checkpoints that move between one process and PP."""
+import json
+import subprocess
 from dataclasses import replace
 
 import pytest
 import torch
 
-from helpers import TORCHRUN, assert_same_run, assert_samples, run_train, train_losses
+from helpers import (ROOT, TORCHRUN, assert_same_run, assert_samples, quiet_env, run_train,
+                     train_losses)
+from model import GPTConfig
 from parallel.mesh import check
+from training.accounting import bubble, communication_per_step, memory_per_rank
 from training.runtime import DeviceError
 from training.safe_load import load_checkpoint
 from training.settings import ConfigError, TrainConfig
@@ -122,8 +127,6 @@ def test_pp_needs_torchrun(char_data, tmp_path):
 
 
 def test_the_bubble_and_the_memory_a_stage_holds():
-    from model import GPTConfig
-    from training.accounting import bubble, communication_per_step, memory_per_rank
     # GPT-2 small (vocabulary padded to 50304, biases on), 12 x 1024 tokens a micro-step,
     # 8 micro-steps, float32, on 4 stages (4 ranks: one data-parallel row, m = 8).
     m = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024)
@@ -149,3 +152,20 @@ def test_the_bubble_and_the_memory_a_stage_holds():
     # all-reduce sends 2 (2-1)/2 = 1 times its size); a middle stage sends each both ways.
     sent = 8 * 12288 * 768 * 4
     assert communication_per_step(cfg, m, 4)["PP"] == max(sent + 4 * 38_633_472, 2 * sent)
+
+
+@pytest.mark.slow
+def test_the_bench_runs_both_schedules_and_1f1b_holds_at_most_p_micro_batches(tmp_path):
+    # Stages that sleep 1 ms forward and 2 ms backward (F = 2 ms over p = 2): the times are the
+    # machine's, not asserted; what each stage holds at most is the schedule's shape: GPipe
+    # runs all m = 4 forwards before a backward, 1F1B's first stage starts p = 2.
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([*TORCHRUN, "-m", "tools.bench", "--pp=2", "--pp_sleep_ms=2",
+                           "--pp_microbatches=1,4", "--device=cpu", f"--json_out={out}"],
+                          capture_output=True, text=True, cwd=ROOT, env=quiet_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["schedule"], r["m"]): r for r in json.loads(out.read_text())["bubble"]}
+    assert rows["gpipe", 4]["peak_held"] == 4 and rows["1f1b", 4]["peak_held"] == 2
+    assert rows["gpipe", 1]["idle_formula"] == 1 / 2 and rows["1f1b", 4]["idle_formula"] == 1 / 5
+    assert rows["1f1b", 1]["ms_per_step"] is None  # 1F1B needs m >= p
+    assert "1F1B needs m >= p" in proc.stdout
