@@ -5,18 +5,24 @@ point-to-point messages: one (batch_size, block_size, n_embd) tensor each way pe
 boundary and micro-batch, far less than FSDP's or TP's collectives, which is why pipelines are
 what spans machines whose links are slow (pp is the outermost axis of the mesh, mesh.py).
 
-The schedule decides which micro-batch each stage works on at each moment (time runs right,
-F: a forward, B: a backward, p = 4 stages, m = 8 micro-batches; docs/parallelism.md draws both):
+The schedule decides which micro-batch each stage works on at each moment. Time runs right,
+p = 4 stages, m = 8 micro-batches, F3: micro-batch 3's forward, B3 its backward (drawn as long
+as a forward; it takes about twice as long, which changes no share below):
 
-    GPipe  stage 0  F F F F F F F F . . . . . . B B B B B B B B
-           stage 3  . . . F F F F F F F F B B B B B B B B . . .
-    1F1B   stage 0  F F F F . . . B F B F B F B F B . . . B B B
-           stage 3  . . . F B F B F B F B F B F B F B . . . . .
+    GPipe  stage 0  F1 F2 F3 F4 F5 F6 F7 F8  .  .  .  .  .  . B1 B2 B3 B4 B5 B6 B7 B8
+           stage 1   . F1 F2 F3 F4 F5 F6 F7 F8  .  .  .  . B1 B2 B3 B4 B5 B6 B7 B8  .
+           stage 2   .  . F1 F2 F3 F4 F5 F6 F7 F8  .  . B1 B2 B3 B4 B5 B6 B7 B8  .  .
+           stage 3   .  .  . F1 F2 F3 F4 F5 F6 F7 F8 B1 B2 B3 B4 B5 B6 B7 B8  .  .  .
+    1F1B   stage 0  F1 F2 F3 F4  .  .  . B1 F5 B2 F6 B3 F7 B4 F8 B5  . B6  . B7  . B8
+           stage 1   . F1 F2 F3  .  . B1 F4 B2 F5 B3 F6 B4 F7 B5 F8 B6  . B7  . B8  .
+           stage 2   .  . F1 F2  . B1 F3 B2 F4 B3 F5 B4 F6 B5 F7 B6 F8 B7  . B8  .  .
+           stage 3   .  .  . F1 B1 F2 B2 F3 B3 F4 B4 F5 B5 F6 B6 F7 B7 F8 B8  .  .  .
 
-Either way a stage idles while the pipeline fills and drains: the bubble, (p-1)/(m+p-1) of the
-step, the same for both. 1F1B (one forward, one backward, once full) frees a micro-batch's
-activations as soon as its backward is done, so a stage holds at most p of them, GPipe all m.
-Hence 1F1B by default, and m (the micro-steps of a data-parallel row) at least p.
+Either way each stage idles while the pipeline fills and drains (the dots): the bubble, p-1 of
+every m+p-1 slots, (p-1)/(m+p-1) of the step, here 3/11. 1F1B (once full, one forward, one
+backward) frees a micro-batch's activations as soon as its backward is done: stage 0 holds at
+most p of them (F1-F4 before B1), GPipe's all m. Hence 1F1B by default, with m (the micro-steps
+of a data-parallel row) at least p; more micro-batches shrink the bubble.
 
 Torch runs the schedules (torch.distributed.pipelining); this page gives it the stages, and
 handles what a cut model changes around the step:

@@ -69,7 +69,9 @@ def memory_per_rank(cfg, m, world_size=1):
       norms and logits whole on every rank. 2-D: FSDP divides that share over the dp rows.
     - PP: a stage holds n_layer / pp Blocks and, first or last, wte or its copy (the head),
       with their state; and the activations of the micro-batches in flight (in_flight): 1F1B
-      at most pp at once, GPipe all m of a row, and GPipe's last stage all m's logits.
+      at most pp at once, GPipe all m of a row, and GPipe's last stage all m's logits. FSDP
+      inside a stage keeps the stage's weights gathered from its first backward to the end of
+      the schedule (torch's PipelineStage: no reshard after backward until the last).
     - Activations of one micro-batch: 34 * n_embd bytes per token per layer in 16 bits
       (Korthikanti et al. 2022, section 4.1; 10 + 24/tp under TP, section 4.2.2), twice that
       in float32, without the attention scores that SDPA never stores. Checkpointed, a
@@ -87,7 +89,8 @@ def memory_per_rank(cfg, m, world_size=1):
     if fsdp:
         parts = {"weights": 4 * n_local // dp, "gradients": 4 * n_local // dp,
                  "optimizer state": 8 * n_local // dp,
-                 "gathered parameters": act_bytes * (n_root + 2 * n_block),
+                 "gathered parameters": act_bytes * (n_local if cfg.pp > 1 else
+                                                     n_root + 2 * n_block),
                  "gathered gradients": act_bytes * n_root + (act_bytes + 4) * n_block}
         if cfg.gradient_accumulation_steps // dp > 1:
             parts["accumulated gradients"] = 4 * n_local
@@ -147,7 +150,7 @@ def communication_per_step(cfg, m, world_size=1):
     size = cfg.batch_size * cfg.block_size * m.n_embd * act_bytes
     parts = {}
     if dp > 1 and cfg.fsdp:
-        gathers = act_bytes * micro * (n_root + 2 * m.n_layer * n_block)
+        gathers = act_bytes * micro * (n_root + 2 * m.n_layer // cfg.pp * n_block)
         parts["FSDP"] = (gathers + 4 * n_local) * (dp - 1) // dp
     elif dp > 1:
         parts["DDP"] = 2 * (dp - 1) * 4 * n_local // dp
