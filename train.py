@@ -141,7 +141,7 @@ def train(cfg, named=()):
             # Dropout draws from the global generator: seed it per step and rank, so a resumed
             # run draws the same masks as the uninterrupted one without saving generator state.
             torch.manual_seed(step_seed(cfg.seed, iter_num, run.layout.dp_rank))
-            # forward and backward over the micro-steps, then clip the gradients
+            # forward and backward over the micro-steps (--pp: the schedule), then clip them
             loss = step.forward_backward(model, train_batches(run, iter_num, stop), run.ctx,
                                          scaler, run.micro_steps)
             if stop.interrupted():  # this iteration is dropped, and redone on resume

@@ -58,8 +58,7 @@ def check(cfg, world_size, dtype):
     dp, micro = world_size // (tp * pp), cfg.gradient_accumulation_steps * tp * pp // world_size
     if tp * pp > 1 and dp > 1 and not cfg.fsdp:  # DDP's reducer fails in a pipeline, or is wrong
         raise DeviceError(f"{what} over {world_size} processes makes {dp} data-parallel rows, "
-                          "which need --fsdp=true: DDP cannot wrap a tensor-parallel model, "
-                          "nor follow a pipeline's backward passes")
+                          "which need --fsdp=true (DDP cannot follow TP's or PP's gradients)")
     if pp > 1 and cfg.pp_schedule == "1f1b" and micro < pp:
         raise DeviceError(f"pp_schedule=1f1b needs at least pp={pp} micro-batches per row, "
                           f"not {micro}: raise gradient_accumulation_steps, or use gpipe")

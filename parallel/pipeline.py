@@ -50,14 +50,12 @@ class Stage(nn.Module):
         t, per_stage = model.transformer, model.config.n_layer // stages
         self.config, self.activation_checkpointing = model.config, model.activation_checkpointing
         self.first, self.last = index == 0, index == stages - 1
-        blocks = range(index * per_stage, (index + 1) * per_stage)
-        parts = {"wte": t.wte, "drop": t.drop} if self.first else {}
-        parts["h"] = nn.ModuleDict({str(i): t.h[i] for i in blocks})
-        if self.last:
-            parts["ln_f"] = t.ln_f
-        if self.first and "wpe" in t:
-            parts["wpe"] = t.wpe
-        self.transformer = nn.ModuleDict(parts)
+        blocks = nn.ModuleDict({str(i): t.h[i]
+                                for i in range(index * per_stage, (index + 1) * per_stage)})
+        own = {"h", "wte", "wpe", "drop"} if self.first else {"h"}  # as the model orders them
+        own |= {"ln_f"} if self.last else set()
+        self.transformer = nn.ModuleDict({name: blocks if name == "h" else part
+                                          for name, part in t.items() if name in own})
         # The head is tied to wte in one process: here it is the same tensor's copy on the
         # last stage, kept equal to wte by summing their gradients (Pipeline.tie_gradients).
         self.lm_head = model.lm_head if self.last else None
@@ -77,8 +75,7 @@ class Stage(nn.Module):
         if self.config.rope:
             rotary = (self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3))
         if self.first:
-            x = t.wte(x) if self.config.rope else t.wte(x) + t.wpe(pos)
-            x = t.drop(x)
+            x = t.drop(t.wte(x) if self.config.rope else t.wte(x) + t.wpe(pos))
         for block in t.h.values():
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, rotary, None, use_reentrant=False)
@@ -99,8 +96,7 @@ class Pipeline(nn.Module):
 
     def __init__(self, stage, layout, device, micro_steps, schedule="1f1b"):
         super().__init__()
-        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B,
-                                                  ScheduleGPipe)
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
         self.stage, self.group = stage, layout.mesh["pp"].get_group()
         where = (layout.pp_rank, layout.pp, torch.device(device))
         kind = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
@@ -147,18 +143,15 @@ class Pipeline(nn.Module):
     def _from_last(self, loss, device):
         """loss, which the last stage alone has, on every rank of the column."""
         loss = torch.zeros((), device=device) if loss is None else loss.detach().float()
-        last = torch.distributed.get_process_group_ranks(self.group)[-1]
-        torch.distributed.broadcast(loss, src=last, group=self.group)
+        torch.distributed.broadcast(loss, group_src=self.group.size() - 1, group=self.group)
         return loss
 
 
 def _tied_group(layout):
     """The process group of this rank's first and last stage (same dp and tp ranks), where wte's
     gradient is summed; None on a middle stage. Every rank creates every such group."""
-    columns = layout.mesh.mesh.flatten(1).t().tolist()  # (dp * tp) columns of pp ranks each
-    mine = None
-    for column in columns:
+    rank, mine = torch.distributed.get_rank(), None
+    for column in layout.mesh.mesh.flatten(1).t().tolist():  # dp * tp columns of pp ranks
         group = torch.distributed.new_group([column[0], column[-1]])
-        if torch.distributed.get_rank() in (column[0], column[-1]):
-            mine = group
+        mine = group if rank in (column[0], column[-1]) else mine
     return mine

@@ -73,9 +73,9 @@ def load_optimizer_state(model, optimizer, state, layout):
         return
     from torch.distributed.checkpoint import state_dict as dcp
     by_name = {names[i]: s for i, s in state["state"].items()}
-    by_name["lm_head.weight"] = by_name.get("transformer.wte.weight")
-    own = dict(model.named_parameters())
-    by_name = _gpt2_order({n: s for n, s in by_name.items() if n in own}, layout.tp, True)
+    by_name["lm_head.weight"] = by_name.get("transformer.wte.weight")  # a last stage's copy
+    own = {n: by_name[n] for n, _ in model.named_parameters() if n in by_name}
+    by_name = _gpt2_order(own, layout.tp, True)
     groups = _named_groups(model, optimizer)
     dcp.set_optimizer_state_dict(model, optimizer, {"state": by_name, "param_groups": groups},
                                  options=dcp.StateDictOptions(full_state_dict=True))

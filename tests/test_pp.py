@@ -97,8 +97,8 @@ def test_pp_by_fsdp_by_tp_on_eight_ranks_is_the_same_run_as_one_process(char_dat
     (dict(n_layer=6, pp=3), 4, "tp=1 x pp=3 does not divide the 4 processes"),
     (dict(gradient_accumulation_steps=1), 2, "1f1b needs at least pp=2 micro-batches per row, "
                                              "not 1"),
-    (dict(gradient_accumulation_steps=4), 4, "need --fsdp=true: DDP cannot wrap a tensor-"
-                                             "parallel model, nor follow a pipeline"),
+    (dict(gradient_accumulation_steps=4), 4, "pp=2 over 4 processes makes 2 data-parallel rows, "
+                                             r"which need --fsdp=true \(DDP cannot follow"),
     (dict(dtype="float16"), 2, "pp=2 does not take float16"),
     (dict(compile=True), 2, "compile=true with pp>1 is not supported"),
 ])

@@ -45,6 +45,9 @@ class EstimateConfig(TrainConfig):
             raise ConfigError("fsdp=true does not take float16: use --dtype=bfloat16 "
                               "(or float32)")
         super().validate()
+        if self.gpus % (self.tp * self.pp) or self.n_layer % self.pp:  # as parallel/mesh.py
+            raise ConfigError(f"tp={self.tp} x pp={self.pp} must divide gpus ({self.gpus}), "
+                              f"and pp must divide n_layer ({self.n_layer})")
         check_divisible(self, self.gpus)  # as train.py would refuse the run
         return self
 

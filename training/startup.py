@@ -43,8 +43,7 @@ def check_divisible(cfg, world_size):
     if steps % world_size:
         below, above = steps // world_size * world_size, (steps // world_size + 1) * world_size
         options = " or ".join(str(n) for n in (below, above) if n)
-        ranks = ("processes" if cfg.tp * cfg.pp == 1 else
-                 "data-parallel rows (processes / (tp * pp))")
+        ranks = "processes" if cfg.tp * cfg.pp == 1 else "data-parallel rows (processes / tp / pp)"
         raise ConfigError(f"gradient_accumulation_steps ({steps}) must be divisible by the "
                           f"number of {ranks} ({world_size}): try {options}, with "
                           "batch_size scaled to keep the tokens per iteration")
