@@ -209,6 +209,8 @@ def test_every_torchrun_command_runs_as_written(cmd, char_data, tmp_path):
     pp = next((w.split("=")[1] for w in cmd.split() if w.startswith("--pp=")), None)
     if pp and script == str(ROOT / "train.py"):  # a layer a stage: TRAIN's one does not split
         extra = [*extra, f"--n_layer={pp}"]
+    if "--pp_sleep_ms=80" in cmd:  # the bubble's shape, in a tenth of the time
+        extra = [*extra, "--pp_sleep_ms=8"]
     # torchrun -m imports the module as python -m does, here from the repository, as in a clone
     target = [script] if os.path.isabs(script) else ["-m", script]
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
