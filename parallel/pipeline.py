@@ -129,10 +129,12 @@ class Pipeline(nn.Module):
         return None, self._from_last(losses[0] if losses else None, x.device)
 
     def tie_gradients(self):
-        """wte (first stage) and its copy, the head (last stage), are one matrix: in one
-        process its gradient is the sum of what the embedding and the head contribute. Each
-        stage computed its part, so they are summed between the two, which then take the same
-        step and stay identical (the same gradient, clip and optimizer state)."""
+        """In one process wte and the head are one matrix: it embeds the tokens at the input and
+        scores them at the output, and its gradient is the sum of what both uses contribute.
+        A pipeline puts the two ends on different GPUs, so the last stage holds a copy (the
+        head) of the first stage's wte. Each stage computed its part of the gradient: summed
+        between the two, it is one process's gradient on both, and the two take the same step
+        (the same clip, the same optimizer state), so they stay identical, as one matrix."""
         if self.tied is None:
             return
         stage = self.stage
