@@ -105,8 +105,8 @@ def memory_per_rank(cfg, m, world_size=1):
     else:
         parts["activations"] = held * layers * one_layer
     logit_bytes = 2 + 4 + 4 if act_bytes == 2 else 4 + 4  # float() is a no-op in float32
-    logits_held = held if cfg.pp_schedule == "gpipe" else 1
-    parts["logits"] = logits_held * tokens * m.vocab_size * logit_bytes
+    held_logits = held if cfg.pp_schedule == "gpipe" else 1  # GPipe's last stage keeps all m
+    parts["logits"] = held_logits * tokens * m.vocab_size * logit_bytes
     return parts
 
 
