@@ -142,7 +142,7 @@ def train(cfg, named, signals):
             lr = step.get_lr(iter_num, cfg)
             for group in optimizer.param_groups:  # Muon's peak at muon_lr (training/step.py)
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            # forward and backward over the micro-steps, then clip the gradients
+            # forward and backward over the micro-steps (--pp: the schedule), then clip them
             loss = step.forward_backward(model, train_batches(run, iter_num, stop), run.ctx,
                                          scaler, run.micro_steps)
             if stop.interrupted():  # this iteration is dropped, and redone on resume

@@ -25,7 +25,7 @@ def shard(model, mesh, dtype):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     half = None if dtype == torch.float32 else dtype
     policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
-    for block in model.transformer.h:
+    for block in model.transformer.h.children():  # a stage's too
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 

@@ -22,7 +22,7 @@ def tensor_parallel(model, mesh):
                                                    parallelize_module)
     plan = {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
             "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()}
-    for block in model.transformer.h:
+    for block in model.transformer.h.children():  # a stage's too
         with torch.no_grad():
             for p in block.attn.c_attn.parameters():
                 p.copy_(regroup_qkv(p, mesh.size()))

@@ -178,7 +178,7 @@ def test_every_command_runs_as_written(char_data, shakespeare_path, tmp_path, ca
         if words[0] == "torchrun":  # here in one process, so that the commands after it find
             # its checkpoint; test_every_torchrun_command_runs_as_written runs it as written
             cmd = "python " + " ".join(w for w in words[words.index("train.py"):]
-                                       if w.split("=")[0] not in ("--tp", "--fsdp"))
+                                       if w.split("=")[0] not in ("--tp", "--fsdp", "--pp"))
         if cmd in ran:  # a command that two pages give runs once
             continue
         with inside(folder):
@@ -207,6 +207,11 @@ def test_every_torchrun_command_runs_as_written(cmd, char_data, tmp_path):
     extra = BENCH if script == "tools.bench" else TRAIN
     if script == str(ROOT / "train.py"):
         extra = [*extra, f"--data_dir={char_data}"]
+    pp = next((w.split("=")[1] for w in cmd.split() if w.startswith("--pp=")), None)
+    if pp and script == str(ROOT / "train.py"):  # a layer a stage: TRAIN's one does not split
+        extra = [*extra, f"--n_layer={pp}"]
+    if "--pp_sleep_ms=80" in cmd:  # the bubble's shape, in a tenth of the time
+        extra = [*extra, "--pp_sleep_ms=8"]
     # torchrun -m imports the module as python -m does, here from the repository, as in a clone
     target = [script] if os.path.isabs(script) else ["-m", script]
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from model import GPTConfig
 from training.metrics import MetricsError, MetricsLog
 from training.settings import TrainConfig
 
@@ -13,7 +14,8 @@ def fake_run(out_dir, iter_num):
     """What MetricsLog reads of startup.py's Run, for a CPU run of one process."""
     return SimpleNamespace(cfg=TrainConfig(out_dir=str(out_dir)), rank=0, world_size=1,
                            device="cpu", dtype="float32", iter_num=iter_num, elapsed_s=0.0,
-                           raw_model=SimpleNamespace(flops_per_token=lambda T: 1000))
+                           raw_model=SimpleNamespace(config=GPTConfig(n_layer=1, n_embd=8,
+                                                                      n_head=1, vocab_size=16)))
 
 
 def test_a_resumed_run_drops_a_half_written_row(tmp_path):

@@ -1,6 +1,7 @@
 """What a run would cost, before it starts: time, GPU-hours and energy on each GPU we know, and
 memory per GPU and bytes sent per step with DDP, FSDP, and with --tp=N tensor parallelism (TP
-alone on N GPUs, or FSDP x TP on more), with and without activation checkpointing.
+alone on N GPUs, or FSDP x TP on more) and --pp=N pipeline parallelism (with TP and FSDP as
+given, on the GPUs left), with and without activation checkpointing.
 
     python -m tools.estimate config/train_gpt2.toml --gpus=8 --mfu=0.4
 
@@ -44,6 +45,9 @@ class EstimateConfig(TrainConfig):
             raise ConfigError("fsdp=true does not take float16: use --dtype=bfloat16 "
                               "(or float32)")
         super().validate()
+        if self.gpus % (self.tp * self.pp) or self.n_layer % self.pp:  # as parallel/mesh.py
+            raise ConfigError(f"tp={self.tp} x pp={self.pp} must divide gpus ({self.gpus}), "
+                              f"and pp must divide n_layer ({self.n_layer})")
         check_divisible(self, self.gpus)  # as train.py would refuse the run
         return self
 
@@ -77,30 +81,35 @@ def cost(cfg, world_size, m, mfu=0.4):
 
 def memory_table(cfg, world_size, m):
     """Memory per GPU with DDP and with FSDP (one process alone: without), and with cfg.tp > 1
-    with TP (on tp GPUs) or 2-D (FSDP x TP, on more), each with and without activation
-    checkpointing; the GPU sizes each fits, and the bytes each GPU sends per iteration."""
+    with TP (on tp GPUs) or 2-D (FSDP x TP, on more), with cfg.pp > 1 with PP (x FSDP on
+    more, x TP as cfg.tp), each with and without activation checkpointing; the GPU sizes each
+    fits, the bytes each GPU sends per iteration, and a pipeline's bubble."""
     lines = [f"memory per GPU on {world_size} GPU(s) in GiB, {cfg.batch_size} x "
              f"{cfg.block_size} tokens per micro-step, "
              f"{accounting.activation_bytes(cfg) * 8}-bit activations;",
              "state: weights, gradients, AdamW moments, and what DDP or FSDP adds to them;",
-             "sent: GiB each GPU sends per iteration (accounting.communication_per_step)",
-             f"{'':<6}{'checkpointing':<15}{'state':>7}{'activations':>13}{'logits':>8}"
-             f"{'total':>8}{'sent':>8}  fits GPUs of (GB)"]
+             "sent: GiB each GPU sends per iteration (accounting.communication_per_step); "
+             "idle: a pipeline's bubble",
+             f"{'':<12}{'checkpointing':<13}{'state':>7}{'activations':>13}{'logits':>8}"
+             f"{'total':>8}{'sent':>8}{'idle':>6}  fits GPUs of (GB)"]
     # FSDP and TP do not take float16 (parallel.check): no row for what train.py refuses.
     sharded = world_size > 1 and cfg.dtype != "float16"
-    layouts = [(False, 1), (True, 1)] if sharded else [(False, 1)]
+    layouts = [(False, 1, 1), (True, 1, 1)] if sharded else [(False, 1, 1)]
     if cfg.tp > 1 and sharded:
-        layouts.append((world_size > cfg.tp, cfg.tp))
-    for (fsdp, tp), checkpointing in itertools.product(layouts, (False, True)):
-        run = replace(cfg, fsdp=fsdp, tp=tp, activation_checkpointing=checkpointing)
+        layouts.append((world_size > cfg.tp, cfg.tp, 1))
+    if cfg.pp > 1 and sharded:
+        layouts.append((world_size > cfg.tp * cfg.pp, cfg.tp, cfg.pp))
+    for (fsdp, tp, pp), checkpointing in itertools.product(layouts, (False, True)):
+        run = replace(cfg, fsdp=fsdp, tp=tp, pp=pp, activation_checkpointing=checkpointing)
         parts = accounting.memory_per_rank(run, m, world_size)
         state = sum(v for k, v in parts.items() if k not in ("activations", "logits"))
         sent = sum(accounting.communication_per_step(run, m, world_size).values())
-        name = ("2-D" if fsdp else "TP") if tp > 1 else accounting.strategy(run, world_size)
-        lines.append(f"{name.split()[0]:<6}{'on' if checkpointing else 'off':<15}"
+        name = "x".join(word for word in accounting.strategy(run, world_size).split()
+                        if word.isupper())  # PPxFSDPxTP
+        lines.append(f"{name:<12}{'on' if checkpointing else 'off':<13}"
                      f"{state / GIB:>7.1f}{parts['activations'] / GIB:>13.1f}"
                      f"{parts['logits'] / GIB:>8.1f}{sum(parts.values()) / GIB:>8.1f}"
-                     f"{sent / GIB:>8.1f}  "
+                     f"{sent / GIB:>8.1f}{accounting.bubble(run, world_size):>6.0%}  "
                      f"{', '.join(map(str, fits(sum(parts.values())))) or 'none'}")
     return "\n".join(lines)
 

@@ -67,6 +67,11 @@ def memory_per_rank(cfg, m, world_size=1):
       (4N) kept between them, as gradients are reduce-scattered at the last one only.
     - TP: 1/tp of the Blocks' split matrices and their state (local_params); embeddings,
       norms and logits whole on every rank. 2-D: FSDP divides that share over the dp rows.
+    - PP: a stage holds n_layer / pp Blocks and, first or last, wte or its copy (the head),
+      with their state; and the activations of the micro-batches in flight (in_flight): 1F1B
+      at most pp at once, GPipe all m of a row, and GPipe's last stage all m's logits. FSDP
+      inside a stage keeps the stage's weights gathered from its first backward to the end of
+      the schedule (torch's PipelineStage: no reshard after backward until the last).
     - Activations of one micro-batch: 34 * n_embd bytes per token per layer in 16 bits
       (Korthikanti et al. 2022, section 4.1; 10 + 24/tp under TP, section 4.2.2), twice that
       in float32, without the attention scores that SDPA never stores. Checkpointed, a
@@ -76,15 +81,16 @@ def memory_per_rank(cfg, m, world_size=1):
     Not counted: the CUDA context, fragmentation, autocast's weight copies, FSDP's padding,
     communication buffers of a few MB."""
     fsdp, checkpointing, tp = cfg.fsdp, cfg.activation_checkpointing, cfg.tp
-    dp = world_size // tp
+    dp, layers, held = world_size // (tp * cfg.pp), m.n_layer // cfg.pp, in_flight(cfg, world_size)
     n, (n_root, n_block) = num_params(m, non_embedding=False), local_params(m, tp)
-    n_local = n_root + m.n_layer * n_block  # this rank's share under TP: the whole, without
+    n_local = n_root + layers * n_block  # this rank's share under TP and PP: the whole, without
     act_bytes = activation_bytes(cfg)  # the compute dtype's size: 2 or 4
     tokens = cfg.batch_size * cfg.block_size
     if fsdp:
         parts = {"weights": 4 * n_local // dp, "gradients": 4 * n_local // dp,
                  "optimizer state": 8 * n_local // dp,
-                 "gathered parameters": act_bytes * (n_root + 2 * n_block),
+                 "gathered parameters": act_bytes * (n_local if cfg.pp > 1 else
+                                                     n_root + 2 * n_block),
                  "gathered gradients": act_bytes * n_root + (act_bytes + 4) * n_block}
         if cfg.gradient_accumulation_steps // dp > 1:
             parts["accumulated gradients"] = 4 * n_local
@@ -95,12 +101,27 @@ def memory_per_rank(cfg, m, world_size=1):
     one_layer = tokens * (10 * tp + 24) * m.n_embd * act_bytes // (2 * tp)
     if checkpointing:
         residual_bytes = act_bytes if fsdp else 4
-        parts["activations"] = m.n_layer * tokens * m.n_embd * residual_bytes + one_layer
+        parts["activations"] = held * layers * tokens * m.n_embd * residual_bytes + one_layer
     else:
-        parts["activations"] = m.n_layer * one_layer
+        parts["activations"] = held * layers * one_layer
     logit_bytes = 2 + 4 + 4 if act_bytes == 2 else 4 + 4  # float() is a no-op in float32
-    parts["logits"] = tokens * m.vocab_size * logit_bytes
+    held_logits = held if cfg.pp_schedule == "gpipe" else 1  # GPipe's last stage keeps all m
+    parts["logits"] = held_logits * tokens * m.vocab_size * logit_bytes
     return parts
+
+
+def in_flight(cfg, world_size):
+    """Micro-batches whose activations a stage holds at once: under PP, 1F1B's first stage
+    starts pp forwards before its first backward frees one, GPipe runs all m forwards first."""
+    m = max(cfg.gradient_accumulation_steps * cfg.tp * cfg.pp // world_size, 1)
+    return 1 if cfg.pp == 1 else m if cfg.pp_schedule == "gpipe" else min(m, cfg.pp)
+
+
+def bubble(cfg, world_size):
+    """The share of a pipeline's step that a stage idles, (p-1)/(m+p-1): of the m+p-1 slots
+    from the first forward to the last backward, each stage works m (GPipe and 1F1B alike)."""
+    m = max(cfg.gradient_accumulation_steps * cfg.tp * cfg.pp // world_size, 1)
+    return (cfg.pp - 1) / (m + cfg.pp - 1)
 
 
 def local_params(m, tp=1):
@@ -118,20 +139,27 @@ def communication_per_step(cfg, m, world_size=1):
     DDP all-reduces the fp32 gradients once. FSDP gathers, at each micro-step, the root once
     and every Block twice (forward, backward) in the compute dtype, and reduce-scatters the
     fp32 gradients once. TP all-reduces (batch, block, n_embd) activations twice per Block
-    forward and twice backward, each micro-step (a third forward with checkpointing)."""
-    tp, dp, act_bytes = cfg.tp, world_size // cfg.tp, activation_bytes(cfg)
+    forward and twice backward, each micro-step (a third forward with checkpointing). PP sends
+    each micro-batch's activations forward and their gradients back, point to point, and
+    all-reduces wte's fp32 gradient between the first and last stage (the busier of a first
+    stage and a middle one)."""
+    tp, dp, act_bytes = cfg.tp, world_size // (cfg.tp * cfg.pp), activation_bytes(cfg)
     n_root, n_block = local_params(m, tp)
-    n_local, micro = n_root + m.n_layer * n_block, max(cfg.gradient_accumulation_steps // dp, 1)
+    n_local = n_root + m.n_layer // cfg.pp * n_block
+    micro = max(cfg.gradient_accumulation_steps // dp, 1)
+    size = cfg.batch_size * cfg.block_size * m.n_embd * act_bytes
     parts = {}
     if dp > 1 and cfg.fsdp:
-        gathers = act_bytes * micro * (n_root + 2 * m.n_layer * n_block)
+        gathers = act_bytes * micro * (n_root + 2 * m.n_layer // cfg.pp * n_block)
         parts["FSDP"] = (gathers + 4 * n_local) * (dp - 1) // dp
     elif dp > 1:
         parts["DDP"] = 2 * (dp - 1) * 4 * n_local // dp
     if tp > 1:
-        exchanges = (6 if cfg.activation_checkpointing else 4) * m.n_layer * micro
-        size = cfg.batch_size * cfg.block_size * m.n_embd * act_bytes
+        exchanges = (6 if cfg.activation_checkpointing else 4) * m.n_layer // cfg.pp * micro
         parts["TP"] = exchanges * 2 * (tp - 1) * size // tp
+    if cfg.pp > 1:
+        tied = 4 * m.vocab_size * m.n_embd // (dp if cfg.fsdp else 1)
+        parts["PP"] = max(micro * size + tied, 2 * micro * size if cfg.pp > 2 else 0)
     return parts
 
 
@@ -173,6 +201,9 @@ def report(cfg, world_size=1, model_config=None, device=None):
         f"layer keeps its input, one is rerun ({per_channel:g} * n_embd per token)",
         f"  logits {_size(memory['logits'])}; unfused attention would add "
         f"{_size(scores)} of scores, which SDPA does not store",
+        *([f"pipeline: {cfg.pp} stages of {m.n_layer // cfg.pp} Blocks, {cfg.pp_schedule}, "
+           f"a stage holds {in_flight(cfg, world_size)} micro-batch(es); bubble (p-1)/(m+p-1) = "
+           f"{bubble(cfg, world_size):.0%} of each step idle"] if cfg.pp > 1 else []),
         *([f"  {_device_text(memory, *device)}"] if device else []),
         "communication per iteration and process (accounting.communication_per_step): "
         + (", ".join(f"{k} {_size(v)}" for k, v in comms.items()) or "none"),
@@ -217,10 +248,11 @@ def peak_flops(device, dtype):
 
 
 def strategy(cfg, world_size):
-    dp = world_size // cfg.tp
+    dp = world_size // (cfg.tp * cfg.pp)
     tp = f"TP over {cfg.tp}" if cfg.tp > 1 else ""
+    pp = f"PP over {cfg.pp}" if cfg.pp > 1 else ""
     data = f"FSDP over {dp}" if cfg.fsdp else f"DDP over {dp}" if dp > 1 else ""
-    return " x ".join(filter(None, (data, tp))) or "one process"
+    return " x ".join(filter(None, (pp, data, tp))) or "one process"
 
 
 def _device_text(memory, name, have):

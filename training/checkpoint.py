@@ -282,7 +282,7 @@ def resolve_init(cfg, rank, world_size):
 def resumed_settings(cfg, saved, named):
     """A resumed run's settings: its own, saved in its checkpoint, except those that this
     command names (its flags and config files), and where and how it runs (out_dir,
-    init_from, device, backend, and how it is spread: fsdp, tp)."""
+    init_from, device, backend, and how it is spread: fsdp, tp, pp, pp_schedule)."""
     known = {f.name for f in fields(TrainConfig)}
     settings = {k: v for k, v in saved.items() if k in known}
     trained_with = settings.get("optimizer", "adamw")
@@ -292,7 +292,7 @@ def resumed_settings(cfg, saved, named):
             f"whose state cannot go on as {cfg.optimizer}'s: resume without --optimizer, or "
             f"finetune its weights with a fresh {cfg.optimizer} in another out_dir: "
             f"--init_from={os.path.join(cfg.out_dir, 'ckpt.pt')} --out_dir=NEW")
-    here = ("out_dir", "init_from", "device", "backend", "fsdp", "tp")
+    here = ("out_dir", "init_from", "device", "backend", "fsdp", "tp", "pp", "pp_schedule")
     settings.update({k: getattr(cfg, k) for k in (*named, *here)})
     return TrainConfig(**settings).validate()
 

@@ -34,7 +34,8 @@ class MetricsLog:
         self.run, self.file, self.wandb = run, None, None
         cfg = run.cfg
         self.tokens_per_iter = accounting.tokens_per_iter(cfg)
-        self.flops_per_iter = run.raw_model.flops_per_token(cfg.block_size) * self.tokens_per_iter
+        self.flops_per_iter = (accounting.flops_per_token(run.raw_model.config, cfg.block_size)
+                               * self.tokens_per_iter)
         self.peak = accounting.peak_flops(run.device, run.dtype)  # None where unknown
         if run.rank == 0:
             self.path = os.path.join(cfg.out_dir, "metrics.jsonl")

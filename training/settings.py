@@ -83,11 +83,13 @@ class TrainConfig:
     ddp_timeout: int = 600  # seconds a rank waits for its peers before failing with an error
     fsdp: bool = False  # shard weights, gradients and AdamW state over the ranks (FSDP2, torchrun)
     tp: int = 1  # tensor-parallel degree: ranks that split each Block (torchrun; parallel/)
+    pp: int = 1  # pipeline-parallel degree: stages that split the Blocks by depth (torchrun)
+    pp_schedule: str = "1f1b"  # pp>1: 1f1b (holds at most pp micro-batches) or gpipe (all)
     activation_checkpointing: bool = False  # recompute Blocks in backward: less memory, +1/3 FLOPs
 
     def validate(self):
         """Reject values no run can use; the message names the setting."""
-        positive = ["eval_interval", "log_interval", "batch_size", "block_size", "tp",
+        positive = ["eval_interval", "log_interval", "batch_size", "block_size", "tp", "pp",
                     "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "ddp_timeout",
                     "muon_ns_steps"]
         for name in positive:
@@ -126,6 +128,8 @@ class TrainConfig:
         if self.rope and self.n_embd // self.n_head % 2:  # RoPE turns pairs of channels
             raise ConfigError(f"rope=true needs an even head size, n_embd / n_head = "
                               f"{self.n_embd // self.n_head}: change n_embd or n_head")
+        if self.pp_schedule not in ("1f1b", "gpipe"):
+            raise ConfigError(f"pp_schedule must be 1f1b or gpipe, got {self.pp_schedule!r}")
         if self.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"schedule must be cosine or wsd, got {self.schedule!r}")
         if not 0 <= self.cooldown_frac <= 1:

@@ -20,6 +20,7 @@ import torch
 from data.dataset import DataError, TokenData, load_meta
 from model import GPT
 from parallel import data_parallel, mesh
+from parallel.pipeline import Pipeline
 from training import accounting, checkpoint, runtime
 from training.safe_load import GPT2_SIZES, CheckpointError, load_checkpoint, load_pretrained
 from training.settings import ConfigError, TrainConfig
@@ -37,12 +38,12 @@ def default_config():
 
 def check_divisible(cfg, world_size):
     """The micro-steps of an iteration are shared out evenly over the data-parallel ranks
-    (world_size processes in rows of tp: each row shares its batch)."""
-    steps, world_size = cfg.gradient_accumulation_steps, world_size // cfg.tp
+    (world_size processes in rows of tp, in pp stages: each row, each stage, shares its batch)."""
+    steps, world_size = cfg.gradient_accumulation_steps, world_size // (cfg.tp * cfg.pp)
     if steps % world_size:
         below, above = steps // world_size * world_size, (steps // world_size + 1) * world_size
         options = " or ".join(str(n) for n in (below, above) if n)
-        ranks = "processes" if cfg.tp == 1 else "data-parallel rows (processes / tp)"
+        ranks = "processes" if cfg.tp * cfg.pp == 1 else "data-parallel rows (processes / tp / pp)"
         raise ConfigError(f"gradient_accumulation_steps ({steps}) must be divisible by the "
                           f"number of {ranks} ({world_size}): try {options}, with "
                           "batch_size scaled to keep the tokens per iteration")
@@ -181,8 +182,8 @@ class Run:
     scaler: torch.amp.GradScaler  # float16's loss scaling (disabled otherwise)
     data: dict  # "train" and "val": TokenData
     meta: dict  # the dataset's meta.json, saved with each checkpoint
-    raw_model: GPT  # the model itself, whose state_dict is saved
-    model: torch.nn.Module  # what the loop runs: raw_model, compiled and DDP-wrapped as asked
+    raw_model: GPT  # the model itself (under PP this rank's Stage), whose state is saved
+    model: torch.nn.Module  # what the loop runs: raw_model, compiled, DDP-wrapped or pipelined
     layout: mesh.Layout  # how the run is spread: data-parallel rows of tp ranks
     optimizer: torch.optim.Optimizer
     micro_steps: int  # forward/backward passes per iteration on each rank
@@ -238,7 +239,7 @@ def setup(cfg, named=()):
     raw_model.to(device)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     check_vocab(meta, data, raw_model.config.vocab_size, data_dir)
-    mesh.spread(raw_model, layout, dtype)
+    raw_model = mesh.spread(raw_model, layout, dtype)  # this rank's part: a stage under PP
     optimizer = make_optimizer(raw_model, cfg)
     iter_num, evaluated, best_val_loss, origin, elapsed_s = 0, False, float("inf"), init_from, 0.0
     if ckpt is not None:  # where the run goes on (training/checkpoint.py)
@@ -247,17 +248,20 @@ def setup(cfg, named=()):
         del ckpt  # free the CPU copy of the weights and optimizer state
     model = torch.compile(raw_model) if cfg.compile else raw_model
     model = data_parallel.wrap_ddp(model, layout, device, local_rank)
+    micro_steps = cfg.gradient_accumulation_steps // layout.dp_size
+    if layout.pp > 1:  # the loop runs the stages' schedule (parallel/pipeline.py)
+        model = Pipeline(raw_model, layout, device, micro_steps, cfg.pp_schedule)
     if rank == 0:
         print(settings_text(cfg))  # all of them are saved in each checkpoint
         print(accounting.report(cfg, world_size, raw_model.config,
                                 (device, runtime.device_memory(device))))
         print(f"{world_size} process(es) on {device} in {str(dtype).removeprefix('torch.')}; "
-              f"{raw_model.num_params() / 1e6:.2f}M parameters; "
+              f"{accounting.num_params(raw_model.config) / 1e6:.2f}M parameters; "
               f"{accounting.tokens_per_iter(cfg):,} tokens per iteration; starting at "
               f"iteration {iter_num}")
-        if cfg.dropout and cfg.tp > 1:  # docs/parallelism.md: dropout under TP
-            print("note: with dropout, tensor parallelism trains the same model but not the same "
-                  "run as one process: each rank draws the attention masks of its own heads")
+        if cfg.dropout and (cfg.tp > 1 or cfg.pp > 1):  # docs/parallelism.md: dropout
+            print("note: with dropout, TP and PP train the same model but not the same run as "
+                  "one process: a rank draws the masks of its own heads, or its own layers")
         hours = runtime.cpu_hours(accounting.total_flops(cfg, raw_model.config)) if (
             device == "cpu") else 0
         if hours > 1:  # a GPU's recipe, likely: say so before an evaluation of minutes
@@ -277,5 +281,5 @@ def setup(cfg, named=()):
                   "train on, give --max_iters alone: the schedule follows it "
                   "(docs/guarantees.md: resuming a run)", file=sys.stderr, flush=True)
     return Run(cfg, rank, world_size, device, dtype, ctx, scaler, data, meta, raw_model, model,
-               layout, optimizer, cfg.gradient_accumulation_steps // layout.dp_size, iter_num,
+               layout, optimizer, micro_steps, iter_num,
                evaluated, best_val_loss, origin, elapsed_s)

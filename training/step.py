@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from parallel.pipeline import Pipeline
 from training.muon import MuonAdamW
 
 
@@ -59,7 +60,9 @@ def forward_backward(model, batches, ctx, scaler, micro_steps):
     mean loss over the whole batch. Returns that mean loss, as a tensor (no device sync).
 
     Under DDP or FSDP only the last backward reduces the gradients over the ranks
-    (gradient_sync)."""
+    (gradient_sync). Under PP the pipeline's schedule runs them all, in its own order."""
+    if isinstance(model, Pipeline):
+        return model.forward_backward(batches, ctx)
     loss_sum = 0.0
     for micro, (x, y) in enumerate(batches):
         with gradient_sync(model, micro == micro_steps - 1), ctx:
@@ -84,17 +87,25 @@ def clip_gradients(model, optimizer, scaler, grad_clip):
     """Undo the float16 loss scaling, then scale the gradients down so that their global
     norm is at most grad_clip (0: no limit). Returns the norm before clipping, as a tensor."""
     scaler.unscale_(optimizer)
-    return clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    stages = (model.counted, model.group) if isinstance(model, Pipeline) else ()
+    return clip_grad_norm_(model.parameters(), grad_clip or float("inf"), *stages)
 
 
-def clip_grad_norm_(parameters, max_norm):
+def clip_grad_norm_(parameters, max_norm, counted=None, stages=None):
     """Scale the gradients down so that their global norm is at most max_norm; return the
     norm before clipping, the same on every rank. A sharded gradient's norm is reduced over its
-    mesh (each rank holds a part), then the groups' norms are combined."""
+    mesh (each rank holds a part), then the groups' norms are combined. Under PP, the norm of
+    the counted parameters (the head's copy of wte is not: Pipeline.counted) is combined over
+    the stages' group: each stage holds some of the layers, and all clip by the same norm."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    norms = [torch.nn.utils.get_total_norm(group) for group in by_mesh(grads)]
+    own = grads if counted is None else [p.grad for p in counted if p.grad is not None]
+    norms = [torch.nn.utils.get_total_norm(group) for group in by_mesh(own)]
     norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
     total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    if stages is not None:  # the square root of the sum of the stages' squared norms
+        total = total.square()
+        torch.distributed.all_reduce(total, group=stages)
+        total = total.sqrt()
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as clip_grad_norm_ computes it
     for g in grads:
         (g.to_local() if hasattr(g, "to_local") else g).mul_(scale)

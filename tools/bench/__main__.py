@@ -31,6 +31,11 @@ second without and with chunked prefill. Greedy, float32. It reports tokens per 
 to first token (of every request, and of the short ones), time per output token, the KV
 memory reserved and used at peak, the rows in flight at peak and the prompt tokens computed.
 
+Pipeline (--pp=N under torchrun): training is timed as train.py runs it, and with
+--pp_sleep_ms=F the stages sleep a known time instead of computing, so that the schedule's
+bubble shows as it would on GPUs (pipeline_speed.py): GPipe and 1F1B for each m in
+pp_microbatches, nothing else measured.
+
 Tables go to the terminal, the results to json_out.
 """
 import json
@@ -44,6 +49,7 @@ import torch
 from data.dataset import DataError, load_meta
 from model import GPT, config_from_dict
 from parallel import mesh as parallel
+from tools.bench.pipeline_speed import bench_bubble, bubble_table
 from tools.bench.sample_speed import (batch_sizes, bench_inference, bench_sampling,
                                       inference_lengths)
 from tools.bench.serve_speed import bench_paged, bench_serving
@@ -80,6 +86,8 @@ class BenchConfig(TrainConfig):
     page_size: int = 16  # tokens per page of the engine's KV cache
     prefill_chunk: int = 0  # prompt tokens prefilled per step, chunked; 0: block_size / 8
     paged_repeats: int = 1  # the ways take turns this many times; medians are reported
+    pp_sleep_ms: float = 0.0  # >0: time the pipeline's schedules with stages that sleep
+    pp_microbatches: str = "1,4,8"  # with pp_sleep_ms: the micro-batches per step to time
     json_out: str = "bench.json"  # where the results are written
 
     def validate(self):
@@ -124,13 +132,17 @@ def bench(cfg):
     """Run the benchmarks cfg asks for; return the results as a JSON-ready dict.
 
     Under torchrun, training is measured as train.py spreads it over the ranks (DDP, FSDP
-    with --fsdp=true, TP with --tp=N, or both), with the largest peak memory of any rank;
-    sampling is not."""
+    with --fsdp=true, TP with --tp=N, PP with --pp=N, or several), with the largest peak
+    memory of any rank; sampling is not."""
     rank, _, world_size, device = runtime.setup_distributed(cfg.device, cfg.backend,
                                                             cfg.ddp_timeout)
-    if world_size % cfg.tp or cfg.gradient_accumulation_steps % (world_size // cfg.tp):
+    split = cfg.tp * cfg.pp
+    if world_size % split or cfg.gradient_accumulation_steps % (world_size // split):
         raise ConfigError("gradient_accumulation_steps must be divisible by the number of "
-                          f"data-parallel ranks ({world_size} processes / tp={cfg.tp})")
+                          f"data-parallel ranks ({world_size} processes / (tp * pp))")
+    if cfg.pp_sleep_ms and (world_size != cfg.pp or "RANK" not in os.environ):
+        raise ConfigError(f"pp_sleep_ms times a pipeline alone, on pp={cfg.pp} processes: "
+                          f"torchrun --standalone --nproc_per_node={cfg.pp} -m tools.bench ...")
     layout = parallel.make_layout(cfg, rank, world_size, device)
     vocab, vocab_source = vocab_size(cfg)
     model_config = config_from_dict({**asdict(cfg), "vocab_size": vocab})
@@ -142,15 +154,18 @@ def bench(cfg):
         settings=asdict(cfg), vocab_size=vocab, vocab_source=vocab_source,
         params=accounting.num_params(model_config, non_embedding=False),
         flops_per_token=accounting.flops_per_token(model_config, cfg.block_size),
-        train=None, sample=None, serve=None, paged=None)
-    if cfg.train:
+        train=None, sample=None, serve=None, paged=None, bubble=None)
+    if cfg.pp_sleep_ms:
+        microbatches = [int(m) for m in cfg.pp_microbatches.split(",")]
+        results["bubble"] = bench_bubble(cfg, layout, device, microbatches)
+    elif cfg.train:
         results["train"] = bench_training(cfg, model_config, device, layout)
     if world_size > 1:
         parallel.release(layout)
         runtime.leave_process_group()
         if rank > 0:
             return None  # rank 0 reports
-    if cfg.sample and world_size == 1:
+    if cfg.sample and world_size == 1 and not cfg.pp_sleep_ms:
         dtype = runtime.pick_dtype(cfg.dtype, device)
         ctx = runtime.autocast(device, dtype)
         torch.manual_seed(cfg.seed)
@@ -193,6 +208,8 @@ def main(argv=None):
     if results is None:  # a rank other than 0
         return 0
     print(tables(results))
+    if results["bubble"]:
+        print("\n" + bubble_table(results["bubble"], cfg.pp_sleep_ms))
     with open(cfg.json_out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nwrote {cfg.json_out}")

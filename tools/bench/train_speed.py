@@ -9,6 +9,7 @@ import torch
 from model import GPT
 from parallel import mesh as parallel
 from parallel.data_parallel import wrap_ddp
+from parallel.pipeline import Pipeline
 from tools.bench.measure import peak_memory, sync, timed
 from training import accounting, runtime
 from training.settings import ConfigError
@@ -61,13 +62,15 @@ def warm_up(cfg, model_config, device, layout, dtype_name, compiled, batches):
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
-    world_size = layout.dp_size * layout.tp
+    world_size = layout.dp_size * layout.tp * layout.pp
     parallel.check(cfg, world_size, dtype)
-    parallel.spread(model, layout, dtype)
+    model = parallel.spread(model, layout, dtype)
     if cfg.fsdp:
         ctx = contextlib.nullcontext()  # FSDP's own policy casts
     optimizer = make_optimizer(model, cfg)
     model = wrap_ddp(model, layout, device, torch.device(device).index)
+    if layout.pp > 1:
+        model = Pipeline(model, layout, device, len(batches), cfg.pp_schedule)
     step_args = (torch.compile(model) if compiled else model, optimizer, scaler, ctx, batches,
                  cfg.grad_clip)
     t0 = time.perf_counter()
@@ -93,7 +96,7 @@ def bench_training(cfg, model_config, device, layout=parallel.Layout()):
 
     Every variant stays in memory until the end, so that they can take turns. Every rank
     draws the same batches, so the ranks of a tensor-parallel row agree."""
-    world_size = layout.dp_size * layout.tp
+    world_size = layout.dp_size * layout.tp * layout.pp
     g = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batch_size, cfg.block_size)
     batches = [(torch.randint(model_config.vocab_size, shape, generator=g).to(device),
