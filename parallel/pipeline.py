@@ -32,7 +32,7 @@ handles what a cut model changes around the step:
 - the loss, computed on the last stage, sent to every rank, so that every rank logs it and
   agrees on a diverged step or a stop, as in one process.
 A schedule cannot stop between micro-batches: a stop signal ends the run at the next
-iteration boundary, as it does under DDP. Checkpoints are gathered from the stages into one
+iteration boundary (the ranks agree as the micro-batches are drawn, before the schedule). Checkpoints are gathered from the stages into one
 file of whole tensors (state.py), so a pipelined run resumes in one process and back.
 """
 import torch
@@ -106,7 +106,7 @@ class Pipeline(nn.Module):
         # Evaluation: one micro-batch at a time, forward only, on a stage of its own.
         self.evaluation = ScheduleGPipe(PipelineStage(stage, *where, group=self.group), 1,
                                         loss_fn=loss_fn)
-        self.tied = _tied_group(layout)
+        self.tied, self.micro_steps = _tied_group(layout), micro_steps
         # Every parameter is counted in the gradient norm once: the head's copy is not.
         self.counted = [p for name, p in stage.named_parameters()
                         if name != "lm_head.weight" or stage.first]
@@ -115,6 +115,9 @@ class Pipeline(nn.Module):
         """Forward and backward over one iteration's micro-batches, the schedule's order;
         gradients as forward_backward in training/step.py leaves them. Returns the mean loss
         (every rank gets it from the last stage)."""
+        batches = list(batches)  # all drawn first: the schedule runs them in its own order
+        if len(batches) < self.micro_steps:  # a stop came as they were drawn (every rank
+            return torch.zeros(())  # agrees): the loop drops this iteration, unrun
         xs, ys = zip(*batches)
         losses = []
         with ctx:

@@ -55,7 +55,7 @@ def test_muon_trains_alike_in_one_process_and_under_ddp_fsdp_and_tp(char_data, t
     # Under FSDP and TP each rank orthogonalises the whole update, gathered from the shards
     # (muon.orthogonalise); the FSDP run's checkpoint, momentum included, resumes in one
     # process.
-    args = ARGS + ["--optimizer=muon"]
+    args = ARGS + ["--optimizer=muon", "--dropout=0"]  # TP draws other masks (parallelism.md)
     one = train_losses(run_train(args + ["--max_iters=6"], char_data, tmp_path / "one"))
     for name, layout in (("ddp", []), ("fsdp", FSDP), ("tp", ["--tp=2"])):
         spread = train_losses(run_train(args + layout + ["--max_iters=3"], char_data,

@@ -15,6 +15,7 @@ from training.accounting import bubble, communication_per_step, memory_per_rank
 from training.runtime import DeviceError
 from training.safe_load import load_checkpoint
 from training.settings import ConfigError, TrainConfig
+from training.stopping import STOPPED
 
 # Four layers (two a stage), four micro-steps (the pipeline's micro-batches), a clip that bites
 # (norms here are about 1). Measured over 8 iterations at pp=2: without the tied gradient's sum
@@ -69,18 +70,18 @@ def test_a_one_process_checkpoint_resumes_under_pp_with_gpipe(straight, char_dat
 @pytest.mark.slow
 def test_a_stop_signal_ends_a_pipelined_run_at_an_iteration_boundary(straight, char_data,
                                                                      tmp_path):
-    # A SIGTERM to rank 1 (the last stage) as it draws iteration 4's batches: the schedule runs
-    # its micro-batches to the end, the ranks agree at the step's check (read a step later:
-    # training/stopping.py), and the run saves at an iteration's head, at 6, as under DDP;
-    # resumed in one process, it goes on as the uninterrupted run.
+    # A SIGTERM to rank 1 (the last stage) as it draws iteration 4's batches: the ranks agree
+    # on it a micro-step later, still drawing (the schedule runs only once all are drawn), so
+    # iteration 4 never runs and the run saves at its head; resumed in one process, it goes on
+    # as the uninterrupted run.
     out = tmp_path / "out"
     proc = run_train(ARGS + PP + ["--max_iters=8"], char_data, out, launcher=TORCHRUN,
                      script="tests/signal_once.py", expect_ok=False, SIGNAL_AT="4")
-    assert proc.returncode == 0 and "stopped by a signal at iteration 6" in proc.stdout, (
-        proc.stdout[-2000:] + proc.stderr[-2000:])
+    assert f"(exitcode: {STOPPED})" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "stopped by a signal at iteration 4" in proc.stdout
     resumed = train_losses(run_train(ARGS + ["--max_iters=8", "--init_from=resume"],
                                      char_data, out))
-    assert_same_run(straight, resumed, range(7, 9))
+    assert_same_run(straight, resumed, range(5, 9))
 
 
 @pytest.mark.slow
