@@ -7,7 +7,6 @@ import gc
 import os
 import signal
 import sys
-import time
 
 import torch
 
@@ -189,15 +188,3 @@ def busy_note(device):
         return None
     return (f"note: this machine looks busy (load average {load:.1f} on {cores} cores): "
             "training is slower than on a quiet one, and OMP_NUM_THREADS=1 may help")
-
-
-def cpu_hours(flops):
-    """Hours that flops of training take on this CPU, from its matmul speed measured now (about
-    0.1 s), as busy as the machine is: a first figure before the first step's own (the eta)."""
-    a = torch.randn(512, 512)
-    a @ a  # threads started, memory touched
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.1:
-        a @ a
-        n += 1
-    return flops / (2 * 512 ** 3 * n / (time.perf_counter() - start)) / 3600

@@ -262,12 +262,10 @@ def setup(cfg, named=()):
         if cfg.dropout and (cfg.tp > 1 or cfg.pp > 1):  # docs/parallelism.md: dropout
             print("note: with dropout, TP and PP train the same model but not the same run as "
                   "one process: a rank draws the masks of its own heads, or its own layers")
-        hours = runtime.cpu_hours(accounting.total_flops(cfg, raw_model.config)) if (
-            device == "cpu") else 0
-        if hours > 1:  # a GPU's recipe, likely: say so before an evaluation of minutes
-            print(f"note: at this CPU's speed the whole run takes about {hours:,.0f} hours "
-                  "(each step line's eta will say); a GPU's recipe? "
-                  "config/train_shakespeare_char_cpu.toml is the CPU's")
+        flops = accounting.total_flops(cfg, raw_model.config)
+        if device == "cpu" and flops > 1e15:  # hours at a CPU's 1e11 FLOP/s: a GPU's recipe?
+            print(f"note: {flops:.2g} FLOPs take hours on a CPU (the step lines' eta, measured, "
+                  "will say how many); config/train_shakespeare_char_cpu.toml is the CPU's")
         busy = runtime.busy_note(device)
         if busy:  # on stdout with the other start lines: stderr is for what went wrong
             print(busy, flush=True)
