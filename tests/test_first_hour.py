@@ -277,11 +277,13 @@ def test_a_foreign_or_broken_checkpoint_is_one_line_on_resume(char_data, tmp_pat
 @pytest.mark.slow
 def test_evaluations_are_not_counted_in_the_next_step_and_elapsed_spans_a_resume(char_data,
                                                                                  tmp_path):
+    from model import GPTConfig
     from training.metrics import MetricsLog
     fake = types.SimpleNamespace(
         cfg=TrainConfig(out_dir=str(tmp_path), log_interval=1, max_iters=10), rank=0,
         world_size=1, device="cpu", dtype=torch.float32, iter_num=0, elapsed_s=100.0,
-        raw_model=types.SimpleNamespace(flops_per_token=lambda T: 1))
+        raw_model=types.SimpleNamespace(config=GPTConfig(n_layer=1, n_embd=8, n_head=1,
+                                                         vocab_size=16)))
     log = MetricsLog(fake)
     assert log.elapsed() >= 100  # the time of the processes before this one
     time.sleep(0.6)  # an evaluation of 0.6 s
