@@ -7,9 +7,9 @@
 A single sample of --start is GPT.generate_tokens, streamed as it is drawn. Several, or
 --prompts, go through the serving engine (serving/engine.py): up to batch_size rows at once in
 a paged KV cache of kv_pages pages of page_size tokens, prompts that begin alike sharing their
-pages, long prompts prefilled prefill_chunk tokens a step; a summary line goes to stderr, the
-text to stdout. A sample ends at GPT-2's <|endoftext|>, which is not printed, or after
-max_new_tokens.
+pages, long prompts prefilled prefill_chunk tokens a step. Each text goes to stdout as soon as
+it and those before it are done, a summary line to stderr at the end. A sample ends at GPT-2's
+<|endoftext|>, which is not printed, or after max_new_tokens.
 """
 import codecs
 import errno
