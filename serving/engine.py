@@ -144,7 +144,7 @@ class Engine:
         self.make_room()
         self.admit()
         assert self.running, "nothing runs: the oldest request always fits the pool"
-        held = sum(r > 0 for r in self.pool.refs)
+        held = self.pool.n_pages - self.prefix.available()  # each page: held, idle or free
         self.stats.peak_pages = max(self.stats.peak_pages, held)
         self.stats.peak_rows = max(self.stats.peak_rows, len(self.running))
         self.stats.reused_pages, self.stats.steps = self.prefix.reused, self.stats.steps + 1
