@@ -45,6 +45,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -103,9 +104,10 @@ class Server(ThreadingHTTPServer):
     """http.server's threaded server (a thread per connection), keeping what handlers need."""
     daemon_threads = False  # server_close() joins every connection's thread: none is left
 
-    def __init__(self, address, loop, name, tokenizer, settings, api_key):
-        self.loop, self.name, self.tokenizer, self.api_key = loop, name, tokenizer, api_key
+    def __init__(self, cfg, loop, name, tokenizer, settings):
+        self.cfg, self.loop, self.name, self.tokenizer = cfg, loop, name, tokenizer
         self.settings = settings  # the model's, for /v1/models
+        address = (cfg.host, cfg.port)
         self.connections, self.lock = set(), threading.Lock()
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
@@ -117,7 +119,7 @@ class Server(ThreadingHTTPServer):
             with self.lock:
                 if not self.connections:
                     return
-            threading.Event().wait(0.1)
+            time.sleep(0.1)
         with self.lock:
             for connection in self.connections:
                 try:
@@ -127,7 +129,7 @@ class Server(ThreadingHTTPServer):
 
 
 class ClientLeft(Exception):
-    pass
+    """The client closed its connection (or the engine failed): nobody to answer."""
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -148,7 +150,7 @@ class Handler(BaseHTTPRequestHandler):
         super().finish()
 
     def log_message(self, format, *args):
-        if self.server.log_requests:
+        if self.server.cfg.log_requests:
             super().log_message(format, *args)
 
     def send_error(self, code, message=None, explain=None):
@@ -182,7 +184,7 @@ class Handler(BaseHTTPRequestHandler):
                                         "/v1/completions)", code="not_found")
             self.authorize()
             completion = api.parse_completion(api.parse_body(body), self.server.name,
-                                              self.encode, self.server.max_tokens)
+                                              self.encode, self.server.cfg.max_tokens)
             if len(completion.prompts) > loop.max_waiting:
                 raise api.APIError(400, f"prompt: {len(completion.prompts)} prompts, more than "
                                         f"the server queues at once ({loop.max_waiting})",
@@ -211,7 +213,7 @@ class Handler(BaseHTTPRequestHandler):
     def authorize(self):
         """The api_key, if the server has one, compared in constant time (hmac.compare_digest),
         so that the time of a refusal does not tell how much of a guess was right."""
-        key = self.server.api_key
+        key = self.server.cfg.api_key
         given = self.headers.get("Authorization", "")
         if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise api.APIError(401, "a valid API key is needed: Authorization: Bearer <key>",
@@ -257,7 +259,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 k, item = reply.tokens.get(timeout=0.5)
             except queue.Empty:
-                if self.client_left():
+                if self.client_left() or self.server.loop.failure is not None:
                     raise ClientLeft from None
                 continue
             open_ -= isinstance(item, str)
@@ -341,10 +343,9 @@ def serve(cfg):
     settings = {**asdict(model.config), "tokenizer": meta.get("tokenizer"), "kv_pages": kv_pages,
                 "page_size": cfg.page_size}
     try:
-        server = Server((cfg.host, cfg.port), loop, name, tokenizer, settings, cfg.api_key)
+        server = Server(cfg, loop, name, tokenizer, settings)
     except OSError as e:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
-    server.max_tokens, server.log_requests = cfg.max_tokens, cfg.log_requests
     stop = threading.Event()
 
     def on_signal(signum, frame):
