@@ -1,7 +1,7 @@
 """Serve a trained model over HTTP to many clients at once, as OpenAI's completions API does.
 
     python -m serving.http --out_dir=out-shakespeare-char     # then open http://127.0.0.1:8000/
-    curl -N 127.0.0.1:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 40, "stream": true}'
+    curl -N 127.0.0.1:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 9, "stream": true}'
 
 Any OpenAI client works unchanged: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
 GET / is a playground page (serving/playground.html), GET /v1/models names the model and its
@@ -291,7 +291,8 @@ class Handler(BaseHTTPRequestHandler):
         """Server-sent events: a chunk per token of text, a last one per prompt with its finish
         reason, the token counts if asked, then [DONE]. A token that ends partway through a
         character (an emoji is several GPT-2 tokens) is held until the character is whole."""
-        c, tokenizer, chunks = reply.completion, self.server.tokenizer, api.Chunks(self.server.name)
+        c, tokenizer = reply.completion, self.server.tokenizer
+        chunks = api.Chunks(self.server.name)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
