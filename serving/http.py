@@ -1,7 +1,7 @@
 """Serve a trained model over HTTP to many clients at once, as OpenAI's completions API does.
 
     python -m serving.http --out_dir=out-shakespeare-char     # then open http://127.0.0.1:8000/
-    curl -N 127.0.0.1:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 9, "stream": true}'
+    curl -N 127.0.0.1:8000/v1/completions -d '{"prompt": "ROMEO:", "stream": true}'  # 16 tokens
 
 Any OpenAI client works unchanged: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
 GET / is a playground page (serving/playground.html), GET /v1/models names the model and its
