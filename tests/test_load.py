@@ -18,8 +18,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class FakeServer(BaseHTTPRequestHandler):
-    """Streams max_tokens events "t", FIRST then GAP seconds apart, as serving/http.py would. The
-    prompt "FULL" is answered 503 (the queue is full), "BAD" 400 (an error of the request)."""
+    """Streams max_tokens tokens "t", FIRST then GAP seconds apart, then the usage chunk if asked,
+    as serving/http.py does. The prompt "FULL" is answered 503 (the queue is full), "BAD" 400
+    (an error of the request); "HELD" has its first two tokens in one event, as a character
+    made of two tokens is sent once whole; "PLAIN" has no usage chunk, as a simpler server."""
 
     def do_GET(self):
         self.reply(200, {"status": "ok"})
@@ -33,15 +35,20 @@ class FakeServer(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
-        for i in range(request["max_tokens"]):
+        n = request["max_tokens"]
+        for i in range(n):
             time.sleep(FIRST if i == 0 else GAP)
-            self.event({"text": "t", "finish_reason": None})
-        self.event({"text": "", "finish_reason": "length"})
+            if not (request["prompt"] == "HELD" and i == 0):
+                self.event([{"text": "é" if i == 1 else "t", "finish_reason": None}])
+        self.event([{"text": "", "finish_reason": "length"}])
+        if request["stream_options"]["include_usage"] and request["prompt"] != "PLAIN":
+            usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
+            self.event([], usage=usage)
         self.wfile.write(b"data: [DONE]\n\n")
 
-    def event(self, choice):
+    def event(self, choices, **extra):
         chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "fake",
-                 "choices": [{"index": 0, "logprobs": None, **choice}]}
+                 "choices": [{"index": 0, "logprobs": None, **c} for c in choices], **extra}
         self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
         self.wfile.flush()
 
@@ -98,6 +105,11 @@ def test_one_stream_is_timed(url):
     assert result.tpot >= GAP
     assert result.e2e >= FIRST + 4 * GAP
     assert result.e2e >= result.ttft + 4 * result.tpot - 1e-9
+    # Two tokens in one event: the usage chunk still counts five.
+    held = load.stream_one(cfg, "HELD", seed=0)
+    assert (held.outcome, held.tokens) == ("ok", 5) and held.ttft >= FIRST + GAP
+    # Without the usage chunk, each event is a token.
+    assert load.stream_one(cfg, "PLAIN", seed=0).tokens == 5
 
 
 def test_a_full_server_is_rejected_and_an_error_failed(url, tmp_path, capsys):

@@ -44,7 +44,7 @@ class LoadConfig:
     requests: int = 20  # requests sent at each rate
     prompts: str = ""  # a file of prompts, one a line, used in turn; default: --dataset's text
     dataset: str = "shakespeare_char"  # without --prompts: slices of data/<dataset>/input.txt
-    prompt_chars: int = 64  # characters in each slice of the dataset's text
+    prompt_chars: int = 32  # characters in each slice of the dataset's text
     max_tokens: int = 64  # tokens each request asks for
     temperature: float = 0.8  # as sample.py's; 0 is greedy
     top_p: float = 1.0  # keep the most likely tokens whose probabilities sum to top_p
@@ -123,7 +123,7 @@ def read_prompts(cfg, rng):
 class Result:
     """What one request saw. Times are in seconds; ttft and e2e are None unless it succeeded."""
     outcome: str = "failed"  # ok, rejected (503: the server was full) or failed
-    tokens: int = 0  # tokens received, one an event
+    tokens: int = 0  # tokens received, as the usage chunk counts them
     ttft: float | None = None
     tpot: float | None = None  # None for fewer than two tokens
     e2e: float | None = None
@@ -139,9 +139,12 @@ def connect(url, timeout):
 
 def stream_one(cfg, prompt, seed):
     """Send one streaming completion and time its tokens as they arrive."""
-    result, times = Result(), []
+    result, times, drawn = Result(), [], None
+    # include_usage asks for a last chunk that counts the tokens drawn: events do not, as a
+    # token that ends partway through a character (GPT-2's emoji) waits for the next one.
     body = json.dumps({"prompt": prompt, "max_tokens": cfg.max_tokens, "stream": True,
-                       "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": seed})
+                       "stream_options": {"include_usage": True}, "seed": seed,
+                       "temperature": cfg.temperature, "top_p": cfg.top_p})
     conn = connect(cfg.url, cfg.timeout)
     sent = time.perf_counter()
     try:
@@ -154,15 +157,18 @@ def stream_one(cfg, prompt, seed):
             return result
         finished = False
         for line in response:  # server-sent events: "data: {json}" lines, blank between
-            if not line.startswith(b"data: "):
-                continue
             if line.strip() == b"data: [DONE]":
                 break
-            choice = json.loads(line[6:])["choices"][0]
-            if choice["finish_reason"] is None:  # one token an event
-                times.append(time.perf_counter())
-            else:  # the last event, with no text: why the stream stops
-                finished = True
+            if not line.startswith(b"data: "):
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk["choices"]:  # none in the usage chunk
+                if choice["finish_reason"] is not None:  # the last of the choice: why it ends
+                    finished = True
+                elif choice["text"]:
+                    times.append(time.perf_counter())
+            if chunk.get("usage"):
+                drawn = int(chunk["usage"]["completion_tokens"])
         if not finished:
             result.error = "the stream ended before its finish_reason"
             return result
@@ -171,11 +177,12 @@ def stream_one(cfg, prompt, seed):
         return result
     finally:
         conn.close()
-    result.outcome, result.tokens, result.e2e = "ok", len(times), time.perf_counter() - sent
+    result.outcome, result.e2e = "ok", time.perf_counter() - sent
+    result.tokens = len(times) if drawn is None else drawn  # a server without usage: events
     if times:
         result.ttft = times[0] - sent
-    if len(times) > 1:
-        result.tpot = (times[-1] - times[0]) / (len(times) - 1)
+    if result.tokens > 1 and len(times) > 1:
+        result.tpot = (times[-1] - times[0]) / (result.tokens - 1)
     return result
 
 
