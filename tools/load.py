@@ -262,9 +262,10 @@ def draw(rows, out):
                     [math.nan if r[f"{name}_p{p}"] is None else r[f"{name}_p{p}"] * 1000
                      for r in rows], style, label=f"p{p}")
         for r in rows:  # name each point by the rate that was offered
-            ax.annotate(f"{r['rate']:g}/s", (r["tok_per_s"], (r[f"{name}_p50"] or 0) * 1000),
+            ax.annotate("all at once" if r["rate"] == math.inf else f"{r['rate']:g}/s",
+                        (r["tok_per_s"], (r[f"{name}_p50"] or 0) * 1000),
                         fontsize="x-small", textcoords="offset points", xytext=(3, 3))
-        ax.set(xlabel="output tokens/s achieved", ylabel="ms", title=title)
+        ax.set(xlabel="output tokens/s achieved", ylabel="ms", title=title, ylim=(0, None))
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.savefig(out, dpi=80)
