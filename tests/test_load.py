@@ -26,8 +26,11 @@ class FakeServer(BaseHTTPRequestHandler):
     def do_GET(self):
         self.reply(200, {"status": "ok"})
 
+    authorization = []  # the Authorization header of each request
+
     def do_POST(self):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.authorization.append(self.headers.get("Authorization"))
         if request["prompt"] == "FULL":
             return self.reply(503, {"error": {"message": "queue full"}}, {"Retry-After": "1"})
         if request["prompt"] == "BAD":
@@ -110,6 +113,22 @@ def test_one_stream_is_timed(url):
     assert (held.outcome, held.tokens) == ("ok", 5) and held.ttft >= FIRST + GAP
     # Without the usage chunk, each event is a token.
     assert load.stream_one(cfg, "PLAIN", seed=0).tokens == 5
+
+
+def test_the_api_key_is_sent(url):
+    load.stream_one(load.LoadConfig(url=url, max_tokens=1, api_key="sesame"), "hi", seed=0)
+    assert FakeServer.authorization[-1] == "Bearer sesame"
+    load.stream_one(load.LoadConfig(url=url, max_tokens=1), "hi", seed=0)
+    assert FakeServer.authorization[-1] is None
+
+
+def test_a_first_request_that_fails_stops_the_run(url, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("BAD\nto be\n")
+    assert load.main([f"--url={url}", f"--prompts={prompts}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: a first request to {url} failed: HTTP 400")
+    assert captured.out == ""  # no table begun
 
 
 def test_a_full_server_is_rejected_and_an_error_failed(url, tmp_path, capsys):

@@ -40,6 +40,7 @@ from training.settings import ConfigError, run_main
 @dataclass
 class LoadConfig:
     url: str = "http://127.0.0.1:8000"  # the server, as `python -m serving.http` prints it
+    api_key: str = ""  # sent as "Authorization: Bearer <api_key>" to a server that has one
     rate: str = "1"  # requests a second, Poisson arrivals; several run in turn: 0.5,1,2; inf
     requests: int = 20  # requests sent at each rate
     prompts: str = ""  # a file of prompts, one a line, used in turn; default: --dataset's text
@@ -149,7 +150,8 @@ def stream_one(cfg, prompt, seed):
     sent = time.perf_counter()
     try:
         conn.request("POST", urlsplit(cfg.url).path.rstrip("/") + "/v1/completions", body,
-                     {"Content-Type": "application/json"})
+                     {"Content-Type": "application/json",
+                      **({"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {})})
         response = conn.getresponse()
         if response.status != 200:
             result.outcome = "rejected" if response.status == 503 else "failed"
@@ -294,6 +296,11 @@ def load(cfg):
     check_server(cfg)
     rng = np.random.default_rng(cfg.seed)
     prompts = read_prompts(cfg, rng)  # the same prompts at every rate, so the rows compare
+    # One request first: a mistake that would fail them all (a wrong api_key, a prompt too long
+    # for the model) is one line, and the server's first-call costs stay out of the first row.
+    first = stream_one(cfg, prompts[0], cfg.seed)
+    if first.outcome == "failed":
+        raise LoadError(f"a first request to {cfg.url} failed: {first.error}")
     print(HEADER, flush=True)
     rows = []
     for rate in parse_rates(cfg.rate):
