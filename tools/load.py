@@ -14,7 +14,9 @@ and the tool times, for every request:
 A row per rate gives the offered rate, the throughput achieved (requests and output tokens a
 second, over the time from the first request sent to the last answer) and the 50th, 90th and
 99th percentiles of each time. A server that is full answers 503: the request is counted as
-rejected, not retried. Anything else that goes wrong counts as failed.
+rejected, not retried. Anything else that goes wrong counts as failed. Send enough requests: the
+sum of N exponential gaps varies by about 1/sqrt(N) of itself (25% for 16), so that a short
+run's achieved rate can stray well above or below the rate offered.
 
 Plotted against throughput, the latencies draw the curve a serving system is judged by: as the
 offered rate grows, throughput rises until the server is busy, then only the waits grow.
