@@ -103,6 +103,9 @@ class ServeConfig:
 class Server(ThreadingHTTPServer):
     """http.server's threaded server (a thread per connection), keeping what handlers need."""
     daemon_threads = False  # server_close() joins every connection's thread: none is left
+    # Connections the kernel holds until they are accepted; socketserver's default, 5, resets
+    # the rest of a burst of clients before they could even be answered 503.
+    request_queue_size = 128
 
     def __init__(self, cfg, loop, name, tokenizer, settings):
         self.cfg, self.loop, self.name, self.tokenizer = cfg, loop, name, tokenizer

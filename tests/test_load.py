@@ -180,15 +180,15 @@ def test_a_missing_dataset_says_how_to_give_prompts(url, tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)  # no data/ here
     assert load.main([f"--url={url}", "--dataset=nope"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot read data/nope/input.txt") and "--prompts=FILE" in err
+    assert err.startswith("error: no prompts from data/nope") and "--prompts=FILE" in err
 
 
 def test_prompts_are_slices_of_the_dataset(tmp_path, monkeypatch):
+    from data.preparation import prepare_text
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "data" / "tiny").mkdir(parents=True)
-    text = "".join(chr(ord("a") + i % 26) for i in range(1000))
-    (tmp_path / "data" / "tiny" / "input.txt").write_text(text)
-    cfg = load.LoadConfig(dataset="tiny", prompt_chars=10, requests=50)
+    text = "".join(chr(ord("a") + i % 26) for i in range(10000))
+    prepare_text(text, tmp_path / "data" / "tiny", "char")
+    cfg = load.LoadConfig(dataset="tiny", prompt_tokens=10, requests=50)
     prompts = load.read_prompts(cfg, np.random.default_rng(0))
     assert len(prompts) == 50 and all(len(p) == 10 and p in text for p in prompts)
     assert len(set(prompts)) > 1  # drawn at random, not one slice 50 times

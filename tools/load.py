@@ -20,7 +20,8 @@ run's achieved rate can stray well above or below the rate offered.
 
 Plotted against throughput, the latencies draw the curve a serving system is judged by: as the
 offered rate grows, throughput rises until the server is busy, then only the waits grow.
-The prompts are the lines of --prompts, or slices of --dataset's input.txt; the client needs
+The prompts are the lines of --prompts, or slices of --dataset's validation split (the text
+the model was not trained on, decoded from val.bin by its meta.json); the client needs
 the standard library and numpy alone (matplotlib for --plot).
 """
 import http.client
@@ -35,6 +36,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from data.dataset import DataError, load_meta
+from data.tokenizer import TokenizerError, tokenizer_from_meta
 from tools.common import check_output_file
 from training.settings import ConfigError, run_main
 
@@ -46,8 +49,8 @@ class LoadConfig:
     rate: str = "1"  # requests a second, Poisson arrivals; several run in turn: 0.5,1,2; inf
     requests: int = 20  # requests sent at each rate
     prompts: str = ""  # a file of prompts, one a line, used in turn; default: --dataset's text
-    dataset: str = "shakespeare_char"  # without --prompts: slices of data/<dataset>/input.txt
-    prompt_chars: int = 32  # characters in each slice of the dataset's text
+    dataset: str = "shakespeare_char"  # without --prompts: slices of data/<dataset>/val.bin
+    prompt_tokens: int = 32  # tokens in each slice of the dataset
     max_tokens: int = 64  # tokens each request asks for
     temperature: float = 0.8  # as sample.py's; 0 is greedy
     top_p: float = 1.0  # keep the most likely tokens whose probabilities sum to top_p
@@ -61,7 +64,7 @@ class LoadConfig:
         parse_rates(self.rate)
         if urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).hostname:
             raise ConfigError(f"url must look like http://HOST:PORT, got {self.url!r}")
-        for name in ("requests", "prompt_chars", "max_tokens"):
+        for name in ("requests", "prompt_tokens", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.temperature >= 0:  # written so that nan fails too
@@ -101,25 +104,33 @@ def percentile(values, p):
 
 def read_prompts(cfg, rng):
     """cfg.requests prompts: the lines of cfg.prompts in turn, or random slices of
-    prompt_chars characters of the dataset's text."""
-    path = cfg.prompts or os.path.join("data", cfg.dataset, "input.txt")
+    prompt_tokens tokens of the dataset's validation split, as text."""
+    if not cfg.prompts:
+        return dataset_prompts(cfg, rng)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(cfg.prompts, encoding="utf-8") as f:
+            lines = [line for line in f.read().splitlines() if line]
     except OSError as e:
-        hint = "" if cfg.prompts else " (prepare.py downloads it; or give --prompts=FILE)"
-        raise LoadError(f"cannot read {path}: {e.strerror}{hint}") from None
+        raise LoadError(f"cannot read {cfg.prompts}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise LoadError(f"{path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
-    if cfg.prompts:
-        lines = [line for line in text.splitlines() if line]
-        if not lines:
-            raise LoadError(f"the prompts file {path} holds no prompts")
-        return [lines[i % len(lines)] for i in range(cfg.requests)]
-    if len(text) <= cfg.prompt_chars:
-        raise LoadError(f"{path} is shorter than prompt_chars ({cfg.prompt_chars})")
-    starts = rng.integers(0, len(text) - cfg.prompt_chars, size=cfg.requests)
-    return [text[s:s + cfg.prompt_chars] for s in starts]
+        raise LoadError(f"{cfg.prompts} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    if not lines:
+        raise LoadError(f"the prompts file {cfg.prompts} holds no prompts")
+    return [lines[i % len(lines)] for i in range(cfg.requests)]
+
+
+def dataset_prompts(cfg, rng):
+    folder = os.path.join("data", cfg.dataset)
+    try:
+        tokenizer = tokenizer_from_meta(load_meta(folder))
+        tokens = np.fromfile(os.path.join(folder, "val.bin"), dtype=np.uint16)
+    except (DataError, TokenizerError, OSError) as e:
+        raise LoadError(f"no prompts from {folder}: {e} (prepare it, or give "
+                        "--prompts=FILE)") from None
+    if len(tokens) <= cfg.prompt_tokens:
+        raise LoadError(f"{folder}/val.bin is shorter than prompt_tokens ({cfg.prompt_tokens})")
+    starts = rng.integers(0, len(tokens) - cfg.prompt_tokens, size=cfg.requests)
+    return [tokenizer.decode(tokens[s:s + cfg.prompt_tokens].tolist()) for s in starts]
 
 
 @dataclass
