@@ -21,8 +21,10 @@ run's achieved rate can stray well above or below the rate offered.
 Plotted against throughput, the latencies draw the curve a serving system is judged by: as the
 offered rate grows, throughput rises until the server is busy, then only the waits grow.
 The prompts are the lines of --prompts, or slices of --dataset's validation split (the text
-the model was not trained on, decoded from val.bin by its meta.json); the client needs
-the standard library and numpy alone (matplotlib for --plot).
+the model was not trained on, decoded from val.bin by its meta.json). The client is the
+standard library's http.client, a thread per request (matplotlib for --plot). It shares the
+machine with the server when both run on one: on a CPU, read its highest rates with that in
+mind.
 """
 import http.client
 import json
@@ -50,8 +52,8 @@ class LoadConfig:
     requests: int = 20  # requests sent at each rate
     prompts: str = ""  # a file of prompts, one a line, used in turn; default: --dataset's text
     dataset: str = "shakespeare_char"  # without --prompts: slices of data/<dataset>/val.bin
-    prompt_tokens: int = 32  # tokens in each slice of the dataset
-    max_tokens: int = 64  # tokens each request asks for
+    prompt_tokens: int = 16  # tokens in each slice of the dataset
+    max_tokens: int = 48  # tokens each request asks for (16 + 48: the CPU recipe's block, 64)
     temperature: float = 0.8  # as sample.py's; 0 is greedy
     top_p: float = 1.0  # keep the most likely tokens whose probabilities sum to top_p
     seed: int = 1337  # seeds the arrivals, the slices, and each request's sampling (seed + i)
