@@ -153,6 +153,12 @@ def test_a_full_server_is_rejected_and_an_error_failed(url, tmp_path, capsys):
     assert table[0].split()[:2] == ["offered", "achieved"] and "TTFT ms" in table[0]
     assert table[2].split()[0] == "inf" and table[2].split()[-2:] == ["1", "1"]
     assert "the first that failed: HTTP 400" in printed.err
+    # A second run drawn beside the first: the rows of --out read back, under their label.
+    again = tmp_path / "again.png"
+    argv = [f"--url={url}", "--rate=inf", "--requests=2", "--max_tokens=3", "--label=b",
+            f"--prompts={prompts}", f"--plot={again}", f"--compare={out}"]
+    assert load.main(argv) == 0 and again.read_bytes()[:8] == PNG_SIGNATURE
+    assert list(load.read_rows(out)) == [str(out)]  # unlabelled: named by its file
 
 
 def free_port():

@@ -60,6 +60,8 @@ class LoadConfig:
     timeout: float = 120.0  # seconds to wait for an answer, or its next token, before failing
     out: str = ""  # also write the rows to this .jsonl file (times in seconds)
     plot: str = ""  # draw latency against throughput into this .png, .pdf or .svg
+    label: str = ""  # this run's name in the plot's legend and in --out's rows
+    compare: str = ""  # another run's --out rows (.jsonl), drawn in --plot beside this one
 
     def validate(self):
         """Reject values no load test can use; the message names the setting."""
@@ -265,8 +267,21 @@ def format_row(row):
     return line + f" |{row['rejected']:>9}{row['failed']:>7}"
 
 
-def draw(rows, out):
-    """Save to out TTFT and TPOT (p50 and p90) against output tokens a second, a point a rate."""
+def read_rows(path):
+    """{label: rows} of a run's --out file, for --compare."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise LoadError(f"compare: cannot read the rows of {path}: {e}") from None
+    for row in rows:
+        row["rate"] = float(row["rate"])  # "inf" too
+    return {rows[0].get("label") or path: rows} if rows else {}
+
+
+def draw(runs, out):
+    """Save to out TTFT and TPOT (p50 and p90) against output tokens a second, a point a rate,
+    a colour a run ({label: rows})."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no window, no global state
     except ImportError:
@@ -274,14 +289,15 @@ def draw(rows, out):
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     for ax, name, title in zip(fig.subplots(1, 2), ("ttft", "tpot"),
                                ("time to first token", "time per output token")):
-        for p, style in ((50, "o-"), (90, "s--")):
-            ax.plot([r["tok_per_s"] for r in rows],
-                    [math.nan if r[f"{name}_p{p}"] is None else r[f"{name}_p{p}"] * 1000
-                     for r in rows], style, label=f"p{p}")
-        for r in rows:  # name each point by the rate that was offered
-            ax.annotate("all at once" if r["rate"] == math.inf else f"{r['rate']:g}/s",
-                        (r["tok_per_s"], (r[f"{name}_p50"] or 0) * 1000),
-                        fontsize="x-small", textcoords="offset points", xytext=(3, 3))
+        for (label, rows), color in zip(runs.items(), ("C0", "C1", "C2", "C3")):
+            for p, style in ((50, "o-"), (90, "s--")):
+                ax.plot([r["tok_per_s"] for r in rows],
+                        [math.nan if r[f"{name}_p{p}"] is None else r[f"{name}_p{p}"] * 1000
+                         for r in rows], style, color=color, label=f"{label} p{p}".strip())
+            for r in rows:  # name each point by the rate that was offered
+                ax.annotate("all at once" if r["rate"] == math.inf else f"{r['rate']:g}/s",
+                            (r["tok_per_s"], (r[f"{name}_p50"] or 0) * 1000),
+                            fontsize="x-small", textcoords="offset points", xytext=(3, 3))
         ax.set(xlabel="output tokens/s achieved", ylabel="ms", title=title, ylim=(0, None))
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
@@ -308,6 +324,7 @@ def load(cfg):
     for name in ("out", "plot"):
         if getattr(cfg, name):
             check_output_file(name, getattr(cfg, name))
+    other = read_rows(cfg.compare) if cfg.compare else {}
     check_server(cfg)
     rng = np.random.default_rng(cfg.seed)
     prompts = read_prompts(cfg, rng)  # the same prompts at every rate, so the rows compare
@@ -326,11 +343,11 @@ def load(cfg):
     if cfg.out:
         with open(cfg.out, "w", encoding="utf-8") as f:
             for row in rows:  # JSON has no infinity: --rate=inf is written "inf"
-                f.write(json.dumps({**row, "rate": row["rate"] if row["rate"] < math.inf
-                                    else "inf"}) + "\n")
+                f.write(json.dumps({**row, "label": cfg.label, "rate": row["rate"]
+                                    if row["rate"] < math.inf else "inf"}) + "\n")
         print(f"wrote {cfg.out}")
     if cfg.plot:
-        draw(rows, cfg.plot)
+        draw({cfg.label: rows, **other}, cfg.plot)
         print(f"wrote {cfg.plot}")
 
 
