@@ -158,7 +158,7 @@ def test_a_full_server_is_rejected_and_an_error_failed(url, tmp_path, capsys):
     argv = [f"--url={url}", "--rate=inf", "--requests=2", "--max_tokens=3", "--label=b",
             f"--prompts={prompts}", f"--plot={again}", f"--compare={out}"]
     assert load.main(argv) == 0 and again.read_bytes()[:8] == PNG_SIGNATURE
-    assert list(load.read_rows(out)) == [str(out)]  # unlabelled: named by its file
+    assert list(load.read_rows(str(out))) == [str(out)]  # unlabelled: named by its file
 
 
 def free_port():
