@@ -27,8 +27,7 @@ import torch  # noqa: E402
 from data.tokenizer import TokenizerError, tokenizer_from_meta  # noqa: E402
 from serving.batching import Request, serve  # noqa: E402
 from serving.engine import Engine, ServingError  # noqa: E402
-from serving.loading import load_model  # noqa: E402
-from serving.pages import PagePool  # noqa: E402
+from serving.loading import default_kv_pages, load_model  # noqa: E402
 from training import accounting, runtime  # noqa: E402
 from training.safe_load import CheckpointError  # noqa: E402
 from training.settings import ConfigError, check_dtype, run_main  # noqa: E402
@@ -180,18 +179,6 @@ def check_sampling_memory(m, rows, kv_tokens, samples, prompt_tokens, new_tokens
                               f"{need / 2**30:,.1f} GiB on {where} (sample.sampling_memory), "
                               f"more than its {have / 2**30:,.1f} GiB: lower num_samples, "
                               "batch_size or kv_pages")
-
-
-def default_kv_pages(m, rows, page_size, device, dtype):
-    """Pages for every row to reach block_size, as today's slots reserve, but no more than
-    half the memory the weights leave: beyond that, rows wait or are preempted."""
-    pool = PagePool(m.n_layer, 0, page_size)
-    pages = rows * pool.pages_for(m.block_size)
-    have = runtime.device_memory(device)
-    if have:
-        spare = have // 2 - 4 * accounting.num_params(m, non_embedding=False)
-        pages = min(pages, spare // pool.bytes_per_page(m.n_embd, dtype.itemsize))
-    return max(1, pages)
 
 
 def sample(cfg, out=sys.stdout, err=sys.stderr):

@@ -52,6 +52,8 @@ class Request:
     seed: int | None = None  # its draws come from its own generator, seeded so: whichever slot
     # it takes, it draws the same tokens. The generator (~2.7 KB) is made when it starts and
     # dropped when it ends, so that a million waiting requests do not hold a million of them.
+    sampling: dict | None = None  # its own temperature, top_k, top_p (serving/engine.py only);
+    # None: the engine's, which sample.py sets for all
 
 
 @dataclass

@@ -29,8 +29,9 @@ when every token up to its end is the same (prefix.py). Past block_size the cont
 generate_tokens' docstring explains, rebuilt on the last block_size tokens: the request lets
 go of its pages and prefills those tokens again, at every step from then on.
 
-What a production engine adds: requests that arrive over time (here all wait at the start),
-CUDA graphs of the decode step, attention kernels that read pages in place (pages.py), a
+Requests may arrive over time: add() queues one between two steps, and cancel() ends one at
+once, its pages back to the pool (serving/http.py serves clients so, one loop calling step()).
+What a production engine adds: CUDA graphs of the decode step, attention kernels that read pages in place (pages.py), a
 token budget per step shared by all prefills, and priorities between requests.
 """
 import time
@@ -81,9 +82,10 @@ class Stats:
 
 
 class Engine:
-    """Serve requests (serving/batching.py's Request: ids, max_new_tokens, seed) through a
-    pool of kv_pages pages of page_size tokens, at most rows at once; see this page's
-    docstring. prefill_chunk None prefills a prompt whole."""
+    """Serve requests (serving/batching.py's Request: ids, max_new_tokens, seed, sampling)
+    through a pool of kv_pages pages of page_size tokens, at most rows at once; see this page's
+    docstring. prefill_chunk None prefills a prompt whole. More may be add()ed later; a request
+    is known by its index in the order added."""
 
     def __init__(self, model, requests, rows, page_size=16, kv_pages=None, prefill_chunk=None,
                  temperature=1.0, top_k=None, top_p=None, eot=None, prefix_reuse=True):
@@ -95,27 +97,51 @@ class Engine:
         if page_size < 1 or rows < 1 or prefill_chunk is not None and prefill_chunk < 1:
             raise ServingError(f"page_size ({page_size}), rows ({rows}) and prefill_chunk "
                                f"({prefill_chunk}) must be at least 1")
-        self.rows = min(rows, max(1, len(requests)))  # no row that no request could use
+        self.rows = min(rows, len(requests)) if requests else rows  # no row left unused
         if kv_pages is None:  # what today's slots reserve: every row can reach block_size
             kv_pages = self.rows * -(-cfg.block_size // page_size)
         if kv_pages < 1:
             raise ServingError(f"kv_pages must be at least 1, got {kv_pages}")
         self.pool = PagePool(cfg.n_layer, kv_pages, page_size)
         self.prefix = PrefixCache(self.pool, prefix_reuse)
-        for i, r in enumerate(requests):  # a request that cannot fit the pool alone would hang
-            longest = min(len(r.ids) + r.max_new_tokens - 1, cfg.block_size)
-            if r.max_new_tokens > 0 and self.pool.pages_for(longest) > kv_pages:
-                raise ServingError(
-                    f"request {i} needs {self.pool.pages_for(longest)} pages of {page_size} "
-                    f"tokens at its longest ({longest} tokens), more than the pool's "
-                    f"{kv_pages}: raise kv_pages or lower max_new_tokens", i)
         # The queue holds indices, and the Sequences of preempted requests: a Sequence (its
-        # tokens, table, generator) exists only from a request's start to its end.
-        self.waiting = deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
-        self.running = []
-        self.stats = Stats(requests=len(requests))
-        # the requests done, once their last token is given out (sample.py prints each then)
-        self.ended, self.ending = set(), []
+        # tokens, table, generator) exists only from a request's start to its end; a request
+        # only until its end.
+        self.requests, self.waiting, self.running = {}, deque(), []
+        self.stats = Stats()
+        self.ended = set()  # the requests done, once run() has given out their last token
+        for request in requests:
+            self.add(request)
+
+    def check(self, request, i=None):
+        """Refuse a request larger than the whole pool: it could never run, and would hang."""
+        longest = min(len(request.ids) + request.max_new_tokens - 1, self.block)
+        if request.max_new_tokens > 0 and self.pool.pages_for(longest) > self.pool.n_pages:
+            raise ServingError(
+                f"{'' if i is None else f'request {i} '}needs {self.pool.pages_for(longest)} "
+                f"pages of {self.pool.page_size} tokens at its longest ({longest} tokens), "
+                f"more than the pool's {self.pool.n_pages}: raise kv_pages or lower "
+                "max_new_tokens", i)
+
+    def add(self, request):
+        """Queue request, checked, to start at a step to come; return its index."""
+        self.check(request, self.stats.requests)
+        i, self.stats.requests = self.stats.requests, self.stats.requests + 1
+        if request.max_new_tokens > 0:
+            self.requests[i] = request
+            self.waiting.append(i)
+        else:
+            self.ended.add(i)
+        return i
+
+    def cancel(self, i):
+        """End request i now, running or waiting (its client left): its pages go back."""
+        for seq in self.running:
+            if seq.request == i:
+                self.end(seq)
+        self.waiting = deque(w for w in self.waiting
+                             if (w if isinstance(w, int) else w.request) != i)
+        self.requests.pop(i, None)
 
     def summary(self):
         """One line on what the run did (sample.py prints it on stderr)."""
@@ -134,13 +160,14 @@ class Engine:
         """Yield (request index, token id) as each token is drawn, until every request ends."""
         t0 = time.perf_counter()
         while self.waiting or self.running:
-            yield from self.step()
-            self.ended.update(self.ending)
-            self.ending.clear()
+            drawn, ended = self.step()
+            yield from drawn
+            self.ended.update(ended)
             self.stats.seconds = time.perf_counter() - t0
 
     def step(self):
-        """One step (this page's docstring): [(request index, token id)] drawn in it."""
+        """One step (this page's docstring): ([(request index, token id)] drawn in it, [the
+        requests that ended in it])."""
         self.make_room()
         self.admit()
         assert self.running, "nothing runs: the oldest request always fits the pool"
@@ -154,7 +181,7 @@ class Engine:
         idx = torch.tensor([[t for s, n in spans
                              for t in self.context(s)[s.cached:s.cached + n]]], device=self.device)
         x = self.model.hidden_states(idx, cache)  # (1, N, n_embd)
-        last, drawing, end = [], [], 0
+        last, drawing, end, self.ending = [], [], 0, []
         for seq, n in spans:
             end += n
             decode = seq.drawn > 0 and n == 1 and seq.cached == len(self.context(seq)) - 1
@@ -166,24 +193,30 @@ class Engine:
                 last.append(end - 1)
                 drawing.append(seq)
         if not drawing:
-            return []
+            return [], []
         logits = self.model.lm_head(x[0, last])  # (drawing, vocab)
-        return [out for seq, row in zip(drawing, logits) for out in self.draw(seq, row[None])]
+        drawn = [out for seq, row in zip(drawing, logits) for out in self.draw(seq, row[None])]
+        return drawn, self.ending
 
     def draw(self, seq, logits):
         """Draw seq's next token from logits (1, vocab); end seq if it is done."""
         request = self.requests[seq.request]
-        token = sample_next(logits, **self.sampling, generator=seq.generator).item()
+        token = sample_next(logits, **(request.sampling or self.sampling),
+                            generator=seq.generator).item()
         seq.tokens.append(token)
         seq.drawn += 1
         self.stats.tokens += 1
         self.key_full_pages(seq)
         if token == self.eot or seq.drawn == request.max_new_tokens:
             self.ending.append(seq.request)
-            self.running.remove(seq)
-            self.prefix.release(seq.table)
-            seq.table = []
+            self.end(seq)
         return [] if token == self.eot else [(seq.request, token)]
+
+    def end(self, seq):
+        self.running.remove(seq)
+        self.prefix.release(seq.table)
+        seq.table = []
+        del self.requests[seq.request]
 
     def make_room(self):
         """Step 1: pages for every running request's next tokens, preempting the newest."""

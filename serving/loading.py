@@ -1,6 +1,7 @@
-"""The one model loader of the scripts that use a trained model (sample.py, tools/hellaswag.py):
-a checkpoint of ours, or OpenAI's GPT-2 weights. train.py builds its model in
-training/startup.py from the same pieces.
+"""The one model loader of the scripts that use a trained model (sample.py, serving/http.py,
+tools/hellaswag.py): a checkpoint of ours, or OpenAI's GPT-2 weights. train.py builds its model
+in training/startup.py from the same pieces. And the KV cache's size that sample.py and the
+server give such a model by default.
 
     model, meta, ckpt = load_model("resume", "out")  # the latest checkpoint in out
     model, meta, _ = load_model("gpt2")              # OpenAI's weights: a hub name or a folder
@@ -9,6 +10,8 @@ import json
 import os
 
 from model import GPT
+from serving.pages import PagePool
+from training import accounting, runtime
 from training.checkpoint import latest_checkpoint, model_from_checkpoint
 from training.safe_load import CheckpointError, load_checkpoint, load_pretrained
 
@@ -42,3 +45,15 @@ def pretrained_meta(name_or_path):
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: not a tokenizer's meta.json")
     return meta
+
+
+def default_kv_pages(m, rows, page_size, device, dtype):
+    """Pages for every row to reach block_size, as today's slots reserve, but no more than
+    half the memory the weights leave: beyond that, rows wait or are preempted."""
+    pool = PagePool(m.n_layer, 0, page_size)
+    pages = rows * pool.pages_for(m.block_size)
+    have = runtime.device_memory(device)
+    if have:
+        spare = have // 2 - 4 * accounting.num_params(m, non_embedding=False)
+        pages = min(pages, spare // pool.bytes_per_page(m.n_embd, dtype.itemsize))
+    return max(1, pages)

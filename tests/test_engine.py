@@ -61,7 +61,7 @@ def run(engine, check=True):
     out = [[] for _ in engine.requests]
     with torch.no_grad():
         while engine.waiting or engine.running:
-            for i, token in engine.step():
+            for i, token in engine.step()[0]:
                 out[i].append(token)
             if check:
                 assert_pages_sound(engine)
@@ -191,7 +191,7 @@ def test_a_page_is_shared_only_when_everything_before_it_is_the_same():
     tables, out = {}, [[] for _ in cases]  # each request's page table when it starts
     with torch.no_grad():
         while engine.waiting or engine.running:
-            for i, token in engine.step():
+            for i, token in engine.step()[0]:
                 out[i].append(token)
             for seq in engine.running:
                 tables.setdefault(seq.request, list(seq.table))
