@@ -31,8 +31,9 @@ go of its pages and prefills those tokens again, at every step from then on.
 
 Requests may arrive over time: add() queues one between two steps, and cancel() ends one at
 once, its pages back to the pool (serving/http.py serves clients so, one loop calling step()).
-What a production engine adds: CUDA graphs of the decode step, attention kernels that read pages in place (pages.py), a
-token budget per step shared by all prefills, and priorities between requests.
+What a production engine adds: CUDA graphs of the decode step, attention kernels that read
+pages in place (pages.py), a token budget per step shared by all prefills, and priorities
+between requests.
 """
 import time
 from collections import deque

@@ -1,7 +1,7 @@
 """Serve a trained model over HTTP to many clients at once, as OpenAI's completions API does.
 
     python -m serving.http --out_dir=out-shakespeare-char     # then open http://127.0.0.1:8000/
-    curl -N 127.0.0.1:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 40, "stream": true}'
+    curl -N 127.0.0.1:8000/v1/completions -d '{"prompt": "ROMEO:", "stream": true}'  # 16 tokens
 
 Any OpenAI client works unchanged: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
 GET / is a playground page (serving/playground.html), GET /v1/models names the model and its
@@ -45,6 +45,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -102,10 +103,14 @@ class ServeConfig:
 class Server(ThreadingHTTPServer):
     """http.server's threaded server (a thread per connection), keeping what handlers need."""
     daemon_threads = False  # server_close() joins every connection's thread: none is left
+    # Connections the kernel holds until they are accepted; socketserver's default, 5, resets
+    # the rest of a burst of clients before they could even be answered 503.
+    request_queue_size = 128
 
-    def __init__(self, address, loop, name, tokenizer, settings, api_key):
-        self.loop, self.name, self.tokenizer, self.api_key = loop, name, tokenizer, api_key
+    def __init__(self, cfg, loop, name, tokenizer, settings):
+        self.cfg, self.loop, self.name, self.tokenizer = cfg, loop, name, tokenizer
         self.settings = settings  # the model's, for /v1/models
+        address = (cfg.host, cfg.port)
         self.connections, self.lock = set(), threading.Lock()
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
@@ -117,7 +122,7 @@ class Server(ThreadingHTTPServer):
             with self.lock:
                 if not self.connections:
                     return
-            threading.Event().wait(0.1)
+            time.sleep(0.1)
         with self.lock:
             for connection in self.connections:
                 try:
@@ -127,7 +132,7 @@ class Server(ThreadingHTTPServer):
 
 
 class ClientLeft(Exception):
-    pass
+    """The client closed its connection (or the engine failed): nobody to answer."""
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -148,7 +153,7 @@ class Handler(BaseHTTPRequestHandler):
         super().finish()
 
     def log_message(self, format, *args):
-        if self.server.log_requests:
+        if self.server.cfg.log_requests:
             super().log_message(format, *args)
 
     def send_error(self, code, message=None, explain=None):
@@ -182,7 +187,7 @@ class Handler(BaseHTTPRequestHandler):
                                         "/v1/completions)", code="not_found")
             self.authorize()
             completion = api.parse_completion(api.parse_body(body), self.server.name,
-                                              self.encode, self.server.max_tokens)
+                                              self.encode, self.server.cfg.max_tokens)
             if len(completion.prompts) > loop.max_waiting:
                 raise api.APIError(400, f"prompt: {len(completion.prompts)} prompts, more than "
                                         f"the server queues at once ({loop.max_waiting})",
@@ -211,7 +216,7 @@ class Handler(BaseHTTPRequestHandler):
     def authorize(self):
         """The api_key, if the server has one, compared in constant time (hmac.compare_digest),
         so that the time of a refusal does not tell how much of a guess was right."""
-        key = self.server.api_key
+        key = self.server.cfg.api_key
         given = self.headers.get("Authorization", "")
         if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise api.APIError(401, "a valid API key is needed: Authorization: Bearer <key>",
@@ -257,7 +262,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 k, item = reply.tokens.get(timeout=0.5)
             except queue.Empty:
-                if self.client_left():
+                if self.client_left() or self.server.loop.failure is not None:
                     raise ClientLeft from None
                 continue
             open_ -= isinstance(item, str)
@@ -289,7 +294,8 @@ class Handler(BaseHTTPRequestHandler):
         """Server-sent events: a chunk per token of text, a last one per prompt with its finish
         reason, the token counts if asked, then [DONE]. A token that ends partway through a
         character (an emoji is several GPT-2 tokens) is held until the character is whole."""
-        c, tokenizer, chunks = reply.completion, self.server.tokenizer, api.Chunks(self.server.name)
+        c, tokenizer = reply.completion, self.server.tokenizer
+        chunks = api.Chunks(self.server.name)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -341,10 +347,9 @@ def serve(cfg):
     settings = {**asdict(model.config), "tokenizer": meta.get("tokenizer"), "kv_pages": kv_pages,
                 "page_size": cfg.page_size}
     try:
-        server = Server((cfg.host, cfg.port), loop, name, tokenizer, settings, cfg.api_key)
+        server = Server(cfg, loop, name, tokenizer, settings)
     except OSError as e:
         raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
-    server.max_tokens, server.log_requests = cfg.max_tokens, cfg.log_requests
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -52,6 +53,40 @@ BENCH = [*TINY, "--warmup_steps=0", "--timed_steps=1",
          "--compiles=false", "--prompt_tokens=4", "--max_new_tokens=4", "--sample_repeats=1",
          "--batch_sizes=1,2", "--serve_requests=2", "--serve_slots=2"]
 SAMPLE = ["--max_new_tokens=4", "--device=cpu", "--compile=false"]
+PORT = "127.0.0.1:8000"  # the server's address in the pages; here a free port instead
+
+
+class Served:
+    """The server a page's `python -m serving.http` starts, in the background, for the commands
+    after it (curl, an OpenAI client, the load tool) to call at its real address."""
+
+    def __init__(self):
+        self.proc, self.address = None, PORT
+
+    def start(self, args, folder):
+        self.stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.http", *args, "--port=0", "--device=cpu"],
+            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=quiet_env(PYTHONPATH=str(ROOT)))
+        line = self.proc.stdout.readline()
+        assert line.startswith("serving "), self.proc.stderr.read()
+        self.address = re.search(r"http://(\S+?)/", line)[1]
+
+    def client(self, cmd, folder):
+        """Run a command that calls the server, at the server's real address."""
+        assert self.proc is not None, f"{cmd}: no server started before it"
+        proc = subprocess.run(shlex.split(cmd.replace(PORT, self.address)), cwd=folder,
+                              capture_output=True, text=True, timeout=300,
+                              env=quiet_env(PYTHONPATH=str(ROOT)))
+        assert proc.returncode == 0 and proc.stdout.strip(), (cmd, proc.stderr[-2000:])
+        assert '"error"' not in proc.stdout, (cmd, proc.stdout[-2000:])  # curl exits 0 on a 4xx
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            assert self.proc.wait(timeout=60) == 0, self.proc.stderr.read()
+            self.proc = None
 
 
 def code_lines(text):
@@ -126,10 +161,13 @@ def inside(folder):
         os.chdir(here)
 
 
-def run_one(cmd, folder, char_data, shakespeare_path, overwrite=True):
+def run_one(cmd, folder, char_data, shakespeare_path, overwrite=True, served=None):
     """Run one command in folder, in this process where the script has a main(argv)."""
     if cmd.startswith("printf"):
         subprocess.run(cmd, shell=True, cwd=folder, check=True)
+        return
+    if cmd.startswith(("curl ", "python -c ")) or PORT in cmd:  # a client of the server
+        served.client(cmd, folder)
         return
     script, args = script_argv(cmd)
     name = os.path.relpath(script, ROOT) if os.path.isabs(script) else script
@@ -155,6 +193,9 @@ def run_one(cmd, folder, char_data, shakespeare_path, overwrite=True):
         args = [*args, *SAMPLE]
     elif name == "tools.bench":
         args = [*args, *BENCH]
+    elif name == "serving.http":
+        served.start(args, folder)
+        return
     status = main_of(script)(args)
     assert status in (0, None) or isinstance(status, dict), (cmd, status)
 
@@ -170,7 +211,7 @@ def test_every_command_runs_as_written(char_data, shakespeare_path, tmp_path, ca
     with inside(folder):
         run_one("python train.py --out_dir=out-shakespeare " + " ".join(gpt2_like), folder,
                 char_data, shakespeare_path)
-    ran = []
+    ran, served = [], Served()
     for page, cmd in all_commands():
         words = cmd.split()
         if cmd in CANNOT_RUN or words[0] == "torchrun" and "train.py" not in words:
@@ -183,11 +224,12 @@ def test_every_command_runs_as_written(char_data, shakespeare_path, tmp_path, ca
             continue
         with inside(folder):
             try:
-                run_one(cmd, folder, char_data, shakespeare_path, page != "README.md")
+                run_one(cmd, folder, char_data, shakespeare_path, page != "README.md", served)
             except SystemExit as e:
                 assert not e.code, f"{page}: {cmd}: {e}"
         ran.append(cmd)
         capsys.readouterr()  # keep the captured output small
+    served.stop()
     assert "python sample.py" in ran
     for tool in ("bench", "estimate", "export", "plot"):  # each tool's commands ran here
         assert any(c.startswith(f"python -m tools.{tool} ") for c in ran), tool

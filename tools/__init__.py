@@ -1,6 +1,7 @@
 """Commands beside the run, each `python -m tools.NAME` from the repository's root: bench (speed
 of training, sampling and serving), estimate (a run's time, cost and memory before running it),
-export (a checkpoint as a transformers folder), plot (loss curves), hellaswag (the evaluation).
+export (a checkpoint as a transformers folder), plot (loss curves), hellaswag (the evaluation),
+load (a serving.http server's latency against throughput, under Poisson arrivals).
 """
 from training import process
 
