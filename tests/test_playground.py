@@ -113,3 +113,14 @@ def test_stop_cancels_the_request_on_the_server(browser, server):
     # The aborted fetch closes the connection; the server notices, and ends the request.
     health = server.settle()
     assert health["requests"]["cancelled"] == cancelled + 1, health
+
+
+def test_the_api_key_box_reaches_a_server_that_wants_one(browser, tmp_path):
+    s = Server(helpers.char_checkpoint(tmp_path, chars=CHARS), "--api_key=sesame")
+    try:
+        generate(browser, s, {"prompt": "ab", "max_tokens": 5})
+        assert status_once(browser, *ENDED).startswith("error: a valid API key is needed")
+        generate(browser, s, {"prompt": "ab", "max_tokens": 5, "api_key": "sesame"})
+        assert status_once(browser, *ENDED).startswith("done (length): 5 tokens")
+    finally:
+        s.stop()
