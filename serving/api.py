@@ -68,7 +68,7 @@ def parse_completion(body, model_name, encode, max_tokens_limit):
             raise APIError(400, f"{key}: not implemented by this server (it takes "
                                 f"{', '.join(sorted(USED))})", key,
                            code="unsupported_parameter")
-    if body.get("model", model_name) != model_name:
+    if body.get("model") not in (None, model_name):  # absent or null: the one served
         raise APIError(404, f"the model {body['model']!r} does not exist: this server serves "
                             f"{model_name!r} (GET /v1/models)", "model", code="model_not_found")
     prompt = body.get("prompt")
