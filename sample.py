@@ -186,10 +186,6 @@ def sample(cfg, out=sys.stdout, err=sys.stderr):
     Several samples print a summary line to err."""
     device = runtime.pick_device(cfg.device)
     dtype = runtime.pick_dtype(cfg.dtype, device)
-    if cfg.init_from == "resume" and not any(
-            os.path.isfile(os.path.join(cfg.out_dir, name)) for name in ("ckpt.pt", "last.pt")):
-        raise CheckpointError(f"no checkpoint in {cfg.out_dir}: train one first: python "
-                              f"train.py --out_dir={cfg.out_dir}")
     model, meta, _ = load_model(cfg.init_from, cfg.out_dir)  # refuses non-finite weights
     tokenizer = tokenizer_from_meta(meta)
     model.eval().to(device)

@@ -26,6 +26,9 @@ def load_model(init_from, out_dir="out", dropout=0.0):
     names where the model was to come from."""
     if init_from != "resume":
         return load_pretrained(GPT, init_from, dropout), pretrained_meta(init_from), None
+    if not any(os.path.isfile(os.path.join(out_dir, name)) for name in ("ckpt.pt", "last.pt")):
+        raise CheckpointError(f"no checkpoint in {out_dir}: train one first: python train.py "
+                              f"--out_dir={out_dir}")
     path = latest_checkpoint(out_dir)
     ckpt = load_checkpoint(path)
     return (*model_from_checkpoint(ckpt, path, dropout), ckpt)

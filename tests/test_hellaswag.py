@@ -169,7 +169,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, examples_file, gpt2_folder,
         ([model, f"--input={bad}"], "bad.jsonl:5: not a HellaSwag example"),
         ([model, f"--input={tmp_path / 'none.jsonl'}"], "cannot read"),
         ([f"--input={examples_file}", "--init_from=gpt3"], "cannot load the model from gpt3"),
-        ([f"--input={examples_file}", f"--out_dir={tmp_path}"], "no checkpoint at"),
+        ([f"--input={examples_file}", f"--out_dir={tmp_path}"], "no checkpoint in"),
         (["--limit=0"], "limit must be at least 1"),
         (["--limt=3"], "did you mean 'limit'"),
     ]
