@@ -90,9 +90,10 @@ class Server:
         raise AssertionError(f"requests still in flight: {health}")
 
     def stop(self):
+        """Kill it if it runs; what it wrote on stderr."""
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.communicate()
+        return self.proc.communicate()[1]
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +237,8 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_goes_on(server):
 
 def test_the_pool_a_request_cannot_fit_and_the_api_key(checkpoint):
     # 4 pages of 4 tokens: a request that would reach 17 tokens (the last token drawn is not
-    # cached) can never run. And a key.
-    s = Server(checkpoint, "--page_size=4", "--kv_pages=4", "--api_key=sesame")
+    # cached) can never run. And a key, on every network (0.0.0.0), which it warns of.
+    s = Server(checkpoint, "--page_size=4", "--kv_pages=4", "--api_key=sesame", "--host=0.0.0.0")
     try:
         key = {"Authorization": "Bearer sesame"}
         status, _, answer = s.post({"prompt": "to be", "max_tokens": 13}, key)
@@ -248,7 +249,8 @@ def test_the_pool_a_request_cannot_fit_and_the_api_key(checkpoint):
             assert s.post({"prompt": "a"}, wrong)[0] == 401
         assert s.get("health")["status"] == "ok"  # open, for load balancers' probes
     finally:
-        s.stop()
+        err = s.stop()
+    assert err.startswith("warning: listening on 0.0.0.0, beyond this machine"), err
 
 
 def test_sigterm_ends_every_stream_cleanly_and_exits_at_once(checkpoint):
