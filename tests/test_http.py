@@ -280,7 +280,7 @@ def test_sigterm_ends_every_stream_cleanly_and_exits_at_once(checkpoint):
     finally:
         s.stop()
     assert s.proc.returncode == 0
-    print(f"exited {seconds:.2f} s after SIGTERM")  # about 0.5 s on a quiet 2-core machine
+    print(f"exited {seconds:.2f} s after SIGTERM")  # 1.0 s on the 2-core VM, load average 2
     for name in ("running", "waiting"):  # both end with a last event, then [DONE]
         last = json.loads(results[name][-2])["choices"][0]
         assert last["finish_reason"] == "abort", (name, last)
