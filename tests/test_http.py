@@ -105,11 +105,11 @@ def server(checkpoint):
     s.stop()
 
 
-def solo(checkpoint, prompt, max_tokens):
+def solo(checkpoint, prompt, max_tokens, *flags):
     """What sample.py prints for prompt, greedy, one sample: the text after the prompt."""
     cfg = parse_config(sample.SampleConfig, [
         f"--out_dir={checkpoint}", f"--start={prompt}", "--num_samples=1", "--temperature=0",
-        f"--max_new_tokens={max_tokens}", "--device=cpu", "--dtype=float32"])
+        f"--max_new_tokens={max_tokens}", "--device=cpu", "--dtype=float32", *flags])
     return sample.sample(cfg, out=open("/dev/null", "w"))[0][len(prompt):]
 
 
@@ -128,6 +128,11 @@ def test_the_openai_client_completes_and_streams_what_sample_py_prints(server, c
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "length"
     assert len(chunks) > 10  # token by token, not the whole text at the end
+    # Sampled with a seed: what sample.py draws with that seed (and no top_k, as OpenAI has none).
+    seeded = client.completions.create(model=model.id, prompt="to be", max_tokens=40,
+                                       temperature=0.8, seed=5)
+    assert seeded.choices[0].text == solo(checkpoint, "to be", 40, "--temperature=0.8",
+                                          "--top_k=none", "--seed=5") != expected
 
 
 def test_eight_clients_at_once_each_get_what_they_get_alone(server):
