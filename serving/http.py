@@ -334,7 +334,7 @@ def serve(cfg):
     """Load the model, start the loop and the server, serve until SIGTERM or Ctrl-C."""
     device = runtime.pick_device(cfg.device)
     dtype = runtime.pick_dtype(cfg.dtype, device)
-    model, meta, _ = load_model(cfg.init_from, cfg.out_dir)
+    model, meta, ckpt = load_model(cfg.init_from, cfg.out_dir)
     tokenizer = tokenizer_from_meta(meta)
     model.eval().to(device)
     kv_pages = cfg.kv_pages or default_kv_pages(model.config, cfg.batch_size, cfg.page_size,
@@ -345,7 +345,7 @@ def serve(cfg):
     name = (os.path.basename(os.path.abspath(cfg.out_dir)) if cfg.init_from == "resume"
             else cfg.init_from)
     settings = {**asdict(model.config), "tokenizer": meta.get("tokenizer"), "kv_pages": kv_pages,
-                "page_size": cfg.page_size}
+                "page_size": cfg.page_size, "iter_num": ckpt and ckpt.get("iter_num")}
     try:
         server = Server(cfg, loop, name, tokenizer, settings)
     except OSError as e:

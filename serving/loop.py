@@ -115,7 +115,8 @@ class Loop:
                     reply.tokens.put_nowait((k, "length" if done else "stop"))
                     self.counts["served"] += 1
         with self.wake:
-            self.waiting = len(self.arrived) + len(engine.waiting)
+            self.waiting = (sum(len(r.completion.prompts) for r in self.arrived)
+                            + len(engine.waiting))
             self.health = self.snapshot()
         return True
 
