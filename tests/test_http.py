@@ -210,6 +210,8 @@ BAD = [  # (body, status, the field the error names)
     ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
     ({"prompt": "a", "max_tokens": 10 ** 30}, 400, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 10 ** 400}, 400, "max_tokens"),  # past any float
+    ({"prompt": "a", "temperature": 1e400}, 400, "temperature"),  # JSON's 1e400: inf
     ({"prompt": "a", "max_tokens": True}, 400, "max_tokens"),
     ({"prompt": "a", "temperature": -1}, 400, "temperature"),
     ({"prompt": "a", "temperature": "hot"}, 400, "temperature"),
