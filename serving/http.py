@@ -205,6 +205,9 @@ class Handler(BaseHTTPRequestHandler):
         except api.APIError as e:
             self.send_json(e.status, e.body(), {"Retry-After": "1"} if e.status == 503 else {})
             return
+        except OSError:  # the client stalled past the timeout, or left, while sending
+            self.close_connection = True
+            return
         try:
             if completion.stream:
                 self.stream(reply)
