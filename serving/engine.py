@@ -140,6 +140,7 @@ class Engine:
         for seq in self.running:
             if seq.request == i:
                 self.end(seq)
+                break
         self.waiting = deque(w for w in self.waiting
                              if (w if isinstance(w, int) else w.request) != i)
         self.requests.pop(i, None)
@@ -214,6 +215,7 @@ class Engine:
         return [] if token == self.eot else [(seq.request, token)]
 
     def end(self, seq):
+        """seq's request is done: its pages go back (prefix.py keeps the keyed ones)."""
         self.running.remove(seq)
         self.prefix.release(seq.table)
         seq.table = []
