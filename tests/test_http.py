@@ -98,9 +98,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    # Pages of 4 tokens and 4 rows: 8 clients at once queue, share rows, and take turns.
+    # Pages of 4 tokens and 4 rows: 8 clients at once queue, share rows, and take turns. A
+    # buffer for every token a test asks for: a busy machine's slow thread is not "too slow".
     s = Server(checkpoint, "--page_size=4", "--kv_pages=40", "--batch_size=4",
-               "--max_waiting=8", "--max_tokens=2000")
+               "--max_waiting=8", "--max_tokens=100000", "--stream_buffer=100000")
     yield s
     s.stop()
 
@@ -189,7 +190,7 @@ def test_a_client_that_leaves_mid_stream_is_cancelled_and_its_pages_come_back(se
     before = server.settle()
     other = threading.Thread(target=lambda: results.append(stream_events(server, "a", 300)))
     results = []
-    leaving = open_stream(server, "to be", 1990)  # far more than it will wait for
+    leaving = open_stream(server, "to be", 100000)  # it would run for minutes
     other.start()
     leaving.close()
     other.join()
@@ -262,7 +263,8 @@ def test_the_pool_a_request_cannot_fit_and_the_api_key(checkpoint):
 
 def test_sigterm_ends_every_stream_cleanly_and_exits_at_once(checkpoint):
     # One row, one place in the queue: a third request is refused, 503 with Retry-After.
-    s = Server(checkpoint, "--batch_size=1", "--max_waiting=1", "--max_tokens=100000")
+    s = Server(checkpoint, "--batch_size=1", "--max_waiting=1", "--max_tokens=100000",
+               "--stream_buffer=100000")
     try:
         results = {}
 
