@@ -1,16 +1,18 @@
 """What the HTTP server (serving/http.py) reads and writes: OpenAI's completions format.
 
-A request's body is untrusted: everything in it is checked here, in the request's own thread,
-before anything reaches the engine, and each mistake is an APIError that names the field, so
-that the client gets a 4xx with OpenAI's error body and the server goes on serving:
+A request is untrusted: its length, its key and every field of its body are checked here, in
+the request's own thread, before anything reaches the engine, and each mistake is an APIError
+that names the field, so that the client gets a 4xx with OpenAI's error body and the server
+goes on serving:
 
-    {"error": {"message": "max_tokens must be from 1 to 1024, got 0", "type":
+    {"error": {"message": "max_tokens must be an integer from 1 to 1024, got 0", "type":
                "invalid_request_error", "param": "max_tokens", "code": null}}
 
 Fields OpenAI has and this server does not implement (stop strings, logprobs, n, ...) are
 accepted only at the value that changes nothing, so that a client's defaults pass and a
 setting the server would silently ignore is refused instead.
 """
+import hmac
 import json
 import secrets
 import time
@@ -59,9 +61,37 @@ def parse_body(raw):
     return body
 
 
-def parse_completion(body, model_name, encode, max_tokens_limit):
-    """A Completion from a request's JSON object; APIError for anything it cannot be. encode
-    turns one prompt into token ids, raising APIError for what the model cannot read."""
+def read_body(headers, rfile):
+    """The body of a request (bytes), as long as its Content-Length says, within MAX_BODY."""
+    length = headers.get("Content-Length")
+    if length is None or not length.isdigit():
+        raise APIError(411, "the request needs a Content-Length header")
+    if int(length) > MAX_BODY:
+        # Read it, and drop it, if it is not huge: a client still sending when the answer
+        # comes and the connection closes would see it reset, not the answer.
+        left = min(int(length), 16 * MAX_BODY)
+        while left > 0 and (chunk := rfile.read(min(left, 65536))):
+            left -= len(chunk)
+        raise APIError(413, f"the body is {int(length):,} bytes, more than this server takes "
+                            f"({MAX_BODY:,})")
+    body = rfile.read(int(length))
+    if len(body) < int(length):
+        raise APIError(400, "the body ended before its Content-Length")
+    return body
+
+
+def authorize(headers, api_key):
+    """The api_key, if the server has one, compared in constant time (hmac.compare_digest),
+    so that the time of a refusal does not tell how much of a guess was right."""
+    given = headers.get("Authorization", "")
+    if api_key and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        raise APIError(401, "a valid API key is needed: Authorization: Bearer <key>",
+                       code="invalid_api_key")
+
+
+def parse_completion(body, model_name, tokenizer, block_size, max_tokens_limit):
+    """A Completion from a request's JSON object, its prompts encoded by tokenizer; APIError
+    for anything it cannot be."""
     for key, value in body.items():
         if key not in USED | ANY and (key not in UNUSED or value != UNUSED[key]):
             raise APIError(400, f"{key}: not implemented by this server (it takes "
@@ -87,10 +117,24 @@ def parse_completion(body, model_name, encode, max_tokens_limit):
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "stream_options must be an object", "stream_options")
-    return Completion([encode(p) for p in prompts], max_tokens,
+    return Completion([encode(tokenizer, p, block_size) for p in prompts], max_tokens,
                       dict(temperature=temperature, top_k=None, top_p=top_p),
                       secrets.randbits(63) if seed is None else seed, stream,
                       stream and options.get("include_usage") is True)
+
+
+def encode(tokenizer, prompt, block_size):
+    """A prompt's token ids, or the APIError that says why the model cannot read it."""
+    try:
+        ids = tokenizer.encode(prompt)
+    except ValueError as e:  # a character the character-level vocabulary does not have
+        raise APIError(400, f"prompt: {e}", "prompt") from None
+    if not ids and tokenizer.eot_token is None:
+        raise APIError(400, "prompt: empty; a character model starts from a character", "prompt")
+    if len(ids) > block_size:
+        raise APIError(400, f"prompt: {len(ids)} tokens, more than the model's context of "
+                            f"{block_size}", "prompt")
+    return ids or [tokenizer.eot_token]  # GPT-2 starts documents after <|endoftext|>
 
 
 def number(body, key, default, kind, low, high):

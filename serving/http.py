@@ -36,7 +36,6 @@ parsing, rate limits per client; put this behind a reverse proxy (nginx, Caddy) 
 the internet, and Python's own docs warn http.server is not meant for production.
 """
 import codecs
-import hmac
 import json
 import os
 import queue
@@ -169,7 +168,7 @@ class Handler(BaseHTTPRequestHandler):
             elif path == "/health":  # open to all, as a load balancer probes it
                 self.send_json(200, self.server.loop.health)
             elif path == "/v1/models":
-                self.authorize()
+                api.authorize(self.headers, self.server.cfg.api_key)
                 self.send_json(200, {"object": "list", "data": [
                     {"id": self.server.name, "object": "model", "created": 0,
                      "owned_by": "you", "settings": self.server.settings}]})
@@ -181,13 +180,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         path, loop = urlsplit(self.path).path, self.server.loop
         try:
-            body = self.read_body()  # first: a body left unread can reset the connection
+            # The body first, whatever the answer: a body left unread can reset the connection.
+            body = api.read_body(self.headers, self.rfile)
             if path != "/v1/completions":
                 raise api.APIError(404, f"no such route: POST {path} (this server has "
                                         "/v1/completions)", code="not_found")
-            self.authorize()
-            completion = api.parse_completion(api.parse_body(body), self.server.name,
-                                              self.encode, self.server.cfg.max_tokens)
+            api.authorize(self.headers, self.server.cfg.api_key)
+            completion = api.parse_completion(
+                api.parse_body(body), self.server.name, self.server.tokenizer,
+                self.server.settings["block_size"], self.server.cfg.max_tokens)
             if len(completion.prompts) > loop.max_waiting:
                 raise api.APIError(400, f"prompt: {len(completion.prompts)} prompts, more than "
                                         f"the server queues at once ({loop.max_waiting})",
@@ -215,47 +216,6 @@ class Handler(BaseHTTPRequestHandler):
                 self.answer(reply)
         except (ClientLeft, OSError):  # gone, or too slow to take what is written
             loop.cancel(reply)
-
-    def authorize(self):
-        """The api_key, if the server has one, compared in constant time (hmac.compare_digest),
-        so that the time of a refusal does not tell how much of a guess was right."""
-        key = self.server.cfg.api_key
-        given = self.headers.get("Authorization", "")
-        if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise api.APIError(401, "a valid API key is needed: Authorization: Bearer <key>",
-                               code="invalid_api_key")
-
-    def read_body(self):
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise api.APIError(411, "the request needs a Content-Length header")
-        if int(length) > api.MAX_BODY:
-            # Read it, and drop it, if it is not huge: a client still sending when the answer
-            # comes and the connection closes would see it reset, not the answer.
-            left = min(int(length), 16 * api.MAX_BODY)
-            while left > 0 and (chunk := self.rfile.read(min(left, 65536))):
-                left -= len(chunk)
-            raise api.APIError(413, f"the body is {int(length):,} bytes, more than this "
-                                    f"server takes ({api.MAX_BODY:,})")
-        body = self.rfile.read(int(length))
-        if len(body) < int(length):
-            raise api.APIError(400, "the body ended before its Content-Length")
-        return body
-
-    def encode(self, prompt):
-        """A prompt's token ids, or the APIError that says why the model cannot read it."""
-        tokenizer, block = self.server.tokenizer, self.server.settings["block_size"]
-        try:
-            ids = tokenizer.encode(prompt)
-        except ValueError as e:  # a character the character-level vocabulary does not have
-            raise api.APIError(400, f"prompt: {e}", "prompt") from None
-        if not ids and tokenizer.eot_token is None:
-            raise api.APIError(400, "prompt: empty; a character model starts from a character",
-                               "prompt")
-        if len(ids) > block:
-            raise api.APIError(400, f"prompt: {len(ids)} tokens, more than the model's context "
-                                    f"of {block}", "prompt")
-        return ids or [tokenizer.eot_token]  # GPT-2 starts documents after <|endoftext|>
 
     def events(self, reply):
         """(prompt, token id or finish reason) from reply until every prompt ends. While none
