@@ -109,10 +109,9 @@ class Server(ThreadingHTTPServer):
     def __init__(self, cfg, loop, name, tokenizer, settings):
         self.cfg, self.loop, self.name, self.tokenizer = cfg, loop, name, tokenizer
         self.settings = settings  # the model's, for /v1/models
-        address = (cfg.host, cfg.port)
-        self.connections, self.lock = set(), threading.Lock()
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, Handler)
+        self.connections, self.lock = set(), threading.Lock()  # the open ones, for a stop
+        self.address_family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        super().__init__((cfg.host, cfg.port), Handler)
 
     def cut_connections(self, grace):
         """After grace seconds, shut the sockets of connections still open (a reader that does
