@@ -1,6 +1,6 @@
 """tools/load.py against a fake OpenAI-style server in a thread: the times it measures are at
 least the delays the fake sleeps, its counts are exact, a 503 is rejected and a 400 failed; and
-the nearest-rank percentile and the Poisson arrivals on known values. No model, no torch."""
+the nearest-rank percentile and the Poisson arrivals on known values. No model."""
 import json
 import socket
 import threading
