@@ -40,7 +40,7 @@ import numpy as np
 
 from data.dataset import DataError, load_meta
 from data.tokenizer import TokenizerError, tokenizer_from_meta
-from tools.common import check_output_file
+from tools.common import check_output_file, percentile
 from training.settings import ConfigError, run_main
 
 
@@ -95,15 +95,6 @@ def parse_rates(text):
     if not rates or not all(r > 0 for r in rates):  # nan is not > 0 either
         raise ConfigError(f"rate must be positive numbers or inf, as in 0.5,1,2, got {text!r}")
     return rates
-
-
-def percentile(values, p):
-    """The p-th percentile by nearest rank: the smallest value that at least p% of values do
-    not exceed, always one of the values (no interpolation). None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
 
 
 def read_prompts(cfg, rng):

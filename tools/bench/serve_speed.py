@@ -2,7 +2,6 @@
 continuously; and the paged engine's two workloads against today's slots (tools/bench/__main__.py
 says how)."""
 import collections
-import math
 import statistics
 import time
 
@@ -11,6 +10,7 @@ import torch
 from model import GPT
 from serving.batching import Request, serve
 from serving.engine import Engine, Stats
+from tools.common import percentile
 from training import runtime
 
 
@@ -35,8 +35,7 @@ def served(model, mix, slots, static=False):
 
 def median_p90(values):
     """The median and the 90th percentile (nearest rank) of values."""
-    ordered = sorted(values)
-    return statistics.median(ordered), ordered[math.ceil(0.9 * len(ordered)) - 1]
+    return statistics.median(values), percentile(values, 90)
 
 
 def bench_serving(cfg, model_config, device):
