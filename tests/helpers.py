@@ -1,6 +1,7 @@
 """Running the real command lines, as a user does, for the end-to-end tests."""
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -41,6 +42,17 @@ def main_of(script):
 def quiet_env(**extra):
     """One thread per process: the tests run several processes on two cores."""
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def start_server(args, cwd=ROOT):
+    """python -m serving.http with args on a free port, as a user starts it, from cwd:
+    (the process, its URL), once it listens."""
+    proc = subprocess.Popen([sys.executable, "-m", "serving.http", *args, "--port=0"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=quiet_env(PYTHONPATH=str(ROOT)))
+    line = proc.stdout.readline()  # the line it prints once it listens
+    assert line.startswith("serving "), proc.stderr.read()
+    return proc, re.search(r"http://\S+/", line)[0]
 
 
 def run_train(args, data_dir, out_dir, launcher=(sys.executable,), expect_ok=True,

@@ -8,11 +8,10 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 
 import pytest
 
-from helpers import ROOT, TORCHRUN, main_of, quiet_env
+from helpers import ROOT, TORCHRUN, main_of, quiet_env, start_server
 from training.settings import TrainConfig, parse_config
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -65,13 +64,8 @@ class Served:
 
     def start(self, args, folder):
         self.stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.http", *args, "--port=0", "--device=cpu"],
-            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=quiet_env(PYTHONPATH=str(ROOT)))
-        line = self.proc.stdout.readline()
-        assert line.startswith("serving "), self.proc.stderr.read()
-        self.address = re.search(r"http://(\S+?)/", line)[1]
+        self.proc, url = start_server([*args, "--device=cpu"], folder)
+        self.address = url.split("/")[2]  # host:port
 
     def client(self, cmd, folder):
         """Run a command that calls the server, at the server's real address."""

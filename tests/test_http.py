@@ -5,11 +5,8 @@ The model is a 2-layer, 32-wide character model with random weights drawn wide (
 that each prompt's greedy text is its own: a mix-up between two clients' rows would show.
 """
 import json
-import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -57,13 +54,7 @@ class Server:
     """python -m serving.http on a free port, as a user starts it."""
 
     def __init__(self, out_dir, *flags):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.http", f"--out_dir={out_dir}", "--port=0", *flags],
-            cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=helpers.quiet_env())
-        line = self.proc.stdout.readline()  # the line it prints once it listens
-        assert line.startswith("serving "), self.proc.stderr.read()
-        self.url = re.search(r"http://\S+/", line)[0]
+        self.proc, self.url = helpers.start_server([f"--out_dir={out_dir}", *flags])
         self.port = int(self.url.rsplit(":", 1)[1].strip("/"))
 
     def get(self, path):
