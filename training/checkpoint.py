@@ -135,7 +135,7 @@ class Milestones:
       so a diverged step never reaches a checkpoint."""
 
     def __init__(self, run, log, stop, estimate_loss):
-        self.run, self.log, self.stop, self.val_loss = run, log, stop, None
+        self.run, self.log, self.stop = run, log, stop
         self.estimate_loss = estimate_loss  # train.py's, passed in: train.py imports this page
         # the iteration whose evaluation is done; --eval_only evaluates whatever it says
         self.evaluated = run.iter_num if run.evaluated and not run.cfg.eval_only else None
@@ -154,7 +154,7 @@ class Milestones:
         if due or stop.stopping:
             stop.settle()  # raises TrainingError if the last step diverged
         if due and self.evaluated != iter_num and not stop.stopping:
-            self.val_loss = self.evaluate_and_checkpoint(iter_num)
+            self.evaluate_and_checkpoint(iter_num)
             self.evaluated = None if stop.stopping else iter_num
         if stop.stopping:
             save_on_stop(run, iter_num, self.log, self.evaluated == iter_num)
@@ -173,11 +173,11 @@ class Milestones:
 
     def evaluate_and_checkpoint(self, iter_num):
         """Estimate and log both losses; save on a new best validation loss (or always, with
-        always_save_checkpoint). Returns the validation loss, or None if a stop came."""
+        always_save_checkpoint). A stop during it leaves both undone."""
         run, started = self.run, time.time()
         losses = self.estimate_loss(run, self.stop)
         if losses is None:
-            return None
+            return
         if not all(math.isfinite(loss) for loss in losses.values()):
             # AdamW can write finite but ruinous weights, whose NaN shows only at the next
             # forward: here, when an evaluation comes first. They are not saved.
@@ -190,7 +190,6 @@ class Milestones:
         if (improved or run.cfg.always_save_checkpoint) and not run.cfg.eval_only:
             save(run, iter_num, self.log, evaluated=True)
         self.log.evaluation(iter_num, losses, seconds=time.time() - started)
-        return losses["val"]
 
 
 def save_on_stop(run, iter_num, log, evaluated):
