@@ -104,8 +104,10 @@ def memory_table(cfg, world_size, m):
         parts = accounting.memory_per_rank(run, m, world_size)
         state = sum(v for k, v in parts.items() if k not in ("activations", "logits"))
         sent = sum(accounting.communication_per_step(run, m, world_size).values())
-        name = "x".join(word for word in accounting.strategy(run, world_size).split()
-                        if word.isupper())  # PPxFSDPxTP
+        dp = world_size // (tp * pp)
+        name = "x".join(word for word, used in (("PP", pp > 1), ("FSDP" if fsdp else "DDP",
+                                                 fsdp or dp > 1), ("TP", tp > 1))
+                        if used) or "one"  # PPxFSDPxTP, as accounting.strategy orders them
         lines.append(f"{name:<12}{'on' if checkpointing else 'off':<13}"
                      f"{state / GIB:>7.1f}{parts['activations'] / GIB:>13.1f}"
                      f"{parts['logits'] / GIB:>8.1f}{sum(parts.values()) / GIB:>8.1f}"
