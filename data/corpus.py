@@ -252,9 +252,9 @@ def corpus_main(argv, doc: str, script_dir, hub: tuple[str, str | None],
                    help="tokenizer processes (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="prepare it again if it is prepared")
     args = p.parse_args(argv)
-    if meta := prepared_already(args.out_dir, args):
-        return meta
     try:
+        if meta := prepared_already(args):
+            return meta
         docs = iter_documents(args.input) if args.input else hub_documents(*hub)
         return prepare_corpus(docs, args.out_dir, args.shard_size, args.val_tokens,
                               args.num_proc)

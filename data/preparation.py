@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.dataset import DataError
+from data.dataset import DataError, load_meta
 from data.tokenizer import get_tokenizer
 
 SHAKESPEARE_URL = (
@@ -178,15 +178,16 @@ def prepare_shakespeare(out_dir, tokenizer_kind: str, input_path=None, script=No
     return prepare_file(input_path, out_dir, tokenizer_kind)
 
 
-def prepared_already(out_dir, args):
-    """The meta of a dataset prepared before, when this command gives no --input and no
-    --force: it is not downloaded and prepared again (offline, the download would fail)."""
-    meta = Path(out_dir) / "meta.json"
-    if args.input is not None or args.force or not meta.is_file():
+def prepared_already(args):
+    """The meta of a dataset prepared before in args.out_dir, when the command gives no --input
+    and no --force: it is not downloaded and prepared again (offline, the download would fail).
+    A damaged meta.json is a DataError (dataset.load_meta)."""
+    if args.input is not None or args.force or not (Path(args.out_dir) / "meta.json").is_file():
         return None
-    print(f"{out_dir} is prepared already ({meta.name} is there): nothing to do. --force "
+    meta = load_meta(args.out_dir)
+    print(f"{args.out_dir} is prepared already (meta.json is there): nothing to do. --force "
           "prepares it again; --input prepares it from local files")
-    return json.loads(meta.read_text())
+    return meta
 
 
 def shakespeare_main(argv, tokenizer_kind: str, script_dir) -> dict:
@@ -200,7 +201,7 @@ def shakespeare_main(argv, tokenizer_kind: str, script_dir) -> dict:
     p.add_argument("--force", action="store_true", help="prepare it again if it is prepared")
     args = p.parse_args(argv)
     try:
-        return prepared_already(args.out_dir, args) or prepare_shakespeare(args.out_dir, tokenizer_kind, args.input,
-                                   Path(script_dir) / "prepare.py")
+        return prepared_already(args) or prepare_shakespeare(
+            args.out_dir, tokenizer_kind, args.input, Path(script_dir) / "prepare.py")
     except DataError as e:
         raise SystemExit(f"error: {e}") from e
