@@ -25,7 +25,7 @@ process.limit_openmp_spin()  # before torch loads OpenMP, which reads it once
 import torch  # noqa: E402
 
 from data.tokenizer import TokenizerError, tokenizer_from_meta  # noqa: E402
-from serving.batching import Request, serve  # noqa: E402
+from serving.batching import Request, new_generator, serve  # noqa: E402
 from serving.engine import Engine, ServingError  # noqa: E402
 from serving.loading import default_kv_pages, load_model  # noqa: E402
 from training import accounting, runtime  # noqa: E402
@@ -207,7 +207,7 @@ def sample(cfg, out=sys.stdout, err=sys.stderr):
     sampling = (cfg.temperature, cfg.top_k, cfg.top_p)
     with runtime.autocast(device, dtype):
         if simple:  # model.py's own sampler, streamed
-            generator = torch.Generator(device=device).manual_seed(requests[0].seed)
+            generator = new_generator(requests[0].seed, device)
             drawn = model.generate_tokens(torch.tensor([ids[0]], device=device),
                                           cfg.max_new_tokens, temperature=cfg.temperature,
                                           top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)

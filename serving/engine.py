@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import sample_next
+from serving.batching import new_generator
 from serving.pages import PagedCache, PagePool
 from serving.prefix import PrefixCache, page_keys
 
@@ -91,7 +92,7 @@ class Engine:
     def __init__(self, model, requests, rows, page_size=16, kv_pages=None, prefill_chunk=None,
                  temperature=1.0, top_k=None, top_p=None, eot=None, prefix_reuse=True):
         cfg = model.config
-        self.model, self.requests, self.block = model, requests, cfg.block_size
+        self.model, self.block = model, cfg.block_size
         self.device = next(model.parameters()).device
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.eot, self.chunk = eot, prefill_chunk or cfg.block_size
@@ -154,8 +155,14 @@ class Engine:
                 f"each) at peak, {s.reused_pages:,} reused from shared prefixes; "
                 f"{s.preemptions:,} preemptions")
 
-    def context(self, seq):
-        return seq.tokens[seq.start:]
+    def context(self, seq, first=0, end=None):
+        """seq's context, tokens[start:] (or its tokens first to end), copying only those."""
+        end = self.length(seq) if end is None else end
+        return seq.tokens[seq.start + first:seq.start + end]
+
+    def length(self, seq):
+        """The tokens in seq's context, counted without copying them (a step asks often)."""
+        return len(seq.tokens) - seq.start
 
     @torch.no_grad()
     def run(self):
@@ -176,22 +183,24 @@ class Engine:
         held = self.pool.n_pages - self.prefix.available()  # each page: held, idle or free
         self.stats.peak_pages = max(self.stats.peak_pages, held)
         self.stats.peak_rows = max(self.stats.peak_rows, len(self.running))
-        self.stats.reused_pages, self.stats.steps = self.prefix.reused, self.stats.steps + 1
-        spans = [(seq, min(len(self.context(seq)) - seq.cached, self.chunk))
+        self.stats.steps += 1
+        spans = [(seq, min(self.length(seq) - seq.cached, self.chunk))
                  for seq in self.running]
         cache = PagedCache(self.pool, [(s.table, s.cached, n) for s, n in spans], self.device)
-        idx = torch.tensor([[t for s, n in spans
-                             for t in self.context(s)[s.cached:s.cached + n]]], device=self.device)
+        fed = [t for s, n in spans for t in self.context(s, s.cached, s.cached + n)]
+        idx = torch.tensor([fed], device=self.device)
         x = self.model.hidden_states(idx, cache)  # (1, N, n_embd)
         last, drawing, end, self.ending = [], [], 0, []
         for seq, n in spans:
             end += n
-            decode = seq.drawn > 0 and n == 1 and seq.cached == len(self.context(seq)) - 1
+            decode = seq.drawn > 0 and n == 1 and seq.cached == self.length(seq) - 1
             self.stats.prefill_tokens += 0 if decode else n
             seq.cached += n
-            for page in seq.table[:seq.cached // self.pool.page_size]:
+            # The pages this step filled: shareable now (keyed already, when their tokens came).
+            for page in seq.table[(seq.cached - n) // self.pool.page_size:
+                                  seq.cached // self.pool.page_size]:
                 self.prefix.written(page)
-            if seq.cached == len(self.context(seq)):  # all computed: it draws
+            if seq.cached == self.length(seq):  # all computed: it draws
                 last.append(end - 1)
                 drawing.append(seq)
         if not drawing:
@@ -226,11 +235,11 @@ class Engine:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            if len(self.context(seq)) > self.block:  # rebuilt on the last block_size tokens
+            if self.length(seq) > self.block:  # rebuilt on the last block_size tokens
                 self.prefix.release(seq.table)
                 seq.table, seq.keys, seq.cached = [], [], 0
                 seq.start = len(seq.tokens) - self.block
-            need = self.pool.pages_for(len(self.context(seq))) - len(seq.table)
+            need = self.pool.pages_for(self.length(seq)) - len(seq.table)
             while need > self.prefix.available() and seq in self.running:
                 self.preempt(self.running[-1])
             if seq not in self.running:
@@ -271,21 +280,21 @@ class Engine:
                 return  # its prefix is being computed, or memory is short: it waits
             self.waiting.popleft()
             self.prefix.hold(shared)
+            self.stats.reused_pages += len(shared)
             seq.table = shared + [self.prefix.allocate() for _ in range(need)]
             seq.keys, seq.cached = keys[:len(shared)], len(shared) * self.pool.page_size
             self.key_full_pages(seq)
-            if seq.generator is None and self.requests[seq.request].seed is not None:
-                seq.generator = torch.Generator(device=self.device)
-                seq.generator.manual_seed(self.requests[seq.request].seed)
+            if seq.generator is None:
+                seq.generator = new_generator(self.requests[seq.request].seed, self.device)
             self.running.append(seq)
 
     def key_full_pages(self, seq):
         """Key each page of seq's table that its context fills, for prefixes to come."""
-        full = min(len(self.context(seq)) // self.pool.page_size, len(seq.table))
+        full = min(self.length(seq) // self.pool.page_size, len(seq.table))
         if len(seq.keys) < full:
             parent = seq.keys[-1] if seq.keys else None
             first = len(seq.keys) * self.pool.page_size
-            new = page_keys(self.context(seq)[first:full * self.pool.page_size],
+            new = page_keys(self.context(seq, first, full * self.pool.page_size),
                             self.pool.page_size, parent)
             for page, key in zip(seq.table[len(seq.keys):full], new):
                 self.prefix.key(page, key)

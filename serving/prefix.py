@@ -46,7 +46,6 @@ class PrefixCache:
         self.page_of, self.key_of = {}, {}  # key -> page and page -> key, for keyed pages
         self.ready = set()  # keyed pages whose keys and values are written
         self.idle = OrderedDict()  # keyed, ready pages no table holds, least recently used first
-        self.reused = 0  # pages taken by reference instead of prefilled
 
     def available(self):
         """Pages that allocate() can hand out now: the free ones and the idle ones."""
@@ -70,7 +69,6 @@ class PrefixCache:
         for page in pages:
             self.pool.refs[page] += 1
             self.idle.pop(page, None)
-        self.reused += len(pages)
 
     def allocate(self):
         """A page for one table: a free one, or else the least recently used idle one."""
