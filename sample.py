@@ -158,7 +158,7 @@ def sampling_memory(m, rows, kv_tokens, samples, prompt_tokens, new_tokens, dtyp
     sample of 2 tokens)."""
     T = min(prompt_tokens, m.block_size)
     per_row = T * 34 * m.n_embd * dtype_bytes // 2 + 4 * 4 * m.vocab_size + 4096
-    kv = 2 * m.n_layer * kv_tokens * m.n_embd * dtype_bytes
+    kv = accounting.kv_cache_bytes(m, kv_tokens, dtype_bytes)
     return kv + rows * per_row, samples * (64 * (prompt_tokens + new_tokens) + 1024)
 
 

@@ -58,5 +58,5 @@ def default_kv_pages(m, rows, page_size, device, dtype):
     have = runtime.device_memory(device)
     if have:
         spare = have // 2 - 4 * accounting.num_params(m, non_embedding=False)
-        pages = min(pages, spare // pool.bytes_per_page(m.n_embd, dtype.itemsize))
+        pages = min(pages, spare // accounting.kv_cache_bytes(m, page_size, dtype.itemsize))
     return max(1, pages)

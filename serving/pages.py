@@ -49,10 +49,6 @@ class PagePool:
         shape = (self.n_layer, self.n_pages, self.page_size, nh, hs)
         self.k, self.v = k.new_zeros(shape), k.new_zeros(shape)
 
-    def bytes_per_page(self, n_embd, dtype_bytes):
-        """Keys and values of page_size tokens in every layer: a page's share of the pool."""
-        return 2 * self.n_layer * self.page_size * n_embd * dtype_bytes
-
 
 class PagedCache:
     """One step of the engine as model.hidden_states sees it: the tokens of several requests,

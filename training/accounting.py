@@ -54,6 +54,12 @@ def total_flops(cfg, m):
     return flops_per_token(m, cfg.block_size) * tokens_per_iter(cfg) * cfg.max_iters
 
 
+def kv_cache_bytes(m, tokens, dtype_bytes):
+    """A KV cache of tokens positions: a key and a value of n_embd numbers per token, in every
+    layer (sampling's cache, the serving engine's pages, the slots of serving/batching.py)."""
+    return 2 * m.n_layer * tokens * m.n_embd * dtype_bytes
+
+
 def memory_per_rank(cfg, m, world_size=1):
     """Bytes one process needs at its peak, by part, for the run as cfg spreads it over
     world_size processes. An estimate, not a measurement; N is the parameter count.

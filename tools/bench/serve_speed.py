@@ -11,7 +11,7 @@ from model import GPT
 from serving.batching import Request, serve
 from serving.engine import Engine, Stats
 from tools.common import percentile
-from training import runtime
+from training import accounting, runtime
 
 
 # The serving mix, as fractions of block_size: request i has prompt PROMPTS[i % 4] and output
@@ -50,7 +50,7 @@ def bench_serving(cfg, model_config, device):
            for i in range(cfg.serve_requests)]
     # Each slot holds block_size positions of keys and values in every layer, in the dtype
     # that the forward computes in (autocast's), whatever its row uses.
-    per_slot = 2 * model_config.n_layer * block * model_config.n_embd * dtype.itemsize
+    per_slot = accounting.kv_cache_bytes(model_config, block, dtype.itemsize)
     ways = [("one at a time", 1, False), ("static batches", cfg.serve_slots, True),
             ("continuous", cfg.serve_slots, False)]
     rows = []
@@ -123,7 +123,7 @@ def one_way(model, mix, way, cfg, eot):
         seconds, times = timed(engine.run())
         stats = engine.stats
         reserved, used = pages * cfg.page_size, stats.peak_pages * cfg.page_size
-    per_token = 2 * m.n_layer * m.n_embd * next(model.parameters()).dtype.itemsize
+    per_token = accounting.kv_cache_bytes(m, 1, next(model.parameters()).dtype.itemsize)
     first = {i: t[0] for i, t in times.items()}
     shorts = [first[i] for i, (ids, _) in enumerate(mix) if i in first and len(ids) < block / 2]
     return dict(way=way, seconds=seconds, tokens_per_s=sum(map(len, times.values())) / seconds,
