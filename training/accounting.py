@@ -116,17 +116,23 @@ def memory_per_rank(cfg, m, world_size=1):
     return parts
 
 
+def micro_batches(cfg, world_size):
+    """Micro-steps each data-parallel row runs per iteration (the ranks of a TP or PP row share
+    theirs): gradient_accumulation_steps over the rows, at least one."""
+    return max(cfg.gradient_accumulation_steps * cfg.tp * cfg.pp // world_size, 1)
+
+
 def in_flight(cfg, world_size):
     """Micro-batches whose activations a stage holds at once: under PP, 1F1B's first stage
     starts pp forwards before its first backward frees one, GPipe runs all m forwards first."""
-    m = max(cfg.gradient_accumulation_steps * cfg.tp * cfg.pp // world_size, 1)
+    m = micro_batches(cfg, world_size)
     return 1 if cfg.pp == 1 else m if cfg.pp_schedule == "gpipe" else min(m, cfg.pp)
 
 
 def bubble(cfg, world_size):
     """The share of a pipeline's step that a stage idles, (p-1)/(m+p-1): of the m+p-1 slots
     from the first forward to the last backward, each stage works m (GPipe and 1F1B alike)."""
-    m = max(cfg.gradient_accumulation_steps * cfg.tp * cfg.pp // world_size, 1)
+    m = micro_batches(cfg, world_size)
     return (cfg.pp - 1) / (m + cfg.pp - 1)
 
 
@@ -152,7 +158,7 @@ def communication_per_step(cfg, m, world_size=1):
     tp, dp, act_bytes = cfg.tp, world_size // (cfg.tp * cfg.pp), activation_bytes(cfg)
     n_root, n_block = local_params(m, tp)
     n_local = n_root + m.n_layer // cfg.pp * n_block
-    micro = max(cfg.gradient_accumulation_steps // dp, 1)
+    micro = micro_batches(cfg, world_size)
     size = cfg.batch_size * cfg.block_size * m.n_embd * act_bytes
     parts = {}
     if dp > 1 and cfg.fsdp:
