@@ -22,15 +22,33 @@ SERVE_OUTPUTS = (1 / 32, 1 / 2, 3 / 32, 1 / 4, 1 / 16, 3 / 8)
 
 def served(model, mix, slots, static=False):
     """Serve mix, [(prompt ids, new tokens)], all waiting at time 0, slots rows at a time (in
-    static batches if static); return (seconds, each request's token times since 0)."""
-    times = [[] for _ in mix]
+    static batches if static); return (seconds, {request: its token times since 0})."""
+    def tokens():
+        for first in range(0, len(mix), slots if static else len(mix)):
+            group = mix[first:first + slots] if static else mix
+            requests = [Request(ids, n) for ids, n in group]
+            for i, token in serve(model, requests, slots, temperature=0):
+                yield first + i, token
+    return token_times(tokens())
+
+
+def token_times(tokens):
+    """(seconds, {request: its token times since the start}) of a run yielding (request,
+    token), each token already on the CPU."""
+    times = collections.defaultdict(list)
     t0 = time.perf_counter()
-    for first in range(0, len(mix), slots if static else len(mix)):
-        group = mix[first:first + slots] if static else mix
-        requests = [Request(ids, n) for ids, n in group]
-        for i, _ in serve(model, requests, slots, temperature=0):  # each token is on the CPU
-            times[first + i].append(time.perf_counter() - t0)
+    for i, _ in tokens:
+        times[i].append(time.perf_counter() - t0)
     return time.perf_counter() - t0, times
+
+
+def latencies(seconds, times):
+    """A run's tokens a second, and the median and p90 of its requests' first-token times and
+    of their times per token after the first."""
+    per_token = [(t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1]
+    return dict(tokens_per_s=sum(map(len, times.values())) / seconds,
+                ttft_s=median_p90([t[0] for t in times.values()]),
+                tpot_s=median_p90(per_token or [0.0]))
 
 
 def median_p90(values):
@@ -59,12 +77,8 @@ def bench_serving(cfg, model_config, device):
         for name, slots, static in ways:
             print(f"serving {len(mix)} requests: {name}", flush=True)
             seconds, times = served(model, mix, slots, static)
-            firsts = [t[0] for t in times]
-            per_token = [(t[-1] - t[0]) / (len(t) - 1) for t in times if len(t) > 1]
             rows.append(dict(way=name, slots=slots, seconds=seconds,
-                             tokens_per_s=sum(map(len, times)) / seconds,
-                             ttft_s=median_p90(firsts), tpot_s=median_p90(per_token),
-                             kv_cache_bytes=slots * per_slot))
+                             **latencies(seconds, times), kv_cache_bytes=slots * per_slot))
     return dict(dtype=str(dtype).removeprefix("torch."), requests=len(mix),
                 prompt_tokens=sum(len(ids) for ids, _ in mix),
                 new_tokens=sum(n for _, n in mix), rows=rows)
@@ -96,15 +110,6 @@ def workloads(cfg, vocab):
     return {"shared system prompt": shared, "mixed lengths": mixed}
 
 
-def timed(tokens):
-    """(seconds, each request's token times) of a run yielding (request, token)."""
-    times = collections.defaultdict(list)
-    t0 = time.perf_counter()
-    for i, _ in tokens:
-        times[i].append(time.perf_counter() - t0)
-    return time.perf_counter() - t0, times
-
-
 def one_way(model, mix, way, cfg, eot):
     """Serve mix one way; its measures (the bench's table row)."""
     m, block = model.config, cfg.block_size
@@ -112,24 +117,21 @@ def one_way(model, mix, way, cfg, eot):
     requests = [Request(ids, n) for ids, n in mix]
     if way == "slots":
         stats = Stats()
-        seconds, times = timed(serve(model, requests, slots, temperature=0, eot=eot,
-                                     stats=stats))
+        seconds, times = token_times(serve(model, requests, slots, temperature=0, eot=eot,
+                                           stats=stats))
         reserved, used = slots * block, stats.peak_tokens
     else:
         pages = slots * block // cfg.page_size  # the slots' memory
         engine = Engine(model, requests, len(requests), cfg.page_size, pages,
                         chunk if "chunked" in way else None, temperature=0, eot=eot,
                         prefix_reuse="reuse" in way)
-        seconds, times = timed(engine.run())
+        seconds, times = token_times(engine.run())
         stats = engine.stats
         reserved, used = pages * cfg.page_size, stats.peak_pages * cfg.page_size
     per_token = accounting.kv_cache_bytes(m, 1, next(model.parameters()).dtype.itemsize)
-    first = {i: t[0] for i, t in times.items()}
-    shorts = [first[i] for i, (ids, _) in enumerate(mix) if i in first and len(ids) < block / 2]
-    return dict(way=way, seconds=seconds, tokens_per_s=sum(map(len, times.values())) / seconds,
-                ttft_s=median_p90(first.values()), short_ttft_s=median_p90(shorts or [0.0]),
-                tpot_s=median_p90([(t[-1] - t[0]) / (len(t) - 1) for t in times.values()
-                                   if len(t) > 1] or [0.0]),
+    shorts = [times[i][0] for i, (ids, _) in enumerate(mix) if i in times and len(ids) < block / 2]
+    return dict(way=way, seconds=seconds, **latencies(seconds, times),
+                short_ttft_s=median_p90(shorts or [0.0]),
                 kv_reserved_bytes=reserved * per_token, kv_used_bytes=used * per_token,
                 peak_rows=stats.peak_rows, prefill_tokens=stats.prefill_tokens,
                 preemptions=stats.preemptions)
