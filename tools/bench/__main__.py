@@ -57,6 +57,7 @@ from tools.bench.tables import device_name, tables
 from tools.bench.train_speed import bench_training, variant_compiles, variant_dtypes
 from tools.common import check_output_file
 from training import accounting, runtime
+from training.startup import check_divisible
 from training.settings import ConfigError, TrainConfig, help_text, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,14 +137,11 @@ def bench(cfg):
     memory of any rank; sampling is not."""
     rank, _, world_size, device = runtime.setup_distributed(cfg.device, cfg.backend,
                                                             cfg.ddp_timeout)
-    split = cfg.tp * cfg.pp
-    if world_size % split or cfg.gradient_accumulation_steps % (world_size // split):
-        raise ConfigError("gradient_accumulation_steps must be divisible by the number of "
-                          f"data-parallel ranks ({world_size} processes / (tp * pp))")
     if cfg.pp_sleep_ms and (world_size != cfg.pp or "RANK" not in os.environ):
         raise ConfigError(f"pp_sleep_ms times a pipeline alone, on pp={cfg.pp} processes: "
                           f"torchrun --standalone --nproc_per_node={cfg.pp} -m tools.bench ...")
-    layout = parallel.make_layout(cfg, rank, world_size, device)
+    layout = parallel.make_layout(cfg, rank, world_size, device)  # refuses a split that cannot run
+    check_divisible(cfg, world_size)  # as train.py refuses it
     vocab, vocab_source = vocab_size(cfg)
     model_config = config_from_dict({**asdict(cfg), "vocab_size": vocab})
     results = dict(
